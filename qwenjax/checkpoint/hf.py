@@ -1,0 +1,168 @@
+"""Loading Hugging Face Qwen3.5 checkpoints (local directories) into sharded qwenjax parameters.
+
+Keys map 1:1 onto the NNX module tree (see `qwenjax.model.qwen35`); only the stacking of layers into scanned
+blocks differs. Tensors are read through memory maps and placed shard by shard with
+`jax.make_array_from_callback`, so host memory peaks near one parameter, not the model (and each host of a
+multi-host mesh reads only the shards it holds). Every problem (missing, unexpected, mis-shaped tensors) is found
+before any tensor is read and reported together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from qwenjax import _compat
+from qwenjax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, TensorInfo
+from qwenjax.config import Qwen35Config
+from qwenjax.sharding import STACKED_PREFIX, ShardingRules, param_shardings
+
+TEXT_PREFIXES = ("model.language_model.", "model.", "")
+# Tensors of parts not modelled yet: kept (by reference) for export, never silently dropped.
+ASIDE_PREFIXES = ("model.visual.", "mtp.")
+LOADABLE_DTYPES = ("BF16", "F16", "F32")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not fit the model its config describes."""
+
+
+@dataclass
+class CheckpointIndex:
+    """Tensor name -> the safetensors file that holds it, for a single-file or sharded checkpoint."""
+
+    path: str
+    files: dict[str, SafetensorsFile] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)  # tensor name -> file name
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "CheckpointIndex":
+        path = os.fspath(path)
+        idx = cls(path)
+        index_file = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index_file):
+            with open(index_file) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_file}: no `weight_map` object")
+            for fname in sorted(set(weight_map.values())):
+                full = os.path.join(path, fname)
+                if not os.path.isfile(full):
+                    raise CheckpointError(f"{index_file} lists shard {fname!r}, which does not exist")
+                idx.files[fname] = _open(full)
+            for name, fname in weight_map.items():
+                if name not in idx.files[fname].keys():
+                    raise CheckpointError(f"{index_file} puts {name!r} in {fname!r}, which does not contain it")
+                idx.where[name] = fname
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            idx.files["model.safetensors"] = _open(os.path.join(path, "model.safetensors"))
+            idx.where = {k: "model.safetensors" for k in idx.files["model.safetensors"].keys()}
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        return idx
+
+    def info(self, name: str) -> TensorInfo:
+        return self.files[self.where[name]].info(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.files[self.where[name]].get(name)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _open(path: str) -> SafetensorsFile:
+    try:
+        return SafetensorsFile(path)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _text_prefix(keys) -> str:
+    for p in TEXT_PREFIXES:
+        if f"{p}embed_tokens.weight" in keys:
+            return p
+    raise CheckpointError("checkpoint has no embedding tensor; looked for "
+                          + ", ".join(f"{p}embed_tokens.weight" for p in TEXT_PREFIXES))
+
+
+def hf_keys(path: tuple, cfg: Qwen35Config, prefix: str) -> list[str]:
+    """Checkpoint key(s) of one parameter: one per scanned block for stacked parameters."""
+    if path[0] == STACKED_PREFIX:  # ("blocks", "layers", j, *rest)
+        _, _, j, *rest = path
+        period = len(cfg.block_pattern)
+        return [f"{prefix}layers.{b * period + j}.{'.'.join(map(str, rest))}" for b in range(cfg.num_blocks)]
+    if path[0] == "lm_head":
+        return ["lm_head." + ".".join(map(str, path[1:]))]
+    return [prefix + ".".join(map(str, path))]
+
+
+@dataclass
+class LoadedCheckpoint:
+    params: nnx.State
+    aside: dict[str, str]  # tensor name -> file path, for tensors kept but not modelled (visual, mtp)
+    prefix: str
+
+
+def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.State, mesh: Mesh,
+                rules: ShardingRules) -> LoadedCheckpoint:
+    """Reads a checkpoint directory into a State shaped like `abstract_state` (dtypes taken from it)."""
+    index = CheckpointIndex.open(path)
+    try:
+        prefix = _text_prefix(index.where)
+        plan, problems, expected = [], [], set()
+        for var_path, var in _compat.variable_items(abstract_state):
+            keys = hf_keys(var_path, cfg, prefix)
+            stacked = var_path[0] == STACKED_PREFIX
+            want = tuple(_compat.variable_value(var).shape[1:] if stacked else _compat.variable_value(var).shape)
+            for k in keys:
+                expected.add(k)
+                if k not in index.where:
+                    problems.append(f"missing tensor {k!r} (expected shape {list(want)})")
+                    continue
+                info = index.info(k)
+                if info.shape != want:
+                    problems.append(f"tensor {k!r} has shape {list(info.shape)}, expected {list(want)}")
+                if info.dtype not in LOADABLE_DTYPES:
+                    problems.append(f"tensor {k!r} has dtype {info.dtype}; loadable: {', '.join(LOADABLE_DTYPES)}")
+            plan.append((var_path, keys, stacked))
+        aside = {}
+        for k in index.where:
+            if k in expected:
+                continue
+            if k.startswith(ASIDE_PREFIXES) or (k == "lm_head.weight" and cfg.tie_word_embeddings):
+                aside[k] = os.path.join(index.path, index.where[k])
+            else:
+                problems.append(f"unexpected tensor {k!r} with shape {list(index.info(k).shape)}")
+        if problems:
+            shown = "\n  ".join(problems[:50]) + ("" if len(problems) <= 50 else f"\n  ... {len(problems) - 50} more")
+            raise CheckpointError(f"checkpoint {index.path} does not match its config:\n  {shown}")
+
+        shardings = dict(_compat.variable_items(param_shardings(abstract_state, mesh, rules)))
+        plan = {var_path: (keys, stacked) for var_path, keys, stacked in plan}
+
+        def read(var_path, var):
+            keys, stacked = plan[var_path]
+            return _read(index, keys, stacked, _compat.variable_value(var).shape, np.dtype(_compat.variable_value(var).dtype), shardings[var_path])
+
+        params = _compat.replace_values(abstract_state, read)
+        return LoadedCheckpoint(params=params, aside=aside, prefix=prefix)
+    finally:
+        index.close()
+
+
+def _read(index: CheckpointIndex, keys: list[str], stacked: bool, shape, dtype: np.dtype, sharding) -> jax.Array:
+    def shard(idx):
+        if stacked:
+            blocks = range(*idx[0].indices(shape[0]))
+            return np.stack([np.asarray(index.get(keys[b])[idx[1:]]) for b in blocks]).astype(dtype)
+        return np.asarray(index.get(keys[0])[idx]).astype(dtype)
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)

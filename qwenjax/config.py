@@ -1,0 +1,265 @@
+"""Typed Qwen3.5 configuration, read from a Hugging Face `config.json` and validated.
+
+Both checkpoint layouts are accepted:
+- multimodal (`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`): text settings live under
+  `text_config`, vision settings under `vision_config` (kept raw until the vision issue uses them);
+- text-only (`Qwen3_5ForCausalLM`, `Qwen3_5MoeForCausalLM`): text settings at the top level.
+
+Every check names the offending field, so a bad config fails at load time, not deep inside a traced forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+LINEAR_ATTENTION = "linear_attention"
+FULL_ATTENTION = "full_attention"
+_LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
+
+
+class ConfigError(ValueError):
+    """A config.json (or a field passed in code) that cannot describe a Qwen3.5 model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen35Config:
+    """The text model's settings (dense and MoE), plus what a round trip to Hugging Face needs."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int = 4
+    layer_types: tuple[str, ...] = ()
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 262144
+    # RoPE: partial rotary over the first `head_dim * partial_rotary_factor` dims, frequencies interleaved
+    # between the temporal/height/width position streams by `mrope_section` (text uses one stream for all three).
+    rope_type: str = "default"
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, int, int] = (11, 11, 10)
+    mrope_interleaved: bool = True
+    # MoE (num_experts == 0: dense). Parsed now so configs/ can describe every released size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    # Multi-token prediction head layers (`mtp.*` tensors).
+    mtp_num_hidden_layers: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Where the config came from: "multimodal" (text under text_config) or "text". Exports write the same layout.
+    layout: str = "text"
+    model_type: str = "qwen3_5_text"
+    vision_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def block_pattern(self) -> tuple[str, ...]:
+        """The shortest prefix of `layer_types` whose repetition gives all layers (the scanned block)."""
+        n = len(self.layer_types)
+        for p in range(1, n + 1):
+            if n % p == 0 and all(self.layer_types[i] == self.layer_types[i % p] for i in range(n)):
+                return self.layer_types[:p]
+        raise AssertionError("unreachable: p == n always matches")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_hidden_layers // len(self.block_pattern)
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, field: str, msg: str):
+            if not cond:
+                raise ConfigError(f"config field `{field}`: {msg}")
+
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                  "linear_value_head_dim", "linear_conv_kernel_dim"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, f"must be a positive integer, got {v!r}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+             f"num_key_value_heads={self.num_key_value_heads}")
+        need(self.linear_num_value_heads % self.linear_num_key_heads == 0, "linear_num_value_heads",
+             f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
+             f"linear_num_key_heads={self.linear_num_key_heads} (each value head reads one key head)")
+        need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
+             f"has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}")
+        for i, t in enumerate(self.layer_types):
+            need(t in _LAYER_TYPES, f"layer_types[{i}]", f"{t!r} is not one of {_LAYER_TYPES}")
+        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is used by Qwen3.5, got {self.hidden_act!r}")
+        need(self.rope_type == "default", "rope_parameters.rope_type",
+             f"{self.rope_type!r} is not supported yet (only 'default'); refusing rather than ignoring it")
+        need(0.0 < self.partial_rotary_factor <= 1.0, "rope_parameters.partial_rotary_factor",
+             f"must be in (0, 1], got {self.partial_rotary_factor}")
+        need(self.rotary_dim % 2 == 0, "rope_parameters.partial_rotary_factor",
+             f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
+        need(len(self.mrope_section) == 3 and all(isinstance(s, int) and s >= 0 for s in self.mrope_section),
+             "rope_parameters.mrope_section", f"{list(self.mrope_section)} must be 3 non-negative ints")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        if self.is_moe:
+            need(0 < self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                 f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive for an MoE model")
+        else:
+            need(self.intermediate_size > 0, "intermediate_size", f"must be positive, got {self.intermediate_size}")
+        need(self.layout in ("text", "multimodal"), "layout", f"unknown layout {self.layout!r}")
+
+    def replace(self, **changes) -> "Qwen35Config":
+        return dataclasses.replace(self, **changes)
+
+
+def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> tuple[str, ...]:
+    """Qwen3.5's pattern: every `full_attention_interval`-th layer is full attention, the rest Gated DeltaNet."""
+    return tuple(FULL_ATTENTION if (i + 1) % full_attention_interval == 0 else LINEAR_ATTENTION
+                 for i in range(num_layers))
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Qwen35Config)}
+_REQUIRED = {f.name for f in dataclasses.fields(Qwen35Config)
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+_MULTIMODAL_ARCHS = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+
+
+def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
+    """Builds a config from a parsed config.json (either layout)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+    archs = d.get("architectures") or []
+    multimodal = "text_config" in d or any(a in _MULTIMODAL_ARCHS for a in archs)
+    if multimodal:
+        text = d.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError("config field `text_config`: required for a multimodal Qwen3.5 config")
+        # The top-level flag is what transformers ties by for the composite model.
+        tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        field_prefix = "text_config."
+    else:
+        text = d
+        tie = d.get("tie_word_embeddings", False)
+        field_prefix = ""
+
+    kw: dict[str, Any] = {k: v for k, v in text.items() if k in _FIELDS}
+    kw["tie_word_embeddings"] = bool(tie)
+    kw["layout"] = "multimodal" if multimodal else "text"
+    kw["model_type"] = d.get("model_type", text.get("model_type", "qwen3_5_text"))
+    kw["vision_config"] = d.get("vision_config") if multimodal else None
+
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config field `{field_prefix}rope_parameters`: must be an object, got {rope!r}")
+    kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    kw["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)))
+    kw["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
+    kw["mrope_section"] = tuple(rope.get("mrope_section", (11, 11, 10)))
+    kw["mrope_interleaved"] = bool(rope.get("mrope_interleaved", True))
+    if "layer_types" not in text or text["layer_types"] is None:
+        n = text.get("num_hidden_layers")
+        if isinstance(n, int):
+            kw["layer_types"] = default_layer_types(n, int(text.get("full_attention_interval", 4)))
+    if "head_dim" not in text and isinstance(text.get("hidden_size"), int) and text.get("num_attention_heads"):
+        kw["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    # MoE checkpoints have no dense FFN width; keep the field meaningful for dense ones only.
+    if "intermediate_size" not in kw and kw.get("num_experts"):
+        kw["intermediate_size"] = 0
+
+    missing = sorted(_REQUIRED - kw.keys())
+    if missing:
+        raise ConfigError(f"config is missing required field(s) {', '.join(field_prefix + m for m in missing)}")
+    try:
+        return Qwen35Config(**kw)
+    except ConfigError as e:
+        if field_prefix:
+            raise ConfigError(str(e).replace("config field `", f"config field `{field_prefix}", 1)) from None
+        raise
+
+
+def load_config(path: str | os.PathLike) -> Qwen35Config:
+    """Reads `config.json` from a checkpoint directory (or the file itself)."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no config.json at {file!r}")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    return config_from_dict(d)
+
+
+def config_to_hf_dict(cfg: Qwen35Config) -> dict[str, Any]:
+    """The text config as transformers writes it (used for configs/ files, tests and exports)."""
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+            "mrope_section": list(cfg.mrope_section), "mrope_interleaved": cfg.mrope_interleaved}
+    text = {
+        "model_type": "qwen3_5_moe_text" if cfg.is_moe else "qwen3_5_text",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "linear_num_key_heads": cfg.linear_num_key_heads,
+        "linear_num_value_heads": cfg.linear_num_value_heads, "linear_key_head_dim": cfg.linear_key_head_dim,
+        "linear_value_head_dim": cfg.linear_value_head_dim, "linear_conv_kernel_dim": cfg.linear_conv_kernel_dim,
+        "layer_types": list(cfg.layer_types), "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": cfg.hidden_act,
+        "attention_bias": cfg.attention_bias, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings, "rope_parameters": rope,
+        "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+    }
+    if cfg.is_moe:
+        text.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                    moe_intermediate_size=cfg.moe_intermediate_size,
+                    shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                    router_aux_loss_coef=cfg.router_aux_loss_coef)
+    else:
+        text["intermediate_size"] = cfg.intermediate_size
+    if cfg.mtp_num_hidden_layers:
+        text["mtp_num_hidden_layers"] = cfg.mtp_num_hidden_layers
+    return text

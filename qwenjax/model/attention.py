@@ -1,0 +1,37 @@
+"""Gated full attention of Qwen3.5: q/gate from one projection, zero-centred q/k norms, partial mRoPE, GQA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.config import Qwen35Config
+from qwenjax.model.layers import Linear, RMSNorm, apply_rope
+from qwenjax.ops.attention import dot_product_attention
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.attention_bias)
+        # q_proj rows are per head [query (hd) | gate (hd)], i.e. query and gate interleaved head by head.
+        self.q_proj = Linear(d, h * hd * 2, ("q_heads", "embed"), **kw)
+        self.k_proj = Linear(d, kv * hd, ("kv_heads", "embed"), **kw)
+        self.v_proj = Linear(d, kv * hd, ("kv_heads", "embed"), **kw)
+        self.o_proj = Linear(h * hd, d, ("embed", "q_heads"), **kw)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axes=("head_dim",))
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axes=("head_dim",))
+
+    def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """x [B, T, D]; cos/sin [B, T, rotary_dim]; mask [B, T, T] boolean (True = may attend)."""
+        b, t, _ = x.shape
+        h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qg = self.q_proj(x).reshape(b, t, h, 2 * hd)
+        q, gate = qg[..., :hd], qg[..., hd:].reshape(b, t, h * hd)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).reshape(b, t, kv, hd)), cos, sin)
+        v = self.v_proj(x).reshape(b, t, kv, hd)
+        o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5).reshape(b, t, h * hd)
+        return self.o_proj(o * jax.nn.sigmoid(gate))

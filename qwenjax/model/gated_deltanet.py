@@ -1,0 +1,73 @@
+"""The Gated DeltaNet (linear attention) token mixer of Qwen3.5."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.config import Qwen35Config
+from qwenjax.model.layers import GatedRMSNorm, Linear
+from qwenjax.ops.gated_delta_rule import gated_delta_rule
+
+
+class DepthwiseCausalConv1d(nnx.Module):
+    """Causal depthwise conv1d with the checkpoint's [channels, 1, kernel] weight (no bias).
+
+    out[t, c] = Σ_j w[c, j] · x[t - (K-1) + j, c], accumulated in fp32.
+    """
+
+    def __init__(self, channels: int, kernel: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        bound = kernel ** -0.5
+        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (channels, 1, kernel), param_dtype, -bound, bound),
+                                logical_axes=("gdn_qkv", None, "conv_kernel"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...][:, 0, :].astype(jnp.float32)
+        k, t = w.shape[-1], x.shape[1]
+        xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (k - 1, 0), (0, 0)))
+        return sum(xp[:, j:j + t, :] * w[:, j] for j in range(k))
+
+
+class GatedDeltaNet(nnx.Module):
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        d = cfg.hidden_size
+        self.cfg = cfg
+        self.dtype = dtype
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        hv = cfg.linear_num_value_heads
+        self.in_proj_qkv = Linear(d, cfg.linear_conv_dim, ("gdn_qkv", "embed"), **kw)
+        self.in_proj_z = Linear(d, cfg.linear_value_dim, ("gdn_v", "embed"), **kw)
+        self.in_proj_b = Linear(d, hv, ("gdn_heads", "embed"), **kw)
+        self.in_proj_a = Linear(d, hv, ("gdn_heads", "embed"), **kw)
+        self.conv1d = DepthwiseCausalConv1d(cfg.linear_conv_dim, cfg.linear_conv_kernel_dim, rngs=rngs,
+                                            param_dtype=param_dtype)
+        # The decay parameters stay fp32 whatever the model dtype (A = exp(A_log) is sensitive).
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (hv,), jnp.float32, 0.01, 16.0)),
+                               logical_axes=("gdn_heads",))
+        self.dt_bias = nnx.Param(jnp.ones((hv,), jnp.float32), logical_axes=("gdn_heads",))
+        self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.out_proj = Linear(cfg.linear_value_dim, d, ("embed", "gdn_v"), **kw)
+
+    def __call__(self, x: jax.Array, *, valid: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]. `valid` [B, T] zeroes padding tokens before they reach the state."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        if valid is not None:
+            x = x * valid[..., None].astype(x.dtype)
+        qkv = self.in_proj_qkv(x)
+        z = self.in_proj_z(x).reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+        beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
+        a = self.in_proj_a(x).astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a + self.dt_bias[...].astype(jnp.float32))
+
+        qkv = jax.nn.silu(self.conv1d(qkv)).astype(x.dtype)
+        kd = cfg.linear_key_dim
+        q = qkv[..., :kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+        k = qkv[..., kd:2 * kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+        v = qkv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+
+        o, _ = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids)
+        o = self.norm(o, z).reshape(b, t, cfg.linear_value_dim)
+        return self.out_proj(o)

@@ -1,0 +1,130 @@
+"""Building blocks shared by the Qwen3.5 layers: linear, embedding, norms, SwiGLU MLP, interleaved mRoPE.
+
+Weights are stored exactly as Hugging Face stores them (a linear weight is [out, in]), so loading and exporting
+are copies, never transposes. Each parameter carries its logical axis names for `qwenjax.sharding`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.config import Qwen35Config
+
+Axes = tuple[str | None, ...]
+
+
+def normal_init(std: float = 0.02):
+    return jax.nn.initializers.normal(std)
+
+
+class Linear(nnx.Module):
+    """y = x · Wᵀ (+ b) with W of shape [out, in], computed in `dtype` with fp32 accumulation."""
+
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, dtype=None, use_bias: bool = False):
+        self.weight = nnx.Param(normal_init()(rngs.params(), (out_features, in_features), param_dtype),
+                                logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=axes[:1]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        w = self.weight[...].astype(dtype)
+        y = jnp.einsum("...i,oi->...o", x.astype(dtype), w, preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        self.weight = nnx.Param(normal_init()(rngs.params(), (num_embeddings, features), param_dtype),
+                                logical_axes=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype or self.weight.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied LM head: logits = x · Eᵀ."""
+        dtype = self.dtype or x.dtype
+        return jnp.einsum("...d,vd->...v", x.astype(dtype), self.weight[...].astype(dtype),
+                          preferred_element_type=jnp.float32).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Zero-centred RMSNorm of the decoder and of attention q/k: x·rsqrt(mean(x²)+eps)·(1+w), all in fp32."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axes: Axes = (None,)):
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=axes)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """The GDN output norm: (w · rmsnorm(x)) · silu(z). NOT zero-centred (w starts at 1).
+
+    The cast sequence follows the reference: normalise in fp32, cast to the input dtype, scale by w, then gate
+    with silu(z) in fp32 and cast back.
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(None,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        y = self.weight[...].astype(x.dtype) * y
+        return (y.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.gate_proj = Linear(hidden, intermediate, ("mlp", "embed"), **kw)
+        self.up_proj = Linear(hidden, intermediate, ("mlp", "embed"), **kw)
+        self.down_proj = Linear(intermediate, hidden, ("embed", "mlp"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- rotary position embedding -----------------------------------------------------------------------------------
+def rope_cos_sin(cfg: Qwen35Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, rotary_dim] (fp32) for partial, interleaved multimodal RoPE.
+
+    `positions` is [B, T] (text: one stream) or [3, B, T] (temporal, height, width streams). Frequency i uses
+    the height stream if i % 3 == 1 and i < 3*mrope_section[1], the width stream if i % 3 == 2 and
+    i < 3*mrope_section[2], else the temporal stream; the table is then duplicated (rotate-half convention).
+    """
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [dim/2]
+    if positions.ndim == 2:
+        positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, dim/2]
+    i = jnp.arange(dim // 2)
+    _, sec_h, sec_w = cfg.mrope_section
+    stream = jnp.where((i % 3 == 1) & (i < 3 * sec_h), 1, jnp.where((i % 3 == 2) & (i < 3 * sec_w), 2, 0))
+    freqs = jnp.where(stream == 1, freqs[1], jnp.where(stream == 2, freqs[2], freqs[0]))  # [B, T, dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates the first rotary_dim channels of x [B, T, H, D] (rotate-half convention), in fp32."""
+    rot = cos.shape[-1]
+    x32 = x.astype(jnp.float32)
+    xr, xp = x32[..., :rot], x32[..., rot:]
+    x1, x2 = jnp.split(xr, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([xr * c + rotated * s, xp], axis=-1).astype(x.dtype)

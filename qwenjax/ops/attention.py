@@ -1,0 +1,32 @@
+"""Grouped-query softmax attention: the dispatch point for attention implementations.
+
+Only the XLA path exists today; a Pallas flash/splash kernel plugs in here without touching the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          scale: float) -> jax.Array:
+    """softmax(q·kᵀ·scale + mask)·v without repeating k/v for the query groups.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, KV, D] with H a multiple of KV (query head h reads kv head h // (H // KV)).
+      mask: boolean [B, T, S] (True = may attend) or None.
+    Returns:
+      [B, T, H, D] in q's dtype. Scores, softmax and accumulation are fp32.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        s = jnp.where(mask[:, None, None, :, :], s, _MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, d).astype(q.dtype)

@@ -1,0 +1,91 @@
+"""Small random Qwen3.5 checkpoints in the real Hugging Face layout, written by transformers itself.
+
+Tests and benchmarks use these as the oracle's input: the directory that `save_pretrained` writes is what a user
+downloads, and the transformers model that wrote it is the reference implementation. Needs the `test` extra
+(torch, transformers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+TINY_TEXT = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+)
+
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                   num_position_embeddings=16, temporal_patch_size=2, spatial_merge_size=2)
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Gives every parameter a magnitude that makes logits O(1) and every code path matter.
+
+    transformers' init (std 0.02, zero norms) yields near-constant logits, against which almost any bug passes.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(math.log(0.05), math.log(1.0), generator=g))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.ndim == 1:  # norm weights (zero-centred ones around 0, the gated norm around 1)
+                base = 1.0 if name.endswith("linear_attn.norm.weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+            elif "conv1d" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "embed_tokens" in name:  # also the tied LM head: keep logits O(1-10)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.25)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        # Trained GDN layers read keys that resemble their queries; with independent random q and k, the output
+        # S^T q of some tokens nearly cancels and the gated RMSNorm that follows amplifies rounding noise
+        # (of the reference too) past any useful tolerance. Correlate k with q, projection and conv alike.
+        for name, mod in model.named_modules():
+            if name.endswith("linear_attn"):
+                kd = mod.key_dim
+                for w in (mod.in_proj_qkv.weight, mod.conv1d.weight):
+                    w[kd:2 * kd].copy_(0.8 * w[:kd] + 0.2 * w[kd:2 * kd])
+
+
+def make_hf_checkpoint(path: str | os.PathLike, *, multimodal: bool = False, dtype: str = "float32",
+                       seed: int = 0, randomize: bool = True, max_shard_size: str | None = None,
+                       **text_overrides: Any):
+    """Writes a random Qwen3.5 checkpoint with `save_pretrained` and returns the transformers model (eval mode)."""
+    import torch
+    from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
+                              Qwen3_5TextConfig)
+
+    torch.manual_seed(seed)
+    text = {**TINY_TEXT, **text_overrides}
+    if multimodal:
+        tie = text.pop("tie_word_embeddings", False)
+        config = Qwen3_5Config(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=tie)
+        model = Qwen3_5ForConditionalGeneration(config)
+    else:
+        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text))
+    if randomize:
+        randomize_(model, seed)
+    model = model.to(getattr(torch, dtype)).eval()
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(os.fspath(path), **kwargs)
+    return model
+
+
+def hf_logits(model, input_ids, attention_mask=None):
+    """Logits of a transformers model as a float32 numpy array."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
+                    attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)))
+    return out.logits.float().numpy()
