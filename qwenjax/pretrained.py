@@ -54,6 +54,7 @@ class Qwen35:
 
     @property
     def dtype(self) -> jnp.dtype:
+        """The compute dtype (that of the embedding table)."""
         return self.params["embed_tokens"]["weight"][...].dtype
 
     @property

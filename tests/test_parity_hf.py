@@ -16,8 +16,8 @@ from qwenjax.testing import hf_logits, make_hf_checkpoint  # noqa: E402
 TOL = 1e-4  # max abs on logits of magnitude ~5-10; measured error ~2e-5 (the reference's own fp32 noise)
 
 CASES = {
-    # GDN value heads = key heads, untied, text-only layout (`model.*`), T=70
-    "gva1-untied-text": dict(multimodal=False, linear_num_key_heads=2, linear_num_value_heads=2, seq=70),
+    # GDN value heads = key heads, untied, text-only layout (`model.*`), T=300 (causal attention in blocks)
+    "gva1-untied-text": dict(multimodal=False, linear_num_key_heads=2, linear_num_value_heads=2, seq=300),
     # GVA 2x, tied embeddings, multimodal layout (`model.language_model.*`, visual tensors present), T=130
     "gva2-tied-multimodal": dict(multimodal=True, tie_word_embeddings=True, seq=130),
     # GVA 3x, untied, two scanned blocks (8 layers), T=97

@@ -117,7 +117,7 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
     index = CheckpointIndex.open(path)
     try:
         prefix = _text_prefix(index.where)
-        plan, problems, expected = [], [], set()
+        plan, problems, expected = {}, [], set()
         for var_path, var in _compat.variable_items(abstract_state):
             keys = hf_keys(var_path, cfg, prefix)
             stacked = var_path[0] == STACKED_PREFIX
@@ -132,7 +132,7 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
                     problems.append(f"tensor {k!r} has shape {list(info.shape)}, expected {list(want)}")
                 if info.dtype not in LOADABLE_DTYPES:
                     problems.append(f"tensor {k!r} has dtype {info.dtype}; loadable: {', '.join(LOADABLE_DTYPES)}")
-            plan.append((var_path, keys, stacked))
+            plan[var_path] = (keys, stacked)
         aside = {}
         for k in index.where:
             if k in expected:
@@ -146,7 +146,6 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
             raise CheckpointError(f"checkpoint {index.path} does not match its config:\n  {shown}")
 
         shardings = dict(_compat.variable_items(param_shardings(abstract_state, mesh, rules)))
-        plan = {var_path: (keys, stacked) for var_path, keys, stacked in plan}
 
         def read(var_path, var):
             keys, stacked = plan[var_path]

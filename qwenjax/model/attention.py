@@ -24,8 +24,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axes=("head_dim",))
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axes=("head_dim",))
 
-    def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """x [B, T, D]; cos/sin [B, T, rotary_dim]; mask [B, T, T] boolean (True = may attend)."""
+    def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
+                 causal: bool = True) -> jax.Array:
+        """x [B, T, D]; cos/sin [B, T, rotary_dim]; mask [B, T, T] boolean (True = may attend), within causal."""
         b, t, _ = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qg = self.q_proj(x).reshape(b, t, h, 2 * hd)
@@ -33,5 +34,5 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x).reshape(b, t, kv, hd)), cos, sin)
         v = self.v_proj(x).reshape(b, t, kv, hd)
-        o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5).reshape(b, t, h * hd)
+        o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=causal).reshape(b, t, h * hd)
         return self.o_proj(o * jax.nn.sigmoid(gate))
