@@ -145,3 +145,16 @@ def test_bad_token_ids_are_located(multimodal_ckpt):
         m(ids)
     with pytest.raises(ValueError, match="attention_mask shape"):
         m(np.zeros((2, 5), np.int64), attention_mask=np.ones((2, 4)))
+
+
+def test_sharded_load_equals_single_device(multimodal_ckpt):
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    path, hf = multimodal_ckpt
+    m = qwenjax.from_pretrained(path, dtype="float32", mesh="fsdp=4,tensor=2")
+    w = m.params["blocks"]["layers"][0]["linear_attn"]["in_proj_qkv"]["weight"][...]
+    assert len(w.sharding.device_set) == 8 and w.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    ids = np.random.default_rng(0).integers(0, 256, (4, 40))
+    assert np.abs(np.asarray(m(ids)) - hf_logits(hf, ids)).max() < 1e-4

@@ -73,6 +73,9 @@ class CheckpointIndex:
     def get(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].get(name)
 
+    def release(self, name: str) -> None:
+        self.files[self.where[name]].release(name)
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()
@@ -157,11 +160,30 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
         index.close()
 
 
+def _aligned_empty(shape, dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised host array on a 64-byte boundary, which the CPU backend adopts without a copy."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _read(index: CheckpointIndex, keys: list[str], stacked: bool, shape, dtype: np.dtype, sharding) -> jax.Array:
+    """One parameter as a sharded array; each shard is filled straight from the memory-mapped tensors."""
     def shard(idx):
         if stacked:
-            blocks = range(*idx[0].indices(shape[0]))
-            return np.stack([np.asarray(index.get(keys[b])[idx[1:]]) for b in blocks]).astype(dtype)
-        return np.asarray(index.get(keys[0])[idx]).astype(dtype)
+            names = [keys[b] for b in range(*idx[0].indices(shape[0]))]
+            sub = tuple(len(range(*s.indices(n))) for s, n in zip(idx[1:], shape[1:]))
+            out = _aligned_empty((len(names), *sub), dtype)
+            for i, k in enumerate(names):
+                out[i] = index.get(k)[idx[1:]]
+        else:
+            names = keys
+            src = index.get(keys[0])[idx]
+            out = _aligned_empty(src.shape, dtype)
+            out[...] = src
+        for k in names:
+            index.release(k)
+        return out
 
     return jax.make_array_from_callback(tuple(shape), sharding, shard)

@@ -89,6 +89,19 @@ class SafetensorsFile:
         return np.frombuffer(self._mmap, dtype=DTYPES[info.dtype], count=count,
                              offset=info.start).reshape(info.shape)
 
+    def release(self, name: str) -> None:
+        """Drops a tensor's pages from this process's resident memory once it has been copied out.
+
+        The file stays in the OS page cache; streaming a checkpoint then keeps about one tensor mapped, and the
+        process's memory holds the model once, not model + file.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self._infos[name]
+        start = info.start - info.start % mmap.PAGESIZE
+        if info.end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
     def close(self) -> None:
         if self._mmap is not None:
             try:
