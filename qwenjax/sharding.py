@@ -30,7 +30,6 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "seq": None,
     "act_embed": None,
     # parameters
-    "layers": None,          # the scanned block axis of stacked parameters
     "vocab": "tensor",
     "embed": "fsdp",
     "mlp": "tensor",
@@ -118,13 +117,8 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
 
 
 # ---- parameters --------------------------------------------------------------------------------------------------
-STACKED_PREFIX = "blocks"  # parameters under this attribute carry a leading scanned-layers axis
-
-
 def param_logical_axes(path: tuple, var) -> tuple[str | None, ...]:
     axes = tuple(_compat.variable_metadata(var, "logical_axes", None) or (None,) * _compat.variable_value(var).ndim)
-    if path and path[0] == STACKED_PREFIX:
-        axes = ("layers",) + axes
     if len(axes) != len(_compat.variable_value(var).shape):
         raise ValueError(f"parameter {'.'.join(map(str, path))}: logical axes {axes} do not match shape "
                          f"{tuple(_compat.variable_value(var).shape)}")

@@ -154,7 +154,7 @@ def test_sharded_load_equals_single_device(multimodal_ckpt):
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     path, hf = multimodal_ckpt
     m = qwenjax.from_pretrained(path, dtype="float32", mesh="fsdp=4,tensor=2")
-    w = m.params["blocks"]["layers"][0]["linear_attn"]["in_proj_qkv"]["weight"][...]
-    assert len(w.sharding.device_set) == 8 and w.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    w = m.params["layers"][0]["linear_attn"]["in_proj_qkv"]["weight"][...]
+    assert len(w.sharding.device_set) == 8 and w.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     ids = np.random.default_rng(0).integers(0, 256, (4, 40))
     assert np.abs(np.asarray(m(ids)) - hf_logits(hf, ids)).max() < 1e-4

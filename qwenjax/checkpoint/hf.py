@@ -1,7 +1,6 @@
 """Loading Hugging Face Qwen3.5 checkpoints (local directories) into sharded qwenjax parameters.
 
-Keys map 1:1 onto the NNX module tree (see `qwenjax.model.qwen35`); only the stacking of layers into scanned
-blocks differs. Tensors are read through memory maps and placed shard by shard with
+Keys map 1:1 onto the NNX module tree (see `qwenjax.model.qwen35`), after the text prefix. Tensors are read through memory maps and placed shard by shard with
 `jax.make_array_from_callback`, so host memory peaks near one parameter, not the model (and each host of a
 multi-host mesh reads only the shards it holds). Every problem (missing, unexpected, mis-shaped tensors) is found
 before any tensor is read and reported together.
@@ -21,7 +20,7 @@ from jax.sharding import Mesh
 from qwenjax import _compat
 from qwenjax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, TensorInfo
 from qwenjax.config import Qwen35Config
-from qwenjax.sharding import STACKED_PREFIX, ShardingRules, param_shardings
+from qwenjax.sharding import ShardingRules, param_shardings
 
 TEXT_PREFIXES = ("model.language_model.", "model.", "")
 # Tensors of parts not modelled yet: kept (by reference) for export, never silently dropped.
@@ -96,15 +95,11 @@ def _text_prefix(keys) -> str:
                           + ", ".join(f"{p}embed_tokens.weight" for p in TEXT_PREFIXES))
 
 
-def hf_keys(path: tuple, cfg: Qwen35Config, prefix: str) -> list[str]:
-    """Checkpoint key(s) of one parameter: one per scanned block for stacked parameters."""
-    if path[0] == STACKED_PREFIX:  # ("blocks", "layers", j, *rest)
-        _, _, j, *rest = path
-        period = len(cfg.block_pattern)
-        return [f"{prefix}layers.{b * period + j}.{'.'.join(map(str, rest))}" for b in range(cfg.num_blocks)]
+def hf_key(path: tuple, prefix: str) -> str:
+    """The checkpoint key of the parameter at this module path, e.g. ("layers", 3, "mlp", "up_proj", "weight")."""
     if path[0] == "lm_head":
-        return ["lm_head." + ".".join(map(str, path[1:]))]
-    return [prefix + ".".join(map(str, path))]
+        return "lm_head." + ".".join(map(str, path[1:]))
+    return prefix + ".".join(map(str, path))
 
 
 @dataclass
@@ -122,20 +117,18 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
         prefix = _text_prefix(index.where)
         plan, problems, expected = {}, [], set()
         for var_path, var in _compat.variable_items(abstract_state):
-            keys = hf_keys(var_path, cfg, prefix)
-            stacked = var_path[0] == STACKED_PREFIX
-            want = tuple(_compat.variable_value(var).shape[1:] if stacked else _compat.variable_value(var).shape)
-            for k in keys:
-                expected.add(k)
-                if k not in index.where:
-                    problems.append(f"missing tensor {k!r} (expected shape {list(want)})")
-                    continue
-                info = index.info(k)
-                if info.shape != want:
-                    problems.append(f"tensor {k!r} has shape {list(info.shape)}, expected {list(want)}")
-                if info.dtype not in LOADABLE_DTYPES:
-                    problems.append(f"tensor {k!r} has dtype {info.dtype}; loadable: {', '.join(LOADABLE_DTYPES)}")
-            plan[var_path] = (keys, stacked)
+            k = hf_key(var_path, prefix)
+            want = tuple(_compat.variable_value(var).shape)
+            expected.add(k)
+            plan[var_path] = k
+            if k not in index.where:
+                problems.append(f"missing tensor {k!r} (expected shape {list(want)})")
+                continue
+            info = index.info(k)
+            if info.shape != want:
+                problems.append(f"tensor {k!r} has shape {list(info.shape)}, expected {list(want)}")
+            if info.dtype not in LOADABLE_DTYPES:
+                problems.append(f"tensor {k!r} has dtype {info.dtype}; loadable: {', '.join(LOADABLE_DTYPES)}")
         aside = {}
         for k in index.where:
             if k in expected:
@@ -151,8 +144,8 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
         shardings = dict(_compat.variable_items(param_shardings(abstract_state, mesh, rules)))
 
         def read(var_path, var):
-            keys, stacked = plan[var_path]
-            return _read(index, keys, stacked, _compat.variable_value(var).shape, np.dtype(_compat.variable_value(var).dtype), shardings[var_path])
+            value = _compat.variable_value(var)
+            return _read(index, plan[var_path], value.shape, np.dtype(value.dtype), shardings[var_path])
 
         params = _compat.replace_values(abstract_state, read)
         return LoadedCheckpoint(params=params, aside=aside, prefix=prefix)
@@ -168,22 +161,13 @@ def _aligned_empty(shape, dtype: np.dtype, align: int = 64) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def _read(index: CheckpointIndex, keys: list[str], stacked: bool, shape, dtype: np.dtype, sharding) -> jax.Array:
-    """One parameter as a sharded array; each shard is filled straight from the memory-mapped tensors."""
+def _read(index: CheckpointIndex, key: str, shape, dtype: np.dtype, sharding) -> jax.Array:
+    """One parameter as a sharded array; each shard is filled straight from the memory-mapped tensor."""
     def shard(idx):
-        if stacked:
-            names = [keys[b] for b in range(*idx[0].indices(shape[0]))]
-            sub = tuple(len(range(*s.indices(n))) for s, n in zip(idx[1:], shape[1:]))
-            out = _aligned_empty((len(names), *sub), dtype)
-            for i, k in enumerate(names):
-                out[i] = index.get(k)[idx[1:]]
-        else:
-            names = keys
-            src = index.get(keys[0])[idx]
-            out = _aligned_empty(src.shape, dtype)
-            out[...] = src
-        for k in names:
-            index.release(k)
+        src = index.get(key)[idx]
+        out = _aligned_empty(src.shape, dtype)
+        out[...] = src
+        index.release(key)
         return out
 
     return jax.make_array_from_callback(tuple(shape), sharding, shard)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import Qwen35Config
+from qwenjax.model.cache import AttentionCache
 from qwenjax.model.layers import Linear, RMSNorm, apply_rope
 from qwenjax.ops.attention import dot_product_attention
 
@@ -25,8 +26,14 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axes=("head_dim",))
 
     def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
-                 causal: bool = True) -> jax.Array:
-        """x [B, T, D]; cos/sin [B, T, rotary_dim]; mask [B, T, T] boolean (True = may attend), within causal."""
+                 cache: AttentionCache | None = None, write_index: jax.Array | None = None,
+                 attend_cache: bool = False) -> tuple[jax.Array, AttentionCache | None]:
+        """x [B, T, D] -> ([B, T, D], updated cache or None); cos/sin [B, T, rotary_dim].
+
+        Without `attend_cache`, x attends to itself: mask [B, T, T] (True = may attend) lies within causal.
+        With a cache, the new keys/values are written at `write_index` [B, T] (indices past the buffer are
+        dropped); with `attend_cache`, queries attend to the whole buffer under mask [B, T, max_len].
+        """
         b, t, _ = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qg = self.q_proj(x).reshape(b, t, h, 2 * hd)
@@ -34,5 +41,12 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x).reshape(b, t, kv, hd)), cos, sin)
         v = self.v_proj(x).reshape(b, t, kv, hd)
-        o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=causal).reshape(b, t, h * hd)
-        return self.o_proj(o * jax.nn.sigmoid(gate))
+        new_cache = None
+        if cache is not None:
+            rows = jnp.arange(b)[:, None]
+            new_cache = AttentionCache(k=cache.k.at[rows, write_index].set(k.astype(cache.k.dtype), mode="drop"),
+                                       v=cache.v.at[rows, write_index].set(v.astype(cache.v.dtype), mode="drop"))
+            if attend_cache:
+                k, v = new_cache.k.astype(k.dtype), new_cache.v.astype(v.dtype)
+        o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=not attend_cache)
+        return self.o_proj(o.reshape(b, t, h * hd) * jax.nn.sigmoid(gate)), new_cache

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import Qwen35Config
+from qwenjax.model.cache import GatedDeltaNetCache
 from qwenjax.model.layers import GatedRMSNorm, Linear
 from qwenjax.ops.gated_delta_rule import gated_delta_rule
 
@@ -22,11 +23,24 @@ class DepthwiseCausalConv1d(nnx.Module):
         self.weight = nnx.Param(jax.random.uniform(rngs.params(), (channels, 1, kernel), param_dtype, -bound, bound),
                                 logical_axes=("gdn_qkv", None, "conv_kernel"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, history: jax.Array | None = None,
+                 n_new: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, T, C] -> (fp32 output [B, T, C], the window a continuation needs).
+
+        `history` [B, K-1, C] holds the inputs before x (zeros at the start of a sequence). Given `n_new` [B]
+        (real tokens per row; right padding after them), also returns each row's last K-1 real inputs.
+        """
         w = self.weight[...][:, 0, :].astype(jnp.float32)
-        k, t = w.shape[-1], x.shape[1]
-        xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (k - 1, 0), (0, 0)))
-        return sum(xp[:, j:j + t, :] * w[:, j] for j in range(k))
+        k, (b, t, c) = w.shape[-1], x.shape
+        if history is None:
+            history = jnp.zeros((b, k - 1, c), x.dtype)
+        xp = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+        xp32 = xp.astype(jnp.float32)
+        out = sum(xp32[:, j:j + t, :] * w[:, j] for j in range(k))
+        if n_new is None:
+            return out, None
+        window = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0))(xp, n_new)
+        return out, window
 
 
 class GatedDeltaNet(nnx.Module):
@@ -49,9 +63,14 @@ class GatedDeltaNet(nnx.Module):
         self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = Linear(cfg.linear_value_dim, d, ("embed", "gdn_v"), **kw)
 
-    def __call__(self, x: jax.Array, *, valid: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]. `valid` [B, T] zeroes padding tokens before they reach the state."""
+    def __call__(self, x: jax.Array, *, valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 cache: GatedDeltaNetCache | None = None) -> tuple[jax.Array, GatedDeltaNetCache | None]:
+        """x [B, T, D] -> ([B, T, D], updated cache or None).
+
+        `valid` [B, T] marks real tokens (right padding after them): padding tokens are zeroed and neither
+        decay nor update the state, so the state and conv window a cache keeps are those after each row's
+        last real token.
+        """
         cfg = self.cfg
         b, t, _ = x.shape
         if valid is not None:
@@ -62,12 +81,22 @@ class GatedDeltaNet(nnx.Module):
         a = self.in_proj_a(x).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a + self.dt_bias[...].astype(jnp.float32))
 
-        qkv = jax.nn.silu(self.conv1d(qkv)).astype(x.dtype)
+        if valid is not None:
+            beta = jnp.where(valid[..., None], beta, 0.0)
+            g = jnp.where(valid[..., None], g, 0.0)
+
+        n_new = None
+        if cache is not None:
+            n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
+        qkv, window = self.conv1d(qkv, None if cache is None else cache.conv, n_new)
+        qkv = jax.nn.silu(qkv).astype(x.dtype)
         kd = cfg.linear_key_dim
         q = qkv[..., :kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         k = qkv[..., kd:2 * kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         v = qkv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
 
-        o, _ = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids)
+        o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
+                                    initial_state=None if cache is None else cache.state)
         o = self.norm(o, z).reshape(b, t, cfg.linear_value_dim)
-        return self.out_proj(o)
+        new_cache = None if cache is None else GatedDeltaNetCache(conv=window, state=state)
+        return self.out_proj(o), new_cache

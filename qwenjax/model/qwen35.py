@@ -1,9 +1,15 @@
-"""The Qwen3.5 causal language model: embedding → scanned hybrid blocks → norm → LM head.
+"""The Qwen3.5 causal language model: embedding → hybrid decoder layers → norm → LM head.
 
-`layer_types` repeats a short block (3 Gated DeltaNet layers, then 1 gated attention layer); the block's
-parameters are stacked along a leading axis and the blocks run under `jax.lax.scan`, so a 64-layer model
-compiles as fast as a 4-layer one. Attribute names follow the Hugging Face modules so checkpoint keys map 1:1:
-`model.layers.{b * P + j}.X` ↔ `blocks.layers[j].X[b]` for block pattern length P.
+Attribute names follow the Hugging Face modules, so checkpoint keys map 1:1 (`model.layers.{i}.X` ↔
+`layers[i].X`). Each layer's parameters are separate arrays: a decode step reads every weight in place, where a
+slice of a stacked array would be copied first on CPU. A full-sequence forward (training, scoring) still compiles
+once per *period* of `layer_types` (3 Gated DeltaNet layers, then 1 gated attention layer): it stacks the periods'
+parameters inside the jitted function and runs them under `jax.lax.scan`.
+
+Two entry points:
+- `__call__`: logits for whole sequences (no cache), optionally rematerialised;
+- `extend`: appends tokens to a `Cache` (prefill when the cache is fresh, a decode step for one token) and
+  returns each row's next-token logits.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from flax import nnx
 
 from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
 from qwenjax.model.attention import Attention
+from qwenjax.model.cache import AttentionCache, Cache, GatedDeltaNetCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet
 from qwenjax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
 from qwenjax.sharding import constrain
@@ -29,10 +36,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 class LayerInputs(NamedTuple):
     """What every layer of a forward pass shares, computed once."""
-    cos: jax.Array                 # [B, T, rotary_dim]
+    cos: jax.Array                     # [B, T, rotary_dim]
     sin: jax.Array
-    mask: jax.Array                # [B or 1, T, T] boolean, attention layers
-    valid: jax.Array | None        # [B, T] boolean, GDN layers zero padding tokens
+    mask: jax.Array                    # attention: [B or 1, T, T] (self) or [B, T, max_len] (attend_cache)
+    valid: jax.Array | None            # [B, T] real tokens (right padding after them); None: all real
+    write_index: jax.Array | None = None  # [B, T] cache slots of the new tokens
+    attend_cache: bool = False         # attention reads the whole cache buffer (not only the new tokens)
 
 
 class DecoderLayer(nnx.Module):
@@ -47,36 +56,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, inputs: LayerInputs) -> jax.Array:
+    def __call__(self, x: jax.Array, inputs: LayerInputs,
+                 cache: AttentionCache | GatedDeltaNetCache | None = None):
         h = self.input_layernorm(x)
         if self.is_linear:
-            h = self.linear_attn(h, valid=inputs.valid)
+            h, cache = self.linear_attn(h, valid=inputs.valid, cache=cache)
         else:
-            h = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask)
+            h, cache = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask, cache=cache,
+                                      write_index=inputs.write_index, attend_cache=inputs.attend_cache)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "seq", "act_embed"))
-
-
-class DecoderBlock(nnx.Module):
-    """One period of `layer_types` (Qwen3.5: linear, linear, linear, full)."""
-
-    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
-        self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-                                for t in cfg.block_pattern])
-
-    def __call__(self, x: jax.Array, inputs: LayerInputs) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x, inputs)
-        return x
-
-
-def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`n` independently initialised copies of a module, as one module whose parameters have a leading axis n."""
-    keys = jax.random.split(rngs.params(), n)
-    graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[0]
-    states = jax.vmap(lambda k: nnx.state(make(nnx.Rngs(k))))(keys)
-    return nnx.merge(graphdef, states)
+        return constrain(x, ("batch", "seq", "act_embed")), cache
 
 
 class Qwen35ForCausalLM(nnx.Module):
@@ -84,23 +74,32 @@ class Qwen35ForCausalLM(nnx.Module):
         if cfg.is_moe:
             raise NotImplementedError("Qwen3.5-MoE models are not implemented yet (config has num_experts > 0)")
         self.config = cfg
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.blocks = stack_modules(
-            lambda r: DecoderBlock(cfg, rngs=r, param_dtype=param_dtype, dtype=dtype), cfg.num_blocks, rngs)
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, t, **kw) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, ("vocab", "embed"), rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+            cfg.hidden_size, cfg.vocab_size, ("vocab", "embed"), **kw)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head (tied to the embedding when the config says so)."""
+        x = self.norm(x)
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, remat: str = "none", logits_to_keep: int = 0) -> jax.Array:
+                 positions: jax.Array | None = None, remat: str = "none", logits_to_keep: int = 0,
+                 scan_layers: bool = True) -> jax.Array:
         """Logits [B, T, vocab] for input_ids [B, T].
 
         Args:
           attention_mask: [B, T], 1 for real tokens and 0 for padding (right padding).
           positions: [B, T] or [3, B, T] rotary positions; default 0..T-1 for every row.
-          remat: rematerialisation policy of the scanned blocks: "none", "full" or "dots".
-          logits_to_keep: if > 0, logits for the last `logits_to_keep` positions only (prefill needs one).
+          remat: rematerialisation policy of the scanned periods: "none", "full" or "dots".
+          logits_to_keep: if > 0, logits for the last `logits_to_keep` positions only.
+          scan_layers: scan over periods of `layer_types` (fast compile) or unroll every layer.
         """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         b, t = input_ids.shape
         valid = None if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
@@ -112,18 +111,65 @@ class Qwen35ForCausalLM(nnx.Module):
         inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid)
 
         x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def body(h, block_state):
-            return nnx.merge(graphdef, block_state)(h, inputs), None
-
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
-        if REMAT_POLICIES[remat] is not None:
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
-        x, _ = jax.lax.scan(body, x, stacked)
+        x = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits, ("batch", "seq", "vocab"))
+        return constrain(self.logits(x), ("batch", "seq", "vocab"))
+
+    def _unrolled(self, x, inputs, remat):
+        policy = REMAT_POLICIES[remat]
+        for layer in self.layers:
+            run = (lambda h, layer=layer: layer(h, inputs)[0])
+            x = run(x) if policy is None else jax.checkpoint(run, policy=policy)(x)
+        return x
+
+    def _scan_periods(self, x, inputs, remat):
+        period = len(self.config.block_pattern)
+        layers = list(self.layers)
+        graphdef, _ = nnx.split(nnx.List(layers[:period]))
+        periods = [nnx.state(nnx.List(layers[i:i + period])) for i in range(0, len(layers), period)]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *periods)
+
+        def body(h, period_state):
+            for layer in nnx.merge(graphdef, period_state):
+                h, _ = layer(h, inputs)
+            return h, None
+
+        if REMAT_POLICIES[remat] is not None:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+        return jax.lax.scan(body, x, stacked)[0]
+
+    def extend(self, input_ids: jax.Array, cache: Cache, *, attention_mask: jax.Array | None = None,
+               fresh: bool = False) -> tuple[jax.Array, Cache]:
+        """Appends input_ids [B, T] to each row of `cache`; returns (logits [B, vocab] of each row's last new
+        token, the updated cache).
+
+        Args:
+          attention_mask: [B, T], 1 for the tokens to append, 0 for right padding (rows may append different
+            numbers of tokens, including none). Default: all T tokens of every row.
+          fresh: the caller promises the cache is empty: attention then runs over the new tokens only (causal),
+            not over the whole buffer. A prefill sets it; a decode step does not.
+        The caller checks that every row fits: lengths + T <= cache.max_len (slots past the buffer are dropped).
+        """
+        b, t = input_ids.shape
+        valid = None if attention_mask is None else attention_mask.astype(bool)
+        n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
+        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rope_cos_sin(self.config, positions)
+        if fresh:
+            mask = jnp.tril(jnp.ones((t, t), bool))[None]
+            if valid is not None:
+                mask = mask & valid[:, None, :]
+        else:
+            mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
+        inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=positions,
+                             attend_cache=not fresh)
+
+        x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
+        new_layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = layer(x, inputs, layer_cache)
+            new_layers.append(layer_cache)
+        last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
+        logits = self.logits(last)[:, 0]
+        return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + n_new)

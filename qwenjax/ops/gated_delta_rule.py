@@ -35,9 +35,12 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
                      implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """o, final_state for q,k [B,T,HK,K], v [B,T,HV,V], g, beta [B,T,HV]; q/k are l2-normalised inside.
 
+    A single token (T == 1, a decode step) always takes the recurrent step unless `implementation` says otherwise.
+
     Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V].
     """
-    name = implementation or default_implementation()
+    # One token is one step of the recurrence: the chunked form would pad it to a whole chunk.
+    name = implementation or ("recurrent" if q.shape[1] == 1 else default_implementation())
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown gated delta rule implementation {name!r}; choose one of {sorted(IMPLEMENTATIONS)}")
     impl = IMPLEMENTATIONS[name]

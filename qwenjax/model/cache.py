@@ -1,0 +1,62 @@
+"""The decoding cache: per attention layer a preallocated KV buffer, per GDN layer the conv window and the
+fp32 recurrent state, and per row the number of tokens it holds.
+
+Rows are independent: row r's tokens occupy positions 0 .. lengths[r]-1 (its rotary positions too), so a batch
+of prompts of different lengths needs no left padding and no shared position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionCache:
+    k: jax.Array  # [B, max_len, KV, head_dim], compute dtype (keys after norm and rotary)
+    v: jax.Array  # [B, max_len, KV, head_dim]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaNetCache:
+    conv: jax.Array   # [B, kernel-1, conv_dim]: the last kernel-1 inputs of the causal conv, compute dtype
+    state: jax.Array  # [B, HV, K, V] fp32 recurrent state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    layers: tuple[AttentionCache | GatedDeltaNetCache, ...]  # one per decoder layer
+    lengths: jax.Array                                       # [B] int32: tokens held by each row
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        """Capacity of the attention buffers (0 for a model without attention layers: unbounded)."""
+        return max((c.k.shape[1] for c in self.layers if isinstance(c, AttentionCache)), default=0)
+
+
+def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens each."""
+    if batch_size < 1 or max_len < 1:
+        raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+    layers = []
+    for t in cfg.layer_types:
+        if t == LINEAR_ATTENTION:
+            layers.append(GatedDeltaNetCache(
+                conv=jnp.zeros((batch_size, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), dtype),
+                state=jnp.zeros((batch_size, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                 cfg.linear_value_head_dim), jnp.float32)))
+        else:
+            shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+            layers.append(AttentionCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
+    return Cache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32))
