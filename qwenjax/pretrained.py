@@ -6,6 +6,7 @@ forward under `jax.jit` with explicit shardings (compiled once per input shape) 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -42,7 +43,8 @@ class Qwen35:
     """A Qwen3.5 model ready to run: `m(input_ids, attention_mask=None)` → logits [batch, seq, vocab]."""
 
     def __init__(self, config: Qwen35Config, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh,
-                 rules: ShardingRules, aside: dict[str, str] | None = None, source: str | None = None):
+                 rules: ShardingRules, aside: dict[str, str] | None = None, source: str | None = None,
+                 generation_config: dict | None = None):
         self.config = config
         self.graphdef = graphdef
         self.params = params
@@ -50,6 +52,7 @@ class Qwen35:
         self.rules = rules
         self.aside = dict(aside or {})  # checkpoint tensors kept for export (model.visual.*, mtp.*)
         self.source = source
+        self.generation_config = dict(generation_config or {})  # generation_config.json (eos ids, sampling)
         self._compiled: dict[tuple, Any] = {}
 
     @property
@@ -140,7 +143,12 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, param
     mesh, rules = _resolve(mesh, rules)
     graphdef, abstract = _abstract(cfg, param_dtype, dtype)
     loaded = load_params(path, cfg, abstract, mesh, rules)
-    return Qwen35(cfg, graphdef, loaded.params, mesh, rules, aside=loaded.aside, source=path)
+    gen_file = os.path.join(path, "generation_config.json")
+    gen = {}
+    if os.path.isfile(gen_file):
+        with open(gen_file) as f:
+            gen = json.load(f)
+    return Qwen35(cfg, graphdef, loaded.params, mesh, rules, aside=loaded.aside, source=path, generation_config=gen)
 
 
 def from_config(cfg: Qwen35Config, dtype: Any = jnp.float32, *, param_dtype: Any = None, seed: int = 0,

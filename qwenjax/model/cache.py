@@ -60,3 +60,19 @@ def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloa
             shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
             layers.append(AttentionCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
     return Cache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+_CACHE_AXES = {
+    AttentionCache: {"k": ("batch", None, "kv_heads", None), "v": ("batch", None, "kv_heads", None)},
+    GatedDeltaNetCache: {"conv": ("batch", None, "gdn_qkv"), "state": ("batch", "gdn_heads", None, None)},
+}
+
+
+def cache_shardings(cache: Cache, mesh, rules) -> Cache:
+    """A Cache-shaped tree of NamedSharding: rows over the batch axes, heads over the tensor axis."""
+    def layer(c):
+        return type(c)(**{name: rules.sharding(mesh, axes, getattr(c, name).shape)
+                          for name, axes in _CACHE_AXES[type(c)].items()})
+
+    return Cache(layers=tuple(layer(c) for c in cache.layers),
+                 lengths=rules.sharding(mesh, ("batch",), cache.lengths.shape))

@@ -1,0 +1,176 @@
+"""Batched, cached, streaming generation.
+
+    prompts ──prefill (one jitted call, cache fresh)──▶ first token ──decode step (jitted, cache donated)──▶ …
+
+Rows keep their own lengths in the cache, so prompts of different lengths need no left padding. The host loop
+dispatches step i+1 before it reads step i's tokens, so checking stop conditions never stalls the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenjax.inference.sampling import SamplingParams, sample
+from qwenjax.model.cache import Cache, cache_shardings, init_cache
+from qwenjax.sharding import activation_sharding, param_shardings
+
+PROMPT_BUCKET = 64   # prompt lengths round up to this (one compiled prefill per bucket)
+CACHE_BUCKET = 256   # default cache capacity rounds up to this
+
+
+def _prompts(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
+    """One int array per row: the row's tokens (where attention_mask is 1, in order)."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+        rows = [np.asarray(r) for r in input_ids]                  # ragged list of rows
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a rectangular input_ids array, not a list of rows")
+    else:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], [seq] or a list of rows, got shape {ids.shape}")
+        if attention_mask is None:
+            rows = list(ids)
+        else:
+            mask = np.asarray(attention_mask)
+            mask = mask[None] if mask.ndim == 1 else mask
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+            rows = [row[m.astype(bool)] for row, m in zip(ids, mask)]
+    if not rows:
+        raise ValueError("input_ids has no rows")
+    for r, row in enumerate(rows):
+        if row.size == 0:
+            raise ValueError(f"prompt row {r} is empty: generation needs at least one prompt token")
+        if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
+            raise ValueError(f"prompt row {r} must be a 1-D sequence of integer token ids")
+        bad = np.flatnonzero((row < 0) | (row >= vocab_size))
+        if bad.size:
+            raise ValueError(f"prompt row {r}, position {bad[0]}: token id {row[bad[0]]} is outside the "
+                             f"vocabulary [0, {vocab_size})")
+    return [row.astype(np.int32) for row in rows]
+
+
+def _eos_ids(m, eos_token_ids) -> frozenset[int]:
+    if eos_token_ids is None:
+        eos_token_ids = m.generation_config.get("eos_token_id", m.config.eos_token_id)
+    if eos_token_ids is None:
+        return frozenset()
+    return frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
+
+
+def _compiled(m, kind: str, sampling: SamplingParams):
+    """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself)."""
+    key = ("generate", kind, sampling)
+    if key in m._compiled:
+        return m._compiled[key]
+    graphdef, p_shard = m.graphdef, param_shardings(m.params, m.mesh, m.rules)
+
+    if kind == "prefill":
+        def fn(params, cache: Cache, ids, mask, rng):
+            logits, cache = nnx.merge(graphdef, params).extend(ids, cache, attention_mask=mask, fresh=True)
+            return sample(logits, jax.random.fold_in(rng, 0), sampling), cache
+    else:
+        def fn(params, cache: Cache, tokens, rng, step):
+            logits, cache = nnx.merge(graphdef, params).extend(tokens[:, None], cache)
+            return sample(logits, jax.random.fold_in(rng, step), sampling), cache
+
+    m._compiled[key] = jax.jit(fn, in_shardings=(p_shard, None, None, None, None),
+                               donate_argnums=1)
+    return m._compiled[key]
+
+
+def new_cache(m, batch_size: int, max_len: int) -> Cache:
+    """An empty cache for model `m`, laid out over its mesh."""
+    abstract = jax.eval_shape(lambda: init_cache(m.config, batch_size, max_len, m.dtype))
+    make = jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype),
+                   out_shardings=cache_shardings(abstract, m.mesh, m.rules))
+    return make()
+
+
+def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+           eos_token_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
+           max_cache_len: int | None = None) -> Iterator[list[int | None]]:
+    """Like `generate`, but yields after every step a list with each row's new token (None once it stopped)."""
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to read the generated text (pass tokenizer=...)")
+    prompts = _prompts(input_ids, attention_mask, m.config.vocab_size)
+    lengths = np.array([len(p) for p in prompts])
+    batch, longest = len(prompts), int(lengths.max())
+    capacity = max_cache_len or CACHE_BUCKET * math.ceil((longest + max_new_tokens) / CACHE_BUCKET)
+    too_long = np.flatnonzero(lengths + max_new_tokens > capacity)
+    if too_long.size:
+        r = int(too_long[0])
+        raise ValueError(f"prompt row {r} has {lengths[r]} tokens; with max_new_tokens={max_new_tokens} it needs "
+                         f"{lengths[r] + max_new_tokens} cache slots, but the cache holds {capacity} "
+                         "(raise max_cache_len or shorten the prompt)")
+    eos = _eos_ids(m, eos_token_ids)
+
+    width = PROMPT_BUCKET * math.ceil(longest / PROMPT_BUCKET)
+    ids = np.zeros((batch, width), np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)], mask[r, :len(p)] = p, 1
+
+    rng = jax.random.key(seed)
+    prefill, step = _compiled(m, "prefill", sampling), _compiled(m, "step", sampling)
+    done = np.zeros(batch, bool)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    with activation_sharding(m.mesh, m.rules):
+        tokens, cache = prefill(m.params, new_cache(m, batch, capacity), ids, mask, rng)
+        for i in range(max_new_tokens):
+            if i + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
+                next_tokens, cache = step(m.params, cache, tokens, rng, np.int32(i + 1))
+            out: list[int | None] = []
+            for r, t in enumerate(np.asarray(tokens).tolist()):
+                if done[r]:
+                    out.append(None)
+                    continue
+                generated[r].append(t)
+                out.append(t)
+                if t in eos or (stop_strings and _hits_stop(tokenizer, generated[r], stop_strings)):
+                    done[r] = True
+            yield out
+            if done.all() or i + 1 == max_new_tokens:
+                return
+            tokens = next_tokens
+
+
+def _hits_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:
+    tail = tokenizer.decode(ids[-32:], skip_special_tokens=False)  # a stop string ends in the latest tokens
+    return any(s in tail for s in stop_strings)
+
+
+def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]]:
+    """New token ids per row, for a batch of prompts.
+
+    Args:
+      m: a `qwenjax.Qwen35` model.
+      input_ids: [batch, seq] ids (with `attention_mask` marking the real tokens, any padding side), a [seq]
+        array, or a list of rows of different lengths.
+      max_new_tokens: at most this many new tokens per row.
+      temperature, top_k, top_p, min_p: sampling (temperature 0 is greedy); `seed` makes it reproducible.
+      eos_token_ids: a row stops after any of these (default: generation_config.json's `eos_token_id`, else
+        the config's); the stopping token is included, as transformers does.
+      stop_strings: a row also stops once its text contains one of these (needs `tokenizer`).
+      max_cache_len: cache capacity per row (default: longest prompt + max_new_tokens, rounded up to 256).
+    """
+    rows: list[list[int]] | None = None
+    for out in stream(m, input_ids, attention_mask, **kwargs):
+        if rows is None:
+            rows = [[] for _ in out]
+        for r, t in enumerate(out):
+            if t is not None:
+                rows[r].append(t)
+    return rows or []
