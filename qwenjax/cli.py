@@ -1,8 +1,10 @@
 """`qwenjax` command line.
 
-    qwenjax forward                                   # random 0.8B-shape model, 512-token prefill
-    qwenjax forward --model DIR --seq 2048            # a local Hugging Face checkpoint
-    qwenjax forward --config configs/tiny.json --mesh fsdp=4,tensor=2
+    qwenjax generate                                  # a small random demo checkpoint (says so), streamed
+    qwenjax generate --model DIR --prompt "Hi" --no-thinking
+    qwenjax chat --model DIR                          # interactive, with history; /reset, /exit
+    qwenjax forward                                   # random 0.8B-shape model, 512-token prefill speed
+    qwenjax forward --model DIR --seq 2048 --mesh fsdp=4,tensor=2
 """
 
 from __future__ import annotations
@@ -64,6 +66,137 @@ def cmd_forward(args) -> int:
     return 0
 
 
+# ---- generate / chat ---------------------------------------------------------------------------------------------
+def _load(args):
+    """(model, tokenizer) from --model, or from a freshly written random demo checkpoint."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import qwenjax
+    from qwenjax.inference.tokenizer import Tokenizer
+
+    path = args.model
+    if path is None:
+        from qwenjax.demo import DEMO_CONFIG, write_random_checkpoint
+
+        path = write_random_checkpoint(tempfile.mkdtemp(prefix="qwenjax-demo-"), seed=args.seed)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        print(f"No --model given: generating from a small RANDOM model ({DEMO_CONFIG}, byte-level tokenizer) "
+              f"written in the Hugging Face layout to {path}. Its output is noise; pass --model DIR for a real "
+              "checkpoint.", file=sys.stderr, flush=True)
+    elif not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: no such directory")
+    tokenizer = Tokenizer(path)
+    return qwenjax.from_pretrained(path, dtype=args.dtype, mesh=args.mesh), tokenizer
+
+
+def _sampling(args, m) -> dict:
+    """Sampling settings: the flags, else the checkpoint's generation_config.json, else greedy."""
+    gen = m.generation_config
+    sample_default = bool(gen.get("do_sample", False))
+    out = dict(temperature=args.temperature if args.temperature is not None
+               else (float(gen.get("temperature", 1.0)) if sample_default else 0.0),
+               top_k=args.top_k if args.top_k is not None else (int(gen.get("top_k", 0)) if sample_default else 0),
+               top_p=args.top_p if args.top_p is not None else (float(gen.get("top_p", 1.0)) if sample_default else 1.0),
+               min_p=args.min_p if args.min_p is not None else 0.0)
+    return dict(out, seed=args.seed, max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
+                max_cache_len=args.max_cache_len)
+
+
+def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool, out=sys.stdout) -> str:
+    """Streams one reply to `out` as it is generated, thinking and answer under separate headers; returns the text."""
+    from qwenjax.inference.generate import stream
+    from qwenjax.inference.tokenizer import THINK_CLOSE, StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    text, shown, n = "", 0, 0
+    if thinking:
+        out.write("[thinking]\n")
+    t0 = t_first = time.perf_counter()
+    for step in stream(m, [prompt_ids], tokenizer=tokenizer, **sampling):
+        if step[0] is None:
+            break
+        n += 1
+        if n == 1:
+            t_first = time.perf_counter()
+        text += decoder.push(step[0])
+        # hold back a partial "</think>" so the header replaces it cleanly
+        safe = len(text) - next((k for k in range(len(THINK_CLOSE) - 1, 0, -1) if text.endswith(THINK_CLOSE[:k])), 0)
+        piece = text[shown:safe]
+        if thinking and THINK_CLOSE in text[:safe] and THINK_CLOSE not in text[:shown]:
+            before, after = text[shown:safe].split(THINK_CLOSE, 1) if THINK_CLOSE in piece else ("", piece)
+            piece = before + "\n[answer]\n" + after.lstrip("\n")
+        out.write(piece)
+        out.flush()
+        shown = safe
+    out.write(text[shown:] + "\n")
+    t_end = time.perf_counter()
+    rate = f", {(n - 1) / (t_end - t_first):.1f} tokens/s after the first" if n > 1 else ""
+    print(f"[{len(prompt_ids)} prompt tokens, {n} new tokens; first token {t_first - t0:.2f} s{rate}]",
+          file=sys.stderr, flush=True)
+    return text
+
+
+def _prompt_ids(tokenizer, messages, args) -> list[int]:
+    if args.raw:
+        return tokenizer.encode(messages[-1]["content"])
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=not args.no_thinking))
+
+
+def cmd_generate(args) -> int:
+    m, tokenizer = _load(args)
+    sampling = _sampling(args, m)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    _stream_reply(m, tokenizer, _prompt_ids(tokenizer, messages, args), sampling,
+                  thinking=not args.raw and not args.no_thinking)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from qwenjax.inference.tokenizer import split_thinking
+
+    m, tokenizer = _load(args)
+    sampling = _sampling(args, m)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("chat: type a message; /reset clears the history, /exit (or end of input) quits.", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = []
+            print("[history cleared]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        text = _stream_reply(m, tokenizer, _prompt_ids(tokenizer, system + history, args), sampling,
+                             thinking=not args.raw and not args.no_thinking)
+        _, answer = split_thinking(text, prompt_opened_thinking=not args.no_thinking)
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def _add_generation_flags(p) -> None:
+    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: a random demo model)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt text as is")
+    p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="0 is greedy (default: generation_config.json, else 0)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-cache-len", type=int, help="cache capacity in tokens (default: fitted to the request)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=4,tensor=2 (default: one device)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qwenjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,9 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(fn=cmd_forward)
+    g = sub.add_parser("generate", help="generate a reply to one prompt, streamed as it comes")
+    g.add_argument("--prompt", default="Give me a short introduction to large language models.")
+    _add_generation_flags(g)
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with history (reads stdin)")
+    _add_generation_flags(c)
+    c.set_defaults(fn=cmd_chat)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
     except (FileNotFoundError, ValueError) as e:
         print(f"qwenjax: error: {e}", file=sys.stderr)
         return 2

@@ -109,3 +109,32 @@ class SafetensorsFile:
             except BufferError:  # a caller still holds a view; the map closes when it is released
                 pass
             self._mmap = None
+
+
+def save_file(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors (any dtype in DTYPES) as one safetensors file, atomically: a reader never sees half a file."""
+    names = {v: k for k, v in DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, arr in tensors.items():
+        if arr.dtype not in names:
+            raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors name")
+        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for arr in tensors.values():
+                f.write(np.ascontiguousarray(arr).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,110 @@
+"""A small random checkpoint directory in the real Hugging Face layout, made by qwenjax alone (no torch).
+
+It holds what a downloaded Qwen3.5 directory holds — config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, chat_template.jinja, generation_config.json — so every step of the user path (load,
+tokenize, chat template, generate, stream) runs end to end before any trained weights are at hand. The weights
+are random: the text it generates is noise. The tokenizer is byte-level (one token per byte) plus Qwen's chat
+special tokens; the chat template follows Qwen3.5's format (`<|im_start|>role … <|im_end|>`, `<think>` blocks,
+`enable_thinking`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from qwenjax import _compat
+from qwenjax.checkpoint.hf import hf_key
+from qwenjax.checkpoint.safetensors_io import save_file
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ADDED_TOKENS = ["<think>", "</think>"]
+DEMO_CONFIG = "tiny-chat"
+
+CHAT_TEMPLATE = """\
+{%- if messages and messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}
+{%- if not loop.first %}{{ raise_exception('The system message must come first.') }}{%- endif %}
+{%- elif message.role == 'user' %}
+{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{%- set content = message.content %}
+{%- if '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+{%- else %}
+{{ raise_exception('Unknown role: ' + message.role) }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}
+{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- else %}
+{{- '<think>\\n' }}
+{%- endif %}
+{%- endif %}
+"""
+
+
+def write_tokenizer(path: str | os.PathLike) -> None:
+    """A byte-level BPE tokenizer (ids 0-255 are the bytes) with Qwen's special tokens, and its config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens(ADDED_TOKENS)
+    path = os.fspath(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    _write_json(os.path.join(path, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "model_max_length": 262144, "clean_up_tokenization_spaces": False})
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
+
+
+def _byte_of(ch: str) -> int:
+    """The byte a ByteLevel alphabet character stands for (GPT-2's printable remapping of the 256 bytes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    code = ord(ch)
+    if code in printable:
+        return code
+    return [b for b in range(256) if b not in printable][code - 256]
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_random_checkpoint(path: str | os.PathLike, config: str = DEMO_CONFIG, seed: int = 0) -> str:
+    """Writes the demo checkpoint into directory `path` (created if needed) and returns the path."""
+    import qwenjax
+    from qwenjax.cli import resolve_config
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(resolve_config(config)) as f:
+        hf_config = json.load(f)
+    cfg = qwenjax.config_from_dict(hf_config)
+    m = qwenjax.from_config(cfg, dtype="float32", seed=seed)
+    tensors = {hf_key(p, "model."): np.asarray(_compat.variable_value(v))
+               for p, v in _compat.variable_items(m.params)}
+    save_file(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    _write_json(os.path.join(path, "config.json"), hf_config)
+    _write_json(os.path.join(path, "generation_config.json"), {
+        "eos_token_id": [SPECIAL_TOKENS.index("<|im_end|>") + 256, SPECIAL_TOKENS.index("<|endoftext|>") + 256],
+        "pad_token_id": 256, "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.95})
+    write_tokenizer(path)
+    return path
