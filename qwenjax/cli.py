@@ -104,13 +104,14 @@ def _sampling(args, m) -> dict:
                 max_cache_len=args.max_cache_len)
 
 
-def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool, out=sys.stdout) -> str:
-    """Streams one reply to `out` as it is generated, thinking and answer under separate headers; returns the text."""
+def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool) -> str:
+    """Streams one reply to stdout as it is generated, thinking and answer under separate headers; returns it."""
+    out = sys.stdout
     from qwenjax.inference.generate import stream
     from qwenjax.inference.tokenizer import THINK_CLOSE, StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
-    text, shown, n = "", 0, 0
+    text, shown, n, answering, answer_started = "", 0, 0, not thinking, not thinking
     if thinking:
         out.write("[thinking]\n")
     t0 = t_first = time.perf_counter()
@@ -121,15 +122,21 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
         if n == 1:
             t_first = time.perf_counter()
         text += decoder.push(step[0])
-        # hold back a partial "</think>" so the header replaces it cleanly
-        safe = len(text) - next((k for k in range(len(THINK_CLOSE) - 1, 0, -1) if text.endswith(THINK_CLOSE[:k])), 0)
-        piece = text[shown:safe]
-        if thinking and THINK_CLOSE in text[:safe] and THINK_CLOSE not in text[:shown]:
-            before, after = text[shown:safe].split(THINK_CLOSE, 1) if THINK_CLOSE in piece else ("", piece)
-            piece = before + "\n[answer]\n" + after.lstrip("\n")
-        out.write(piece)
-        out.flush()
-        shown = safe
+        if not answering and THINK_CLOSE in text:
+            thought = text.split(THINK_CLOSE, 1)[0]
+            rest = thought[shown:].rstrip("\n")
+            out.write(rest + ("\n" if rest or not thought.endswith("\n") else "") + "[answer]\n")
+            shown, answering = len(thought) + len(THINK_CLOSE), True
+        # while thinking, hold back what may be the start of "</think>"
+        hold = 0 if answering else next((k for k in range(len(THINK_CLOSE) - 1, 0, -1)
+                                         if text.endswith(THINK_CLOSE[:k])), 0)
+        piece, shown = text[shown:len(text) - hold], max(shown, len(text) - hold)
+        if answering and not answer_started:  # drop the blank line the model writes after </think>
+            piece = piece.lstrip("\n")
+            answer_started = bool(piece)
+        if piece:
+            out.write(piece)
+            out.flush()
     out.write(text[shown:] + "\n")
     t_end = time.perf_counter()
     rate = f", {(n - 1) / (t_end - t_first):.1f} tokens/s after the first" if n > 1 else ""

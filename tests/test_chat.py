@@ -1,0 +1,115 @@
+"""Tokenizer, chat template and the generate/chat command lines, on the demo checkpoint qwenjax writes itself."""
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import qwenjax
+from qwenjax.cli import main
+from qwenjax.demo import write_random_checkpoint
+from qwenjax.inference.generate import generate
+from qwenjax.inference.tokenizer import StreamDecoder, Tokenizer, TokenizerError, split_thinking
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello, who are you?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"},
+     {"role": "user", "content": "Ünïcödé and emoji 🙂?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_template_and_ids_equal_transformers(demo, thinking):
+    transformers = pytest.importorskip("transformers")
+    ours, ref = Tokenizer(demo), transformers.AutoTokenizer.from_pretrained(demo)
+    for conv in CONVERSATIONS:
+        text = ours.apply_chat_template(conv, enable_thinking=thinking)
+        assert text == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True,
+                                               enable_thinking=thinking)
+        assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+    assert text.endswith("<think>\n" if thinking else "<think>\n\n</think>\n\n")
+    assert "A greeting." not in text  # earlier turns' thinking is dropped by the template
+
+
+def test_decode_round_trip_and_streaming_never_splits_characters(demo):
+    tok = Tokenizer(demo)
+    text = "héllo 🙂 wörld"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+
+def test_split_thinking():
+    assert split_thinking("Let me see.\n</think>\n\nFour.", prompt_opened_thinking=True) == ("Let me see.", "Four.")
+    assert split_thinking("<think>\nhm\n</think>\nYes") == ("hm", "Yes")
+    assert split_thinking("still thinking", prompt_opened_thinking=True) == ("still thinking", "")
+    assert split_thinking("Just an answer.") == ("", "Just an answer.")
+
+
+def test_stop_strings(demo):
+    m, tok = qwenjax.from_pretrained(demo, dtype="float32"), Tokenizer(demo)
+    prompt = tok.encode(tok.apply_chat_template(CONVERSATIONS[0]))
+    free = generate(m, [prompt], max_new_tokens=12)[0]
+    stop = tok.decode(free[4:6], skip_special_tokens=False)
+    out = generate(m, [prompt], max_new_tokens=12, stop_strings=[stop], tokenizer=tok)[0]
+    assert stop in tok.decode(out, skip_special_tokens=False) and len(out) <= 6 and out == free[:len(out)]
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        generate(m, [prompt], stop_strings=["x"])
+
+
+def test_missing_tokenizer_and_template_fail_clearly(demo, tmp_path):
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(demo, bare)
+    os.remove(bare / "tokenizer.json")
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        Tokenizer(bare)
+    assert main(["generate", "--model", str(bare), "--max-new-tokens", "2"]) == 2
+    no_template = tmp_path / "no-template"
+    shutil.copytree(demo, no_template)
+    os.remove(no_template / "chat_template.jinja")
+    with pytest.raises(TokenizerError, match="no chat template"):
+        Tokenizer(no_template).apply_chat_template(CONVERSATIONS[0])
+
+
+def test_cli_unknown_model_path(capsys):
+    assert main(["generate", "--model", "/does/not/exist"]) == 2
+    assert "/does/not/exist" in capsys.readouterr().err
+
+
+def test_cli_generate_streams_from_the_demo_model(capsys):
+    assert main(["generate", "--max-new-tokens", "6", "--dtype", "float32"]) == 0
+    out, err = capsys.readouterr()
+    assert "RANDOM model" in err and "6 new tokens" in err
+    assert out.startswith("[thinking]\n")
+
+
+def test_cli_chat_keeps_history(demo, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd again?\n/reset\nFresh start\n/exit\n"))
+    assert main(["chat", "--model", demo, "--max-new-tokens", "3", "--no-thinking", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    n_prompt = [int(line.split()[0][1:]) for line in err.splitlines() if "prompt tokens" in line]
+    assert len(n_prompt) == 3
+    assert n_prompt[1] > n_prompt[0] + 3   # the second turn carries the first exchange
+    assert n_prompt[2] < n_prompt[1]       # /reset dropped it
+
+
+def test_cli_stream_splits_thinking_from_answer(demo, monkeypatch, capsys):
+    import qwenjax.inference.generate as gen
+    from qwenjax.cli import _stream_reply
+
+    tok = Tokenizer(demo)
+    ids = tok.encode("Two and two.\n</think>\n\nFour 🙂.")  # byte tokens: '</think>' arrives piece by piece too
+    monkeypatch.setattr(gen, "stream", lambda *a, **k: ([t] for t in ids))
+    text = _stream_reply(None, tok, [1, 2], {}, thinking=True)
+    assert capsys.readouterr().out == "[thinking]\nTwo and two.\n[answer]\nFour 🙂.\n"
+    assert split_thinking(text, prompt_opened_thinking=True) == ("Two and two.", "Four 🙂.")
