@@ -80,6 +80,28 @@ def make_hf_checkpoint(path: str | os.PathLike, *, multimodal: bool = False, dty
     return model
 
 
+def hf_text_model(config: str, dtype: str = "float32", layers: int | None = None, seed: int = 0):
+    """A randomly initialised transformers `Qwen3_5ForCausalLM` (eval mode) with the text part of a configs/ file
+    (e.g. "qwen3.5-0.8b"); `layers` overrides the depth (the layer types then follow the default 3:1 pattern)."""
+    import json
+
+    import torch
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from qwenjax.cli import resolve_config
+
+    with open(resolve_config(config)) as f:
+        raw = json.load(f)
+    text = dict(raw.get("text_config", raw))
+    text["tie_word_embeddings"] = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    if layers:
+        text["num_hidden_layers"] = layers
+        text.pop("layer_types", None)
+    text = {k: v for k, v in text.items() if not k.startswith("_") and k != "architectures"}
+    torch.manual_seed(seed)
+    return Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text)).to(getattr(torch, dtype)).eval()
+
+
 def hf_logits(model, input_ids, attention_mask=None):
     """Logits of a transformers model as a float32 numpy array."""
     import numpy as np

@@ -12,7 +12,6 @@ Needs the `test` extra (torch, transformers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -47,23 +46,12 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     import qwenjax
-    from qwenjax.cli import resolve_config
+    from qwenjax.testing import hf_text_model
 
-    with open(resolve_config(args.config)) as f:
-        raw = json.load(f)
-    text = dict(raw.get("text_config", raw))
-    text["tie_word_embeddings"] = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    if args.layers:
-        text["num_hidden_layers"] = args.layers
-        text.pop("layer_types", None)
-    text = {k: v for k, v in text.items() if not k.startswith("_") and k != "architectures"}
-    torch_dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    hf = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text)).to(torch_dtype).eval()
-    ids = np.random.default_rng(0).integers(0, text["vocab_size"], (args.batch, args.seq))
+    hf = hf_text_model(args.config, args.dtype, args.layers)
+    ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (args.batch, args.seq))
 
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
