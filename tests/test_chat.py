@@ -39,6 +39,20 @@ def test_chat_template_and_ids_equal_transformers(demo, thinking):
     assert "A greeting." not in text  # earlier turns' thinking is dropped by the template
 
 
+def test_template_from_tokenizer_config(demo, tmp_path):
+    import json
+
+    moved = tmp_path / "template-in-config"
+    shutil.copytree(demo, moved)
+    template = (moved / "chat_template.jinja").read_text()
+    os.remove(moved / "chat_template.jinja")
+    config = json.loads((moved / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": template}, {"name": "tool_use", "template": "x"}]
+    (moved / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer(moved).apply_chat_template(CONVERSATIONS[1]) == Tokenizer(demo).apply_chat_template(
+        CONVERSATIONS[1])
+
+
 def test_decode_round_trip_and_streaming_never_splits_characters(demo):
     tok = Tokenizer(demo)
     text = "héllo 🙂 wörld"

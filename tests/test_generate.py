@@ -88,6 +88,8 @@ def test_eos_stops_only_its_row(one_ckpt):
     stopped = generate(m, prompts, max_new_tokens=10, eos_token_ids=[eos])
     assert stopped[0] == free[0][:free[0].index(eos) + 1]
     assert stopped[1] == (free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1])
+    m.generation_config = {"eos_token_id": [999, eos]}  # the default: generation_config.json's list
+    assert generate(m, prompts, max_new_tokens=10) == stopped
 
 
 def test_sampling_is_seeded_and_reproducible(one_ckpt):
