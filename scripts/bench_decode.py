@@ -118,7 +118,7 @@ def main() -> None:
               f"({args.batch / ours / bound:.0%} of the bandwidth bound)")
         print(f"  {'transformers':>13}: {ref * 1e3:8.1f} ms/step  {args.batch / ref:8.2f} tokens/s")
         print(f"  qwenjax / transformers decode throughput: {ref / ours:.2f}x")
-        del hf, m
+        hf = m = None  # free both models before the next dtype
         gc.collect()
 
 
