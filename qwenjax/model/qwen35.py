@@ -44,6 +44,12 @@ class LayerInputs(NamedTuple):
     attend_cache: bool = False         # attention reads the whole cache buffer (not only the new tokens)
 
 
+def _causal_mask(t: int, valid: jax.Array | None) -> jax.Array:
+    """[B or 1, T, T]: each token sees itself and the real tokens before it."""
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    return mask if valid is None else mask & valid[:, None, :]
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen35Config, layer_type: str, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
@@ -105,10 +111,7 @@ class Qwen35ForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(self.config, positions)
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
-        if valid is not None:
-            mask = mask & valid[:, None, :]
-        inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid)
+        inputs = LayerInputs(cos=cos, sin=sin, mask=_causal_mask(t, valid), valid=valid)
 
         x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
         x = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
@@ -157,9 +160,7 @@ class Qwen35ForCausalLM(nnx.Module):
         positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
         cos, sin = rope_cos_sin(self.config, positions)
         if fresh:
-            mask = jnp.tril(jnp.ones((t, t), bool))[None]
-            if valid is not None:
-                mask = mask & valid[:, None, :]
+            mask = _causal_mask(t, valid)
         else:
             mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
         inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=positions,
