@@ -10,10 +10,15 @@ Prefill is excluded from both rates:
 - transformers: (t(new_tokens) - t(1)) / (new_tokens - 1), each `generate` call timed whole.
 Medians over --repeats runs after a warm-up (which includes qwenjax's compilation).
 
-Bandwidth bound: a decode step at small batch must read every weight once (the tied embedding once, as the LM
-head; an untied embedding only for its looked-up rows), so tokens/s <= copy bandwidth / weight bytes per step
-x batch. The copy bandwidth is measured here with a 1 GiB numpy copy, counting bytes read plus written (STREAM).
-Needs the `test` extra (torch, transformers).
+Bandwidth bound: a decode step must read every weight once (the tied embedding once, as the LM head; an untied
+embedding only for its looked-up rows), so tokens/s <= copy bandwidth / weight bytes per step x batch: the bound
+the targets are set against. A step must also read and write each row's fp32 GDN state and read its KV cache;
+at batch 1 that is a few percent of the weights, at batch 32 about as much again, so a second, tighter bound counts
+weights + cache bytes (at the mean cache length over the run).
+The copy bandwidth counts bytes read plus written (STREAM 'copy'): a 1 GiB numpy copy on the CPU, a 1 GiB jax
+device-to-device copy when JAX runs on a GPU (transformers then runs on CUDA too).
+Needs the `test` extra (torch, transformers). With flash-linear-attention installed, transformers uses its
+kernels for the gated delta rule on CUDA.
 """
 
 from __future__ import annotations
@@ -31,9 +36,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second moved (read + written) by a large numpy copy: the STREAM 'copy' figure."""
+    """Bytes per second moved (read + written) by a large copy on JAX's default device: STREAM 'copy'."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
+    if jax.default_backend() != "cpu":
+        x = jnp.ones(nbytes // 4, jnp.float32)
+        copy = jax.jit(lambda x: x + 1)  # one read, one write; no copy elision
+        copy(x).block_until_ready()
+        times = []
+        for _ in range(repeats * 4):
+            t0 = time.perf_counter()
+            copy(x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return 2 * x.nbytes / statistics.median(times)
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
     np.copyto(b, a)
@@ -54,6 +71,24 @@ def weight_bytes_per_step(m) -> int:
     return total
 
 
+def cache_bytes_per_step(cfg, batch: int, length: float, dtype) -> float:
+    """Cache bytes a decode step must move at a mean cache length: each GDN layer's fp32 state read and written
+    and its conv window read; each attention layer's K and V read up to `length`."""
+    import numpy as np
+
+    from qwenjax.config import LINEAR_ATTENTION
+
+    item = np.dtype(dtype).itemsize
+    per_row = 0.0
+    for t in cfg.layer_types:
+        if t == LINEAR_ATTENTION:
+            per_row += 2 * 4 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+            per_row += item * (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim
+        else:
+            per_row += 2 * item * length * cfg.num_key_value_heads * cfg.head_dim
+    return per_row * batch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="qwen3.5-0.8b", help="config file or configs/ name")
@@ -65,6 +100,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
+    import jax
     import numpy as np
     import torch
 
@@ -72,11 +108,23 @@ def main() -> None:
     from qwenjax.inference.generate import stream
     from qwenjax.testing import hf_text_model
 
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("JAX runs on a GPU but torch sees no CUDA device: the comparison would not be like for like")
+    device = "cuda" if on_gpu else "cpu"
     bw = copy_bandwidth()
     print(f"model: {args.config}{f' ({args.layers} layers)' if args.layers else ''}, batch {args.batch}, "
           f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), jax {__import__('jax').__version__}; "
+    if on_gpu:
+        try:
+            import fla
+            fla_version = f"flash-linear-attention {fla.__version__}"
+        except ImportError:
+            fla_version = "no flash-linear-attention (transformers uses its torch fallback)"
+        where = f"{jax.devices()[0].device_kind}, {torch.cuda.get_device_name()}, {fla_version}"
+    else:
+        where = f"{platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
+    print(f"machine: {where}; torch {torch.__version__}, jax {jax.__version__}; "
           f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
     n = args.new_tokens
 
@@ -86,6 +134,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
             m = qwenjax.from_pretrained(tmp, dtype=dtype)
+        hf = hf.to(device)
 
         def run_qwenjax():
             stamps, rows = [], []
@@ -94,33 +143,39 @@ def main() -> None:
                 rows.append(out)
             return (stamps[-1] - stamps[0]) / (n - 1), np.array(rows).T
 
-        t_ids = torch.as_tensor(ids)
+        t_ids = torch.as_tensor(ids, device=device)
 
         def hf_generate(k):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = hf.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=k, min_new_tokens=k,
                                   do_sample=False, eos_token_id=None, pad_token_id=0)
-            return time.perf_counter() - t0, out[:, args.prompt:].numpy()
+                out = out[:, args.prompt:].cpu().numpy()  # waits for the device
+            return time.perf_counter() - t0, out
 
         _, ours_tokens = run_qwenjax()  # warm-up: compiles prefill and the decode step
         ours = statistics.median(run_qwenjax()[0] for _ in range(args.repeats))
-        _, ref_tokens = hf_generate(n)
+        _, ref_tokens = hf_generate(n)  # warm-up (and on CUDA: kernel autotuning)
         t_full = statistics.median(hf_generate(n)[0] for _ in range(args.repeats))
         t_one = statistics.median(hf_generate(1)[0] for _ in range(args.repeats))
         ref = (t_full - t_one) / (n - 1)
         agree = (ours_tokens == ref_tokens).all(axis=1).sum()
         wbytes = weight_bytes_per_step(m)
+        cbytes = cache_bytes_per_step(m.config, args.batch, args.prompt + n / 2, dtype)
         bound = bw / wbytes * args.batch
-        print(f"\n[{dtype}] weights read per step {wbytes / 1e9:.2f} GB -> bandwidth bound {bound:.2f} tokens/s; "
+        tight = bw / (wbytes + cbytes) * args.batch
+        print(f"\n[{dtype}] per step: weights {wbytes / 1e9:.3f} GB -> bound {bound:.1f} tokens/s; weights + cache "
+              f"{(wbytes + cbytes) / 1e9:.3f} GB -> bound {tight:.1f} tokens/s; "
               f"greedy tokens identical in {agree}/{args.batch} rows")
-        print(f"  {'qwenjax':>13}: {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.2f} tokens/s  "
-              f"({args.batch / ours / bound:.0%} of the bandwidth bound)")
-        print(f"  {'transformers':>13}: {ref * 1e3:8.1f} ms/step  {args.batch / ref:8.2f} tokens/s")
+        print(f"  {'qwenjax':>13}: {ours * 1e3:8.2f} ms/step  {args.batch / ours:9.1f} tokens/s  "
+              f"({args.batch / ours / bound:.0%} of the weight bound, {args.batch / ours / tight:.0%} of weights + cache)")
+        print(f"  {'transformers':>13}: {ref * 1e3:8.2f} ms/step  {args.batch / ref:9.1f} tokens/s  "
+              f"({args.batch / ref / bound:.0%} of the weight bound, {args.batch / ref / tight:.0%} of weights + cache)")
         print(f"  qwenjax / transformers decode throughput: {ref / ours:.2f}x")
         hf = m = None  # free both models before the next dtype
         gc.collect()
-
+        if on_gpu:
+            torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()

@@ -193,7 +193,11 @@ def test_matches_transformers():
     q, k, v, g, beta, s0 = make_inputs(3, t=100, ratio=2, dk=16, dv=32, with_state=True)
     (o_r, s_r), (o_c, s_c) = run_all(q, k, v, g, beta, s0, chunk_sizes=(64,))
     as_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x))
-    args = [as_torch(x) for x in (q, k, v, g, beta)]
+    # Value head h reads key head h // ratio. HF's model repeats q and k to the value heads before this call
+    # (transformers 5.17 requires it; 5.23 also accepts fewer key heads), so the spec gets them repeated.
+    ratio = v.shape[2] // q.shape[2]
+    q_rep, k_rep = (np.repeat(np.asarray(x), ratio, axis=2) for x in (q, k))
+    args = [as_torch(x) for x in (q_rep, k_rep, v, g, beta)]
     kw = dict(initial_state=as_torch(s0), output_final_state=True, use_qk_l2norm_in_kernel=True)
     with torch.no_grad():
         refs = {"hf_chunk": hf_chunk(*args, chunk_size=64, **kw),
