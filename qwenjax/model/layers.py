@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import Qwen35Config
+from qwenjax.ops import cpu_matvec
 
 Axes = tuple[str | None, ...]
 
@@ -24,9 +25,12 @@ def normal_init(std: float = 0.02):
 def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] · w[out, in]ᵀ with fp32 accumulation (fp32 result).
 
-    XLA:CPU sends a one-row bf16 matmul (a batch-1 decode step) to a scalar loop at ~1 GB/s of weights; with two
-    rows it takes the GEMM path at ~13 GB/s. So a single bf16 row is padded to two there.
+    On the CPU a bf16 product of 1-4 rows (a decode step) goes to a C++ kernel that streams the weights at
+    memory bandwidth (qwenjax/ops/cpu_matvec.py). Without it, XLA:CPU sends a one-row bf16 matmul to a scalar
+    loop at ~1 GB/s of weights; with two rows it takes the GEMM path at 7-13 GB/s, so one row is padded to two.
     """
+    if cpu_matvec.applies(x, w):
+        return cpu_matvec.matvec_bf16(x, w)
     rows = math.prod(x.shape[:-1])
     if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])

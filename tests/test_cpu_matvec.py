@@ -1,0 +1,107 @@
+"""The bf16 CPU matrix-vector kernel (qwenjax/ops/cpu_matvec.cc) against a float64 reference and the XLA path."""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenjax.model.layers import matmul_wt
+from qwenjax.ops import cpu_matvec
+
+pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason="no C++ compiler: the XLA path is used")
+
+
+def _inputs(rows, out_features, in_features, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (rows, in_features), jnp.bfloat16)
+    w = jax.random.normal(kw, (out_features, in_features), jnp.bfloat16)
+    return x, w
+
+
+# In-features cover the kernel's 16-wide steps, its 4x unrolled loop and a scalar tail; out-features cover chunks
+# shared between threads and a last partial chunk.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("out_features,in_features", [(37, 1001), (64, 1024), (300, 2050), (2051, 16)])
+def test_matches_float64(rows, out_features, in_features):
+    x, w = _inputs(rows, out_features, in_features)
+    y = np.asarray(jax.jit(cpu_matvec.matvec_bf16)(x, w))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    ref = x64 @ w64.T
+    # fp32 accumulation: the error of any summation order is bounded by n * eps * sum |x_i w_i|.
+    bound = in_features * np.finfo(np.float32).eps * (np.abs(x64) @ np.abs(w64).T)
+    assert y.dtype == np.float32 and y.shape == (rows, out_features)
+    assert np.all(np.abs(y - ref) <= bound)
+    xla = np.asarray(jax.jit(cpu_matvec._xla)(x, w))
+    assert np.abs(y - ref).max() <= 2 * np.abs(xla - ref).max() + 1e-6 * np.abs(ref).max()
+
+
+def test_leading_dimensions_and_matmul_wt_dispatch():
+    x, w = _inputs(1, 96, 80)
+    x3 = x.reshape(1, 1, 80)
+    hlo = jax.jit(matmul_wt).lower(x3, w).as_text()
+    assert cpu_matvec.TARGET in hlo
+    np.testing.assert_array_equal(np.asarray(matmul_wt(x3, w)).reshape(1, 96),
+                                  np.asarray(cpu_matvec.matvec_bf16(x, w)))
+    x5, _ = _inputs(5, 96, 80)
+    assert cpu_matvec.TARGET not in jax.jit(matmul_wt).lower(x5, w).as_text()  # 5 rows: XLA's GEMM
+    assert cpu_matvec.TARGET not in jax.jit(matmul_wt).lower(x.astype(jnp.float32), w.astype(jnp.float32)).as_text()
+
+
+def test_gradient_is_the_xla_gradient():
+    x, w = _inputs(2, 48, 72, seed=1)
+    c = jax.random.normal(jax.random.key(2), (2, 48), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * c)
+    got = jax.jit(jax.grad(loss(cpu_matvec.matvec_bf16), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(cpu_matvec._xla), argnums=(0, 1)))(x, w)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("QWENJAX_CPU_KERNELS", "0")
+    assert cpu_matvec.available.__wrapped__() is False
+
+
+def test_failed_build_falls_back_and_leaves_no_file(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("QWENJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_matvec, "_compiler", lambda: "/bin/false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger=cpu_matvec.__name__):
+        assert cpu_matvec.available.__wrapped__() is False
+    assert "unavailable" in caplog.text and "/bin/false" in caplog.text
+    assert os.listdir(tmp_path) == []
+
+
+def test_bf16_decode_is_as_close_to_fp32_as_the_xla_path(tmp_path, monkeypatch):
+    """A bf16 prefill + decode steps with the kernel, and with XLA's dot, each against the same model in fp32."""
+    pytest.importorskip("torch")
+    import qwenjax
+    from qwenjax.model.cache import init_cache
+    from qwenjax.testing import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path, seed=3)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 28))
+
+    def decode_logits(dtype):
+        mod = qwenjax.from_pretrained(tmp_path, dtype=dtype).module
+        cache = init_cache(mod.config, 2, 64, jnp.dtype(dtype))
+        logits, cache = jax.jit(lambda i, c: mod.extend(i, c, fresh=True))(jnp.asarray(ids[:, :20]), cache)
+        out = [logits]
+        step = jax.jit(lambda i, c: mod.extend(i, c))
+        used.append(cpu_matvec.TARGET in step.lower(jnp.asarray(ids[:, :1]), cache).as_text())
+        for s in range(20, 28):  # 2 rows per step: the kernel's case
+            logits, cache = step(jnp.asarray(ids[:, s:s + 1]), cache)
+            out.append(logits)
+        return np.stack([np.asarray(x, np.float32) for x in out])
+
+    used = []
+    ref = decode_logits("float32")
+    kernel = decode_logits("bfloat16")
+    monkeypatch.setattr(cpu_matvec, "applies", lambda x, w: False)
+    xla = decode_logits("bfloat16")
+    assert used == [False, True, False]
+    err_kernel, err_xla = np.abs(kernel - ref), np.abs(xla - ref)
+    assert err_kernel.max() <= 1.25 * err_xla.max() and err_kernel.mean() <= 1.25 * err_xla.mean()
