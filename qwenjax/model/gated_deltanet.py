@@ -23,12 +23,14 @@ class DepthwiseCausalConv1d(nnx.Module):
         self.weight = nnx.Param(jax.random.uniform(rngs.params(), (channels, 1, kernel), param_dtype, -bound, bound),
                                 logical_axes=("gdn_qkv", None, "conv_kernel"))
 
-    def __call__(self, x: jax.Array, history: jax.Array | None = None,
-                 n_new: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, history: jax.Array | None = None, n_new: jax.Array | None = None,
+                 documents: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """x [B, T, C] -> (fp32 output [B, T, C], the window a continuation needs).
 
         `history` [B, K-1, C] holds the inputs before x (zeros at the start of a sequence). Given `n_new` [B]
         (real tokens per row; right padding after them), also returns each row's last K-1 real inputs.
+        `documents` [B, T] (packed rows, no history): a tap reads only inputs of the same document, so each
+        document's convolution starts from zeros as if it ran alone.
         """
         w = self.weight[...][:, 0, :].astype(jnp.float32)
         k, (b, t, c) = w.shape[-1], x.shape
@@ -36,7 +38,12 @@ class DepthwiseCausalConv1d(nnx.Module):
             history = jnp.zeros((b, k - 1, c), x.dtype)
         xp = jnp.concatenate([history.astype(x.dtype), x], axis=1)
         xp32 = xp.astype(jnp.float32)
-        out = sum(xp32[:, j:j + t, :] * w[:, j] for j in range(k))
+        if documents is None:
+            out = sum(xp32[:, j:j + t, :] * w[:, j] for j in range(k))
+        else:
+            docs = jnp.concatenate([jnp.full((b, k - 1), -1, documents.dtype), documents], axis=1)
+            out = sum(jnp.where((docs[:, j:j + t] == documents)[..., None], xp32[:, j:j + t, :], 0.0) * w[:, j]
+                      for j in range(k))
         if n_new is None:
             return out, None
         window = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0))(xp, n_new)
@@ -63,13 +70,14 @@ class GatedDeltaNet(nnx.Module):
         self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = Linear(cfg.linear_value_dim, d, ("embed", "gdn_v"), **kw)
 
-    def __call__(self, x: jax.Array, *, valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+    def __call__(self, x: jax.Array, *, valid: jax.Array | None = None, documents: jax.Array | None = None,
                  cache: GatedDeltaNetCache | None = None) -> tuple[jax.Array, GatedDeltaNetCache | None]:
         """x [B, T, D] -> ([B, T, D], updated cache or None).
 
         `valid` [B, T] marks real tokens (right padding after them): padding tokens are zeroed and neither
         decay nor update the state, so the state and conv window a cache keeps are those after each row's
-        last real token.
+        last real token. `documents` [B, T] (packed rows): the conv window and the recurrent state restart
+        wherever the document index changes.
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -88,14 +96,14 @@ class GatedDeltaNet(nnx.Module):
         n_new = None
         if cache is not None:
             n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
-        qkv, window = self.conv1d(qkv, None if cache is None else cache.conv, n_new)
+        qkv, window = self.conv1d(qkv, None if cache is None else cache.conv, n_new, documents)
         qkv = jax.nn.silu(qkv).astype(x.dtype)
         kd = cfg.linear_key_dim
         q = qkv[..., :kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         k = qkv[..., kd:2 * kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         v = qkv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
 
-        o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
+        o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
                                     initial_state=None if cache is None else cache.state)
         o = self.norm(o, z).reshape(b, t, cfg.linear_value_dim)
         new_cache = None if cache is None else GatedDeltaNetCache(conv=window, state=state)

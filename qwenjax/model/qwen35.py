@@ -40,14 +40,28 @@ class LayerInputs(NamedTuple):
     sin: jax.Array
     mask: jax.Array                    # attention: [B or 1, T, T] (self) or [B, T, max_len] (attend_cache)
     valid: jax.Array | None            # [B, T] real tokens (right padding after them); None: all real
+    documents: jax.Array | None = None  # [B, T] document index of each token in packed rows
     write_index: jax.Array | None = None  # [B, T] cache slots of the new tokens
     attend_cache: bool = False         # attention reads the whole cache buffer (not only the new tokens)
 
 
-def _causal_mask(t: int, valid: jax.Array | None) -> jax.Array:
-    """[B or 1, T, T]: each token sees itself and the real tokens before it."""
+def _causal_mask(t: int, valid: jax.Array | None, documents: jax.Array | None = None) -> jax.Array:
+    """[B or 1, T, T]: each token sees itself and the real tokens before it (of its own document)."""
     mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    if documents is not None:
+        mask = mask & (documents[:, :, None] == documents[:, None, :])
     return mask if valid is None else mask & valid[:, None, :]
+
+
+def documents_and_positions(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For packed rows [B, T]: a document index that grows at every change of segment id (so a reused id
+    starts a new document, as in the gated delta rule), and each token's position within its document."""
+    b, t = segment_ids.shape
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    documents = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+    index = jnp.arange(t, dtype=jnp.int32)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return documents, index - first
 
 
 class DecoderLayer(nnx.Module):
@@ -66,7 +80,7 @@ class DecoderLayer(nnx.Module):
                  cache: AttentionCache | GatedDeltaNetCache | None = None):
         h = self.input_layernorm(x)
         if self.is_linear:
-            h, cache = self.linear_attn(h, valid=inputs.valid, cache=cache)
+            h, cache = self.linear_attn(h, valid=inputs.valid, documents=inputs.documents, cache=cache)
         else:
             h, cache = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask, cache=cache,
                                       write_index=inputs.write_index, attend_cache=inputs.attend_cache)
@@ -93,13 +107,17 @@ class Qwen35ForCausalLM(nnx.Module):
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, remat: str = "none", logits_to_keep: int = 0,
-                 scan_layers: bool = True) -> jax.Array:
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None, remat: str = "none",
+                 logits_to_keep: int = 0, scan_layers: bool = True) -> jax.Array:
         """Logits [B, T, vocab] for input_ids [B, T].
 
         Args:
           attention_mask: [B, T], 1 for real tokens and 0 for padding (right padding).
-          positions: [B, T] or [3, B, T] rotary positions; default 0..T-1 for every row.
+          segment_ids: [B, T] packed rows: consecutive tokens with one id form a document, and documents never
+            see each other: attention is block-diagonal, positions restart, and the GDN conv window and
+            recurrent state reset at every change of id.
+          positions: [B, T] or [3, B, T] rotary positions; default 0..T-1 for every row (for every document
+            of a packed row).
           remat: rematerialisation policy of the scanned periods: "none", "full" or "dots".
           logits_to_keep: if > 0, logits for the last `logits_to_keep` positions only.
           scan_layers: scan over periods of `layer_types` (fast compile) or unroll every layer.
@@ -108,10 +126,15 @@ class Qwen35ForCausalLM(nnx.Module):
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         b, t = input_ids.shape
         valid = None if attention_mask is None else attention_mask.astype(bool)
+        documents = None
+        if segment_ids is not None:
+            documents, doc_positions = documents_and_positions(segment_ids)
+            positions = doc_positions if positions is None else positions
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(self.config, positions)
-        inputs = LayerInputs(cos=cos, sin=sin, mask=_causal_mask(t, valid), valid=valid)
+        inputs = LayerInputs(cos=cos, sin=sin, mask=_causal_mask(t, valid, documents), valid=valid,
+                             documents=documents)
 
         x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
         x = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
