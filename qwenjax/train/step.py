@@ -1,0 +1,140 @@
+"""The train step: next-token loss → gradients accumulated over micro-batches → clipped AdamW with warmup and
+cosine decay.
+
+Numerics: the model computes in its dtype (bf16 in practice); gradients are accumulated, clipped and fed to the
+optimizer in fp32, and the optimizer state is fp32. With `master_fp32` the step also keeps fp32 master weights
+and the model's weights are their rounding; without it the bf16 weights are updated directly (in fp32, then
+rounded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from qwenjax.model.qwen35 import REMAT_POLICIES
+from qwenjax.pretrained import forward
+from qwenjax.train.loss import next_token_loss
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    final_lr_ratio: float = 0.1       # the cosine ends at learning_rate * final_lr_ratio
+    weight_decay: float = 0.1         # decoupled; not applied to 1-D parameters (norms, A_log, dt_bias, biases)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0            # global gradient norm; 0 turns clipping off
+    grad_accum: int = 1               # micro-batches per step
+    remat: str = "none"               # "none", "full" or "dots" (the model's REMAT_POLICIES)
+    master_fp32: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate={self.learning_rate} must be > 0")
+        if not 0 <= self.warmup_steps <= self.total_steps or self.total_steps < 1:
+            problems.append(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), "
+                            "total_steps >= 1")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum={self.grad_accum} must be >= 1")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
+    def schedule(self) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=self.learning_rate, warmup_steps=self.warmup_steps,
+            decay_steps=self.total_steps, end_value=self.learning_rate * self.final_lr_ratio)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+        adamw = optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
+                            weight_decay=self.weight_decay, mask=decay_mask)
+        return optax.chain(optax.clip_by_global_norm(self.clip_norm), adamw) if self.clip_norm else adamw
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    params: nnx.State           # in the model's dtype: what the forward reads
+    master: nnx.State | None    # fp32 copies when TrainConfig.master_fp32
+    opt_state: Any              # fp32
+    step: jax.Array             # int32 scalar: optimizer steps taken
+
+
+def _fp32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def init_state(params: nnx.State, cfg: TrainConfig) -> TrainState:
+    """The state before the first step (jit it, or call under the params' mesh, to keep their shardings)."""
+    # copy=True: an fp32 parameter (A_log, dt_bias) must not share its buffer with its master (both are donated)
+    master = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params) if cfg.master_fp32 else None
+    return TrainState(params=params, master=master, opt_state=cfg.optimizer().init(_fp32(params)),
+                      step=jnp.zeros((), jnp.int32))
+
+
+def check_batch(cfg: TrainConfig, batch: dict[str, jax.Array]) -> None:
+    unknown = set(batch) - set(BATCH_KEYS)
+    if unknown or "input_ids" not in batch:
+        raise ValueError(f"batch needs input_ids and may hold {BATCH_KEYS}; got {sorted(batch)}")
+    if batch["input_ids"].shape[0] != cfg.grad_accum:
+        raise ValueError(f"batch leading axis {batch['input_ids'].shape[0]} != grad_accum {cfg.grad_accum}")
+
+
+def accumulated_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig, params: nnx.State,
+                          batch: dict[str, jax.Array]) -> tuple[nnx.State, jax.Array, jax.Array]:
+    """(fp32 gradient of the mean loss over every counted token of all micro-batches, summed loss, tokens)."""
+    def loss_sum(params, mb):
+        masks = {k: mb[k] for k in ("attention_mask", "loss_mask", "segment_ids") if k in mb}
+        logits = forward(graphdef, params, mb["input_ids"], masks.get("attention_mask"),
+                         segment_ids=masks.get("segment_ids"), remat=cfg.remat)
+        return next_token_loss(logits, mb["input_ids"], **masks)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def micro(carry, mb):
+        grads, total, count = carry
+        (mb_total, mb_count), g = grad_fn(params, mb)
+        return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), total + mb_total,
+                count + mb_count), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(())), batch)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    return grads, total, count
+
+
+def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
+               batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over `batch`, a dict of [grad_accum, B, T] arrays (`input_ids`, and optionally
+    `attention_mask`, `loss_mask`, `segment_ids`). The loss is the mean over every counted token of all
+    micro-batches. Returns the new state and metrics (loss, tokens, grad_norm before clipping, learning rate)."""
+    check_batch(cfg, batch)
+    grads, total, count = accumulated_gradients(graphdef, cfg, state.params, batch)
+    base = state.master if state.master is not None else _fp32(state.params)
+    updates, opt_state = cfg.optimizer().update(grads, state.opt_state, base)
+    new32 = optax.apply_updates(base, updates)
+    params = jax.tree.map(lambda new, old: new.astype(old.dtype), new32, state.params)
+    new_state = TrainState(params=params, master=new32 if state.master is not None else None,
+                           opt_state=opt_state, step=state.step + 1)
+    metrics = {"loss": total / jnp.maximum(count, 1.0), "tokens": count, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": cfg.schedule()(state.step)}
+    return new_state, metrics
+
+
+def jit_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
+    """`train_step` jitted for this model and config, donating the state."""
+    return jax.jit(lambda state, batch: train_step(graphdef, cfg, state, batch), donate_argnums=0)
