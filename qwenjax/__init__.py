@@ -4,13 +4,15 @@
     m = qwenjax.from_pretrained("path/to/Qwen3.5-0.8B", dtype="bfloat16")
     logits = m(input_ids, attention_mask=mask)   # [batch, seq, vocab]
     new_ids = qwenjax.generate(m, [prompt_ids], max_new_tokens=64)
+    qwenjax.export_hf(m, "out_dir", params=trained_params)   # back to a Hugging Face directory
 """
 
+from qwenjax.checkpoint.export import export_hf
 from qwenjax.config import ConfigError, Qwen35Config, config_from_dict, load_config
 from qwenjax.inference.generate import generate, stream
 from qwenjax.pretrained import Qwen35, forward, from_config, from_pretrained
 from qwenjax.sharding import ShardingRules, make_mesh
 
-__all__ = ["ConfigError", "Qwen35Config", "config_from_dict", "load_config", "Qwen35", "forward", "from_config",
+__all__ = ["export_hf", "ConfigError", "Qwen35Config", "config_from_dict", "load_config", "Qwen35", "forward", "from_config",
            "from_pretrained", "generate", "stream", "ShardingRules", "make_mesh"]
 __version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""Export to a Hugging Face checkpoint directory: the inverse of `load_params`.
+
+Every parameter goes back under the key it was loaded from (the source's layout: `model.language_model.*` or
+`model.*`), in the dtype the source stored it in. Tensors qwenjax keeps aside (`model.visual.*`, `mtp.*`) are
+copied from the source files byte for byte. The side files a user needs to run the result (config, tokenizer,
+chat template, generation config, processor configs) are copied too. Large checkpoints are sharded with an index,
+as `save_pretrained` does. The directory appears complete or not at all: it is written under a temporary name
+beside the target and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qwenjax import _compat
+from qwenjax.checkpoint.hf import CheckpointIndex, _text_prefix, hf_key
+from qwenjax.checkpoint.safetensors_io import DTYPES, save_file
+from qwenjax.config import config_to_hf_dict
+
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "preprocessor_config.json", "video_preprocessor_config.json")
+DEFAULT_SHARD_BYTES = 5 * 1024 ** 3  # save_pretrained's default max_shard_size ("5GB")
+
+
+def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> str:
+    """Writes model `m` (or `params` in its architecture: trained, LoRA-merged) as a HF checkpoint directory.
+
+    Returns the directory. With a source checkpoint (`m` from `from_pretrained`), keys, dtypes, kept-aside
+    tensors and side files come from it; without one (`from_config`), the layout is `Qwen3_5ForCausalLM`'s
+    and only config.json is written.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    params = m.params if params is None else params
+    source = CheckpointIndex.open(m.source) if m.source else None
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        prefix = _text_prefix(source.where) if source else "model."
+        weight_map, total = _write_shards(tmp, _tensors(params, prefix, source, m.aside), max_shard_bytes)
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        for name in SIDE_FILES:
+            if m.source and os.path.isfile(os.path.join(m.source, name)):
+                shutil.copy2(os.path.join(m.source, name), os.path.join(tmp, name))
+        if not os.path.isfile(os.path.join(tmp, "config.json")):
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"architectures": ["Qwen3_5ForCausalLM"], **config_to_hf_dict(m.config)}, f, indent=2)
+        if os.path.exists(out_dir):  # overwrite: move the old one away first, so a failure leaves one of them
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "d"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        if source is not None:
+            source.close()
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _tensors(params: nnx.State, prefix: str, source: CheckpointIndex | None,
+             aside: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint key, host array) for every parameter, then every kept-aside tensor, one at a time."""
+    for path, var in _compat.variable_items(params):
+        key = hf_key(path, prefix)
+        value = np.asarray(jax.device_get(_compat.variable_value(var)))
+        if source is not None and key in source.where:
+            value = value.astype(DTYPES[source.info(key).dtype])  # the source's storage dtype
+        yield key, value
+    for name in aside:
+        yield name, source.get(name)  # the source's bytes, untouched
+
+
+def _write_shards(out: str, tensors: Iterator[tuple[str, np.ndarray]],
+                  max_shard_bytes: int) -> tuple[dict[str, str], int]:
+    """Writes the tensors into shards of at most max_shard_bytes (one tensor larger than that gets its own);
+    returns the weight map and the total bytes. One shard is `model.safetensors`; several are
+    `model-0000i-of-0000n.safetensors`."""
+    shards: list[list[str]] = []
+    pending: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            save_file(os.path.join(out, f"shard-{len(shards)}"), pending, metadata={"format": "pt"})
+            shards.append(list(pending))
+            pending, size = {}, 0
+
+    for name, value in tensors:
+        if pending and size + value.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = value
+        size += value.nbytes
+        total += value.nbytes
+    flush()
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(os.path.join(out, f"shard-{i}"), os.path.join(out, fname))
+        weight_map.update(dict.fromkeys(names, fname))
+    return weight_map, total
+
