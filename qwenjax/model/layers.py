@@ -39,8 +39,41 @@ def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
 
 
+class LoRAParam(nnx.Param):
+    """A LoRA adapter weight. When a model holds any, training updates only these."""
+
+
+class LoRA(nnx.Module):
+    """A low-rank update of a Linear: y += (alpha / rank) · (dropout(x) · Aᵀ) · Bᵀ, i.e. ΔW = (alpha / rank) · B A.
+
+    A [rank, in] starts random (Kaiming-uniform, as PEFT), B [out, rank] at zero, so the model is unchanged until
+    B is trained. Dropout is active only in training (`model.train()`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, rank: int, alpha: float,
+                 dropout: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        bound = (6.0 / in_features) ** 0.5 / (1 + 5) ** 0.5  # kaiming_uniform(a=sqrt(5)), PEFT's default
+        self.a = LoRAParam(jax.random.uniform(rngs.params(), (rank, in_features), param_dtype, -bound, bound),
+                           logical_axes=(None, axes[1]))
+        self.b = LoRAParam(jnp.zeros((out_features, rank), param_dtype), logical_axes=(axes[0], None))
+        self.scale = alpha / rank
+        self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout else None)
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = matmul_wt(x, self.a[...].astype(dtype)).astype(dtype)
+        return matmul_wt(h, self.b[...].astype(dtype)) * self.scale
+
+    def delta(self) -> jax.Array:
+        """ΔW [out, in] in fp32: what merging adds to the weight."""
+        a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
+        return jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST) * self.scale
+
+
 class Linear(nnx.Module):
-    """y = x · Wᵀ (+ b) with W of shape [out, in], computed in `dtype` with fp32 accumulation."""
+    """y = x · Wᵀ (+ b) with W of shape [out, in], computed in `dtype` with fp32 accumulation; plus a LoRA
+    update when `qwenjax.train.lora.add_lora` attached one."""
 
     def __init__(self, in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
                  param_dtype=jnp.float32, dtype=None, use_bias: bool = False):
@@ -48,6 +81,8 @@ class Linear(nnx.Module):
                                 logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=axes[:1]) if use_bias else None
         self.dtype = dtype
+        self.axes = axes
+        self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
@@ -55,6 +90,8 @@ class Linear(nnx.Module):
         y = matmul_wt(x.astype(dtype), w)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
+        if self.lora is not None:
+            y = y + self.lora(x.astype(dtype), dtype)
         return y.astype(dtype)
 
 

@@ -1,6 +1,9 @@
 """The train step: next-token loss → gradients accumulated over micro-batches → clipped AdamW with warmup and
 cosine decay.
 
+When the parameters hold LoRA adapters (`qwenjax.train.lora.add_lora`), only the adapters are differentiated and
+optimised; the base weights stay frozen and carry no optimizer state.
+
 Numerics: the model computes in its dtype (bf16 in practice); gradients are accumulated, clipped and fed to the
 optimizer in fp32, and the optimizer state is fp32. With `master_fp32` the step also keeps fp32 master weights
 and the model's weights are their rounding; without it the bf16 weights are updated directly (in fp32, then
@@ -17,8 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qwenjax import _compat
+
+from qwenjax.model.layers import LoRAParam
 from qwenjax.model.qwen35 import REMAT_POLICIES
-from qwenjax.pretrained import forward
 from qwenjax.train.loss import next_token_loss
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
@@ -38,6 +43,7 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per step
     remat: str = "none"               # "none", "full" or "dots" (the model's REMAT_POLICIES)
     master_fp32: bool = False
+    seed: int = 0                     # dropout masks (LoRA dropout) differ per step and micro-batch
 
     def __post_init__(self):
         problems = []
@@ -68,10 +74,22 @@ class TrainConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    params: nnx.State           # in the model's dtype: what the forward reads
-    master: nnx.State | None    # fp32 copies when TrainConfig.master_fp32
-    opt_state: Any              # fp32
+    params: nnx.State           # the trained parameters, in the model's dtype: what the forward reads
+    frozen: nnx.State | None    # the rest (base weights under LoRA), never updated; None: everything trains
+    master: nnx.State | None    # fp32 copies of `params` when TrainConfig.master_fp32
+    opt_state: Any              # fp32, over `params` only
     step: jax.Array             # int32 scalar: optimizer steps taken
+
+    def all_params(self) -> nnx.State:
+        """Trained and frozen parameters together: the model's State (for `Qwen35`, `merge_lora`, export)."""
+        return self.params if self.frozen is None else nnx.merge_state(self.params, self.frozen)
+
+
+def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
+    """(trained, frozen): the LoRA adapters and the rest when the model has adapters, else (params, None)."""
+    if any(isinstance(v, LoRAParam) for _, v in _compat.variable_items(params)):
+        return nnx.split_state(params, LoRAParam, ...)
+    return params, None
 
 
 def _fp32(tree):
@@ -80,9 +98,10 @@ def _fp32(tree):
 
 def init_state(params: nnx.State, cfg: TrainConfig) -> TrainState:
     """The state before the first step (jit it, or call under the params' mesh, to keep their shardings)."""
+    params, frozen = split_trainable(params)
     # copy=True: an fp32 parameter (A_log, dt_bias) must not share its buffer with its master (both are donated)
     master = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params) if cfg.master_fp32 else None
-    return TrainState(params=params, master=master, opt_state=cfg.optimizer().init(_fp32(params)),
+    return TrainState(params=params, frozen=frozen, master=master, opt_state=cfg.optimizer().init(_fp32(params)),
                       step=jnp.zeros((), jnp.int32))
 
 
@@ -95,24 +114,36 @@ def check_batch(cfg: TrainConfig, batch: dict[str, jax.Array]) -> None:
 
 
 def accumulated_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig, params: nnx.State,
-                          batch: dict[str, jax.Array]) -> tuple[nnx.State, jax.Array, jax.Array]:
-    """(fp32 gradient of the mean loss over every counted token of all micro-batches, summed loss, tokens)."""
-    def loss_sum(params, mb):
+                          batch: dict[str, jax.Array], frozen: nnx.State | None = None,
+                          step: jax.Array | int = 0) -> tuple[nnx.State, jax.Array, jax.Array]:
+    """(fp32 gradient w.r.t. `params` of the mean loss over every counted token of all micro-batches, summed
+    loss, tokens). `frozen` holds the parameters that are read but not differentiated."""
+    rngs, rest = (None, None) if frozen is None else nnx.split_state(frozen, nnx.RngState, ...)
+
+    def loss_sum(params, mb, index):
         masks = {k: mb[k] for k in ("attention_mask", "loss_mask", "segment_ids") if k in mb}
-        logits = forward(graphdef, params, mb["input_ids"], masks.get("attention_mask"),
-                         segment_ids=masks.get("segment_ids"), remat=cfg.remat)
+        # Reseeding mutates the dropout streams' Variables, which NNX allows only for Variables created at the
+        # current trace level: hence new ones (tree.map copies the Variables, not the arrays).
+        fresh_rngs = None if rngs is None else jax.tree.map(lambda x: x, rngs)
+        model = nnx.merge(graphdef, *(s for s in (params, rest, fresh_rngs) if s is not None))
+        model.train()  # dropout on (LoRA's); the base model has none
+        nnx.reseed(model, dropout=jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), step), index))
+        logits = model(mb["input_ids"], attention_mask=masks.get("attention_mask"),
+                       segment_ids=masks.get("segment_ids"), remat=cfg.remat)
         return next_token_loss(logits, mb["input_ids"], **masks)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    def micro(carry, mb):
+    def micro(carry, mb_index):
+        mb, index = mb_index
         grads, total, count = carry
-        (mb_total, mb_count), g = grad_fn(params, mb)
+        (mb_total, mb_count), g = grad_fn(params, mb, index)
         return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), total + mb_total,
                 count + mb_count), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(())), batch)
+    indices = jnp.arange(batch["input_ids"].shape[0])
+    (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(())), (batch, indices))
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     return grads, total, count
 
@@ -123,12 +154,12 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
     `attention_mask`, `loss_mask`, `segment_ids`). The loss is the mean over every counted token of all
     micro-batches. Returns the new state and metrics (loss, tokens, grad_norm before clipping, learning rate)."""
     check_batch(cfg, batch)
-    grads, total, count = accumulated_gradients(graphdef, cfg, state.params, batch)
+    grads, total, count = accumulated_gradients(graphdef, cfg, state.params, batch, state.frozen, state.step)
     base = state.master if state.master is not None else _fp32(state.params)
     updates, opt_state = cfg.optimizer().update(grads, state.opt_state, base)
     new32 = optax.apply_updates(base, updates)
     params = jax.tree.map(lambda new, old: new.astype(old.dtype), new32, state.params)
-    new_state = TrainState(params=params, master=new32 if state.master is not None else None,
+    new_state = TrainState(params=params, frozen=state.frozen, master=new32 if state.master is not None else None,
                            opt_state=opt_state, step=state.step + 1)
     metrics = {"loss": total / jnp.maximum(count, 1.0), "tokens": count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": cfg.schedule()(state.step)}
