@@ -85,29 +85,36 @@ def test_packed_row_equals_documents_alone(tmp_path):
     m = qwenjax.from_pretrained(tmp_path, dtype="float32")
     docs, ids, seg, mask = _packed_case(m.config.vocab_size)
 
-    masks = dict(attention_mask=jnp.asarray(mask), segment_ids=jnp.asarray(seg))
-    logits = forward(m.graphdef, m.params, jnp.asarray(ids), masks["attention_mask"], segment_ids=masks["segment_ids"])
-    nll, weight = token_losses(logits, jnp.asarray(ids), **masks)
-    nll, weight = np.asarray(nll)[0], np.asarray(weight)[0]
-    packed_total = jax.jit(jax.grad(lambda p: next_token_loss(
-        forward(m.graphdef, p, jnp.asarray(ids), masks["attention_mask"], segment_ids=masks["segment_ids"]),
-        jnp.asarray(ids), **masks)[0]))(m.params)
+    @jax.jit
+    def losses_and_grads(params, ids, mask, seg):
+        def total(params):
+            logits = forward(m.graphdef, params, ids, mask, segment_ids=seg)
+            nll, weight = token_losses(logits, ids, attention_mask=mask, segment_ids=seg)
+            return jnp.sum(nll * weight), (nll, weight)
+        return jax.grad(total, has_aux=True)(params)
 
-    at, alone_total = 0, None
-    for d in docs:
-        one = jnp.asarray(d[None])
-        nll_alone, w_alone = token_losses(forward(m.graphdef, m.params, one), one)
+    packed_grads, (nll, weight) = losses_and_grads(m.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(seg))
+    nll, weight = np.asarray(nll)[0], np.asarray(weight)[0]
+
+    # The documents alone: one per row, right-padded (padding is masked out and never a target).
+    width = max(DOCS)
+    alone_ids = np.zeros((len(docs), width), np.int64)
+    alone_mask = np.zeros((len(docs), width), np.int32)
+    for r, d in enumerate(docs):
+        alone_ids[r, :len(d)], alone_mask[r, :len(d)] = d, 1
+    alone_grads, (nll_alone, w_alone) = losses_and_grads(m.params, jnp.asarray(alone_ids), jnp.asarray(alone_mask),
+                                                          None)
+    at = 0
+    for r, d in enumerate(docs):
         n = len(d) - 1  # predictions inside the document; the one from its last token to the next is not counted
-        np.testing.assert_allclose(nll[at:at + n], np.asarray(nll_alone)[0], rtol=0, atol=2e-5)
-        assert weight[at:at + n].tolist() == np.asarray(w_alone)[0].tolist() == [1.0] * n
+        np.testing.assert_allclose(nll[at:at + n], np.asarray(nll_alone)[r, :n], rtol=0, atol=2e-5)
+        assert weight[at:at + n].tolist() == np.asarray(w_alone)[r, :n].tolist() == [1.0] * n
         if at + n < len(weight):
             assert weight[at + n] == 0  # across the boundary (or into padding)
-        g = jax.grad(lambda p: next_token_loss(forward(m.graphdef, p, one), one)[0])(m.params)
-        alone_total = g if alone_total is None else jax.tree.map(jnp.add, alone_total, g)
         at += len(d)
     assert weight[at - 1:].sum() == 0
 
-    for (path, a), (_, b) in zip(_compat.variable_items(packed_total), _compat.variable_items(alone_total)):
+    for (path, a), (_, b) in zip(_compat.variable_items(packed_grads), _compat.variable_items(alone_grads)):
         a, b = np.asarray(_compat.variable_value(a)), np.asarray(_compat.variable_value(b))
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), path  # fp32 relative, as for the HF gradients
 

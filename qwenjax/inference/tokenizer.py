@@ -93,6 +93,11 @@ class Tokenizer:
         """Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) become their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's (start, end) character span in it."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
