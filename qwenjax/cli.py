@@ -204,6 +204,29 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=4,tensor=2 (default: one device)")
 
 
+def cmd_finetune(args) -> int:
+    from qwenjax.train.lora import ALL_TARGETS, LoRAConfig
+    from qwenjax.train.loop import RunConfig, finetune
+    from qwenjax.train.step import TrainConfig
+
+    train = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
+                        weight_decay=args.weight_decay, clip_norm=args.clip_norm, grad_accum=args.grad_accum,
+                        remat=args.remat, master_fp32=args.master_fp32, seed=args.seed)
+    run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=args.save_every,
+                    strict_data=args.strict_data)
+    lora = None
+    if args.lora_rank:
+        targets = tuple(args.lora_targets.split(",")) if args.lora_targets else ALL_TARGETS
+        lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                          dropout=args.lora_dropout, targets=targets, seed=args.seed)
+    history = finetune(args.model, args.data, args.out, train=train, run=run, lora=lora, dtype=args.dtype,
+                       resume=args.resume)
+    if history:
+        print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; metrics in "
+              f"{os.path.join(args.out, 'metrics.jsonl')}, model in {os.path.join(args.out, 'export')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qwenjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -225,7 +248,33 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat", help="interactive chat with history (reads stdin)")
     _add_generation_flags(c)
     c.set_defaults(fn=cmd_chat)
+    t = sub.add_parser("finetune", help="fine-tune on a JSONL file (full or LoRA), with checkpoints and resume")
+    t.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with tokenizer)")
+    t.add_argument("--data", required=True, help='JSONL: {"text": ...} or {"messages": [...]} per line')
+    t.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, export/")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--clip-norm", type=float, default=1.0)
+    t.add_argument("--pack-len", type=int, default=1024, help="tokens per packed row")
+    t.add_argument("--rows", type=int, default=8, help="rows per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    t.add_argument("--master-fp32", action="store_true", help="keep fp32 master weights")
+    t.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full fine-tune)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", default=None, help="comma-separated layer names (default: every linear)")
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--strict-data", action="store_true", help="stop at the first bad data line")
+    t.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_finetune)
     args = p.parse_args(argv)
+    if getattr(args, "warmup", 0) is None:
+        args.warmup = max(1, args.steps // 20)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -1,0 +1,82 @@
+"""The fine-tuning run: a killed run resumes onto the uninterrupted loss curve; the CLI trains LoRA and exports."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import qwenjax
+from qwenjax.cli import main
+from qwenjax.demo import write_random_checkpoint
+from qwenjax.train.loop import RunConfig, finetune
+from qwenjax.train.step import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    model = write_random_checkpoint(root / "model")
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "qwen", "jax"]
+    lines = [json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(3, 9))))}) for _ in range(40)]
+    lines += [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})]
+    data = root / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return root, model, data
+
+
+class Killed(Exception):
+    pass
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(m["step"], m["loss"]) for m in map(json.loads, f)]
+
+
+def test_killed_run_resumes_onto_the_same_loss_curve(setup):
+    root, model, data = setup
+    train = TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=7, grad_accum=2)
+    run = RunConfig(pack_len=64, rows=2, save_every=2, export=False)
+    finetune(model, data, root / "straight", train=train, run=run, progress=False)
+
+    def kill_at_5(step, metrics):
+        if step == 5:
+            raise Killed  # after step 5 ran and was logged; the newest checkpoint is step 4's
+    with pytest.raises(Killed):
+        finetune(model, data, root / "killed", train=train, run=run, progress=False, on_step=kill_at_5)
+    assert [s for s, _ in _losses(root / "killed")] == [1, 2, 3, 4, 5]
+    resumed = finetune(model, data, root / "killed", train=train, run=run, progress=False, resume=True)
+    assert [m["step"] for m in resumed] == [5, 6, 7]
+    straight = _losses(root / "straight")
+    assert _losses(root / "killed") == straight  # step 5's line was cut back and recomputed identically
+    assert straight[-1][1] < straight[0][1]
+
+
+def test_cli_finetunes_lora_and_exports(setup, capsys):
+    root, model, data = setup
+    out = root / "cli"
+    rc = main(["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "3",
+               "--pack-len", "64", "--rows", "2", "--lora-rank", "4", "--lr", "1e-2", "--dtype", "float32"])
+    assert rc == 0
+    assert "step 3: loss" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert {"loss", "tokens", "tokens_per_s", "grad_norm", "learning_rate"} <= set(metrics[0])
+    exported = qwenjax.from_pretrained(out / "export", dtype="float32")
+    base = qwenjax.from_pretrained(model, dtype="float32")
+    ids = np.arange(1, 40)[None]
+    assert not np.allclose(np.asarray(exported(ids)), np.asarray(base(ids)), atol=1e-4)  # LoRA merged in
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert os.path.isfile(out / "export" / name)
+
+
+def test_cli_reports_bad_data_with_line_numbers(setup, tmp_path, capsys):
+    _, model, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    rc = main(["finetune", "--model", str(model), "--data", str(bad), "--out", str(tmp_path / "o"),
+               "--steps", "1", "--pack-len", "64", "--rows", "1", "--strict-data"])
+    assert rc == 2
+    assert f"{bad}:2: not JSON" in capsys.readouterr().err
