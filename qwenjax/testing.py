@@ -102,6 +102,20 @@ def hf_text_model(config: str, dtype: str = "float32", layers: int | None = None
     return Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text)).to(getattr(torch, dtype)).eval()
 
 
+def paired_models(config: str, dtype: str = "float32", layers: int | None = None, seed: int = 0):
+    """(transformers model, qwenjax model) with the same random weights: `hf_text_model`, written with
+    `save_pretrained` and loaded by `qwenjax.from_pretrained`, as the benchmarks compare them."""
+    import tempfile
+
+    import qwenjax
+
+    hf = hf_text_model(config, dtype, layers, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        m = qwenjax.from_pretrained(tmp, dtype=dtype)
+    return hf, m
+
+
 def hf_logits(model, input_ids, attention_mask=None):
     """Logits of a transformers model as a float32 numpy array."""
     import numpy as np

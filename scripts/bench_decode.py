@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,9 +103,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    import qwenjax
     from qwenjax.inference.generate import stream
-    from qwenjax.testing import hf_text_model
+    from qwenjax.testing import paired_models
 
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and not torch.cuda.is_available():
@@ -129,11 +127,8 @@ def main() -> None:
     n = args.new_tokens
 
     for dtype in args.dtypes.split(","):
-        hf = hf_text_model(args.config, dtype, args.layers)
+        hf, m = paired_models(args.config, dtype, args.layers)
         ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (args.batch, args.prompt))
-        with tempfile.TemporaryDirectory() as tmp:
-            hf.save_pretrained(tmp)
-            m = qwenjax.from_pretrained(tmp, dtype=dtype)
         hf = hf.to(device)
 
         def run_qwenjax():

@@ -16,7 +16,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,15 +46,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    import qwenjax
-    from qwenjax.testing import hf_text_model
+    from qwenjax.testing import paired_models
 
-    hf = hf_text_model(args.config, args.dtype, args.layers)
+    hf, m = paired_models(args.config, args.dtype, args.layers)
     ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (args.batch, args.seq))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        m = qwenjax.from_pretrained(tmp, dtype=args.dtype)
 
     n_params = sum(p.numel() for p in hf.parameters())
     tokens = args.batch * args.seq

@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,15 +36,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    import qwenjax
-    from qwenjax.testing import hf_text_model
+    from qwenjax.testing import paired_models
     from qwenjax.train.step import TrainConfig, init_state, jit_train_step
 
-    hf = hf_text_model(args.config, args.dtype, args.layers)
+    hf, m = paired_models(args.config, args.dtype, args.layers)
     ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (args.batch, args.seq))
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        m = qwenjax.from_pretrained(tmp, dtype=args.dtype)
     tokens = args.batch * (args.seq - 1)
     print(f"model: {args.config} cut to {args.layers} layers, {args.dtype}; batch {args.batch} x {args.seq} tokens; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
