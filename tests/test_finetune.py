@@ -80,3 +80,10 @@ def test_cli_reports_bad_data_with_line_numbers(setup, tmp_path, capsys):
                "--steps", "1", "--pack-len", "64", "--rows", "1", "--strict-data"])
     assert rc == 2
     assert f"{bad}:2: not JSON" in capsys.readouterr().err
+
+
+def test_run_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="save_every=0"):
+        RunConfig(save_every=0)
+    with pytest.raises(ValueError, match="pack_len=0"):
+        RunConfig(pack_len=0)

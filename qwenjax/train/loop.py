@@ -36,6 +36,12 @@ class RunConfig:
     strict_data: bool = False     # stop at the first bad JSONL line instead of skipping it
     export: bool = True
 
+    def __post_init__(self):
+        bad = [f"{name}={getattr(self, name)} must be >= 1"
+               for name in ("pack_len", "rows", "save_every", "keep_checkpoints") if getattr(self, name) < 1]
+        if bad:
+            raise ValueError("RunConfig: " + "; ".join(bad))
+
 
 def finetune(model_dir: str, data_path: str, out_dir: str, *, train: TrainConfig, run: RunConfig = RunConfig(),
              lora: LoRAConfig | None = None, dtype: str = "bfloat16", resume: bool = False, progress: bool = True,
