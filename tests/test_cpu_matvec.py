@@ -1,4 +1,4 @@
-"""The bf16 CPU matrix-vector kernel (qwenjax/ops/cpu_matvec.cc) against a float64 reference and the XLA path."""
+"""The CPU matrix-vector kernel (qwenjax/ops/cpu_matvec.cc, bf16 and fp32 weights) against float64 and XLA."""
 
 import logging
 import os
@@ -14,20 +14,25 @@ from qwenjax.ops import cpu_matvec
 pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason="no C++ compiler: the XLA path is used")
 
 
-def _inputs(rows, out_features, in_features, seed=0):
+BF16 = cpu_matvec.TARGETS[jnp.dtype(jnp.bfloat16)][0]
+F32 = cpu_matvec.TARGETS[jnp.dtype(jnp.float32)][0]
+
+
+def _inputs(rows, out_features, in_features, seed=0, dtype=jnp.bfloat16):
     kx, kw = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (rows, in_features), jnp.bfloat16)
-    w = jax.random.normal(kw, (out_features, in_features), jnp.bfloat16)
+    x = jax.random.normal(kx, (rows, in_features), dtype)
+    w = jax.random.normal(kw, (out_features, in_features), dtype)
     return x, w
 
 
 # In-features cover the kernel's 16-wide steps, its 4x unrolled loop and a scalar tail; out-features cover chunks
 # shared between threads and a last partial chunk.
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("out_features,in_features", [(37, 1001), (64, 1024), (300, 2050), (2051, 16)])
-def test_matches_float64(rows, out_features, in_features):
-    x, w = _inputs(rows, out_features, in_features)
-    y = np.asarray(jax.jit(cpu_matvec.matvec_bf16)(x, w))
+def test_matches_float64(rows, out_features, in_features, dtype):
+    x, w = _inputs(rows, out_features, in_features, dtype=dtype)
+    y = np.asarray(jax.jit(cpu_matvec.matvec)(x, w))
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     ref = x64 @ w64.T
     # fp32 accumulation: the error of any summation order is bounded by n * eps * sum |x_i w_i|.
@@ -42,19 +47,22 @@ def test_leading_dimensions_and_matmul_wt_dispatch():
     x, w = _inputs(1, 96, 80)
     x3 = x.reshape(1, 1, 80)
     hlo = jax.jit(matmul_wt).lower(x3, w).as_text()
-    assert cpu_matvec.TARGET in hlo
+    assert BF16 in hlo
     np.testing.assert_array_equal(np.asarray(matmul_wt(x3, w)).reshape(1, 96),
-                                  np.asarray(cpu_matvec.matvec_bf16(x, w)))
+                                  np.asarray(cpu_matvec.matvec(x, w)))
     x5, _ = _inputs(5, 96, 80)
-    assert cpu_matvec.TARGET not in jax.jit(matmul_wt).lower(x5, w).as_text()  # 5 rows: XLA's GEMM
-    assert cpu_matvec.TARGET not in jax.jit(matmul_wt).lower(x.astype(jnp.float32), w.astype(jnp.float32)).as_text()
+    assert BF16 not in jax.jit(matmul_wt).lower(x5, w).as_text()  # 5 rows: XLA's GEMM
+    x2, w32 = _inputs(2, 96, 80, dtype=jnp.float32)
+    assert F32 in jax.jit(matmul_wt).lower(x2, w32).as_text()
+    assert F32 not in jax.jit(matmul_wt).lower(x2[:1], w32).as_text()  # one fp32 row: XLA's dot is as fast
+    assert BF16 not in jax.jit(matmul_wt).lower(x2.astype(jnp.bfloat16), w32).as_text()  # mixed dtypes: XLA
 
 
 def test_gradient_is_the_xla_gradient():
     x, w = _inputs(2, 48, 72, seed=1)
     c = jax.random.normal(jax.random.key(2), (2, 48), jnp.float32)
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * c)
-    got = jax.jit(jax.grad(loss(cpu_matvec.matvec_bf16), argnums=(0, 1)))(x, w)
+    got = jax.jit(jax.grad(loss(cpu_matvec.matvec), argnums=(0, 1)))(x, w)
     want = jax.jit(jax.grad(loss(cpu_matvec._xla), argnums=(0, 1)))(x, w)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype
@@ -91,7 +99,7 @@ def test_bf16_decode_is_as_close_to_fp32_as_the_xla_path(tmp_path, monkeypatch):
         logits, cache = jax.jit(lambda i, c: mod.extend(i, c, fresh=True))(jnp.asarray(ids[:, :20]), cache)
         out = [logits]
         step = jax.jit(lambda i, c: mod.extend(i, c))
-        used.append(cpu_matvec.TARGET in step.lower(jnp.asarray(ids[:, :1]), cache).as_text())
+        used.append(BF16 in step.lower(jnp.asarray(ids[:, :1]), cache).as_text())
         for s in range(20, 28):  # 2 rows per step: the kernel's case
             logits, cache = step(jnp.asarray(ids[:, s:s + 1]), cache)
             out.append(logits)

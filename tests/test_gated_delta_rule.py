@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from pallas_kernels.gated_delta_rule import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                                             gated_delta_rule_step)
 
 ATOL_FWD = 1e-5  # chunked vs recurrent vs HF, fp32, max abs on o and final_state
 RTOL_GRAD = ATOL_GRAD = 1e-4  # chunked vs recurrent gradients
@@ -175,6 +176,23 @@ def test_gradients_match_and_finite(ratio, t, g_value, chunk_sizes):
     (_, grads_r), *chunked = grads_all((q, k, v, g, beta, s0), cot, chunk_sizes=chunk_sizes)
     for c, (_, grads_c) in zip(chunk_sizes, chunked):
         assert_grads_close(grads_c, grads_r, what=f"chunk {c} vs recurrent")
+
+
+@pytest.mark.parametrize("ratio", [1, 3])
+def test_decode_step_matches_recurrent(ratio):
+    """The two-pass decode step (a S^T k and a S^T q from one read) is the recurrence's one token, with grads."""
+    q, k, v, g, beta, s0 = make_inputs(7 + ratio, t=1, ratio=ratio, with_state=True)
+    beta[0, 0, 0] = 0.0  # a padded row: no write, pure decay
+    cot = random_cotangents(ratio, v.shape, s0.shape)
+    step = lambda q, k, v, g, beta, s0: gated_delta_rule_step(q, k, v, g, beta, initial_state=s0)
+    rec = lambda q, k, v, g, beta, s0: gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=s0)
+    (o, state), grads = jax.jit(lambda *a: _outputs_and_grads(step, a, cot))(q, k, v, g, beta, s0)
+    (o_r, state_r), grads_r = jax.jit(lambda *a: _outputs_and_grads(rec, a, cot))(q, k, v, g, beta, s0)
+    assert_close(o, o_r, ATOL_FWD, what="o")
+    assert_close(state, state_r, ATOL_FWD, what="final state")
+    assert_grads_close(grads, grads_r, what="step vs recurrent")
+    with pytest.raises(ValueError, match="one token"):
+        gated_delta_rule_step(*make_inputs(0, t=2)[:5])
 
 
 # ---------------------------------------------------------------------------

@@ -66,23 +66,31 @@ def _eos_ids(m, eos_token_ids) -> frozenset[int]:
 
 
 def _compiled(m, kind: str, sampling: SamplingParams):
-    """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself)."""
+    """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself).
+
+    They take the parameters as a flat list of arrays (`jax.tree.leaves(m.params)`): flattening the nnx State
+    on every call costs ~1.5 ms of host time per decode step at the 0.8B shape, on a 2-core CPU time taken
+    from the device threads.
+    """
     key = ("generate", kind, sampling)
     if key in m._compiled:
         return m._compiled[key]
-    graphdef, p_shard = m.graphdef, param_shardings(m.params, m.mesh, m.rules)
+    graphdef, treedef = m.graphdef, jax.tree.structure(m.params)
+    p_shard = jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules))
+
+    def model(leaves):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
     if kind == "prefill":
-        def fn(params, cache: Cache, ids, mask, rng):
-            logits, cache = nnx.merge(graphdef, params).extend(ids, cache, attention_mask=mask, fresh=True)
+        def fn(leaves, cache: Cache, ids, mask, rng):
+            logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True)
             return sample(logits, jax.random.fold_in(rng, 0), sampling), cache
     else:
-        def fn(params, cache: Cache, tokens, rng, step):
-            logits, cache = nnx.merge(graphdef, params).extend(tokens[:, None], cache)
+        def fn(leaves, cache: Cache, tokens, rng, step):
+            logits, cache = model(leaves).extend(tokens[:, None], cache)
             return sample(logits, jax.random.fold_in(rng, step), sampling), cache
 
-    m._compiled[key] = jax.jit(fn, in_shardings=(p_shard, None, None, None, None),
-                               donate_argnums=1)
+    m._compiled[key] = jax.jit(fn, in_shardings=(p_shard, None, None, None, None), donate_argnums=1)
     return m._compiled[key]
 
 
@@ -126,11 +134,12 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
     prefill, step = _compiled(m, "prefill", sampling), _compiled(m, "step", sampling)
     done = np.zeros(batch, bool)
     generated: list[list[int]] = [[] for _ in range(batch)]
+    params = jax.tree.leaves(m.params)
     with activation_sharding(m.mesh, m.rules):
-        tokens, cache = prefill(m.params, new_cache(m, batch, capacity), ids, mask, rng)
+        tokens, cache = prefill(params, new_cache(m, batch, capacity), ids, mask, rng)
         for i in range(max_new_tokens):
             if i + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
-                next_tokens, cache = step(m.params, cache, tokens, rng, np.int32(i + 1))
+                next_tokens, cache = step(params, cache, tokens, rng, np.int32(i + 1))
             out: list[int | None] = []
             for r, t in enumerate(np.asarray(tokens).tolist()):
                 if done[r]:

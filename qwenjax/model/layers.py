@@ -25,12 +25,12 @@ def normal_init(std: float = 0.02):
 def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] · w[out, in]ᵀ with fp32 accumulation (fp32 result).
 
-    On the CPU a bf16 product of 1-4 rows (a decode step) goes to a C++ kernel that streams the weights at
-    memory bandwidth (qwenjax/ops/cpu_matvec.py). Without it, XLA:CPU sends a one-row bf16 matmul to a scalar
+    On the CPU a bf16 or fp32 product of 1-4 rows (a decode step) goes to a C++ kernel that streams the weights
+    at memory bandwidth (qwenjax/ops/cpu_matvec.py). Without it, XLA:CPU sends a one-row bf16 matmul to a scalar
     loop at ~1 GB/s of weights; with two rows it takes the GEMM path at 7-13 GB/s, so one row is padded to two.
     """
     if cpu_matvec.applies(x, w):
-        return cpu_matvec.matvec_bf16(x, w)
+        return cpu_matvec.matvec(x, w)
     rows = math.prod(x.shape[:-1])
     if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])

@@ -1,7 +1,8 @@
-"""bf16 matrix-vector products on the CPU through a small C++ kernel (cpu_matvec.cc) called as an XLA FFI target.
+"""Matrix-vector products on the CPU through a small C++ kernel (cpu_matvec.cc) called as an XLA FFI target.
 
 Decoding at batch 1-4 reads every weight once per step. XLA:CPU's bf16 dot reads them at 1-9 GB/s, so a bf16
-decode step ran at a third of the memory bandwidth; the kernel streams them at the bandwidth. It is compiled
+decode step ran at a third of the memory bandwidth; the kernel streams them at the bandwidth. With fp32 weights
+XLA's dot is as fast for one row but half as fast for 2-4, so the kernel serves fp32 from two rows up. It is compiled
 once per machine at first use with the host's C++ compiler (`$CXX`, else g++/c++) into the cache directory
 (`$QWENJAX_CACHE`, else ~/.cache/qwenjax) and registered with XLA. Where that fails (no compiler, no headers)
 the XLA dot is used and a warning says why. `QWENJAX_CPU_KERNELS=0` turns the kernel off.
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # the kernel's x rows; more rows take XLA's GEMM, which is efficient there
-TARGET = "qwenjax_bf16_matvec"
+TARGETS = {jnp.dtype(jnp.bfloat16): ("qwenjax_bf16_matvec", "QwenjaxBf16Matvec"),
+           jnp.dtype(jnp.float32): ("qwenjax_f32_matvec", "QwenjaxF32Matvec")}  # weight dtype -> (target, symbol)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matvec.cc")
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 
@@ -83,24 +85,27 @@ def available() -> bool:
         return False
     cxx = _compiler()
     if cxx is None:
-        log.warning("qwenjax: no C++ compiler found ($CXX, g++, c++, clang++); bf16 CPU decoding uses XLA's "
+        log.warning("qwenjax: no C++ compiler found ($CXX, g++, c++, clang++); CPU decoding uses XLA's "
                     "slower dot")
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(_build(cxx))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QwenjaxBf16Matvec), platform="cpu")
+        for target, symbol in TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path, and say why
-        log.warning("qwenjax: the bf16 CPU matvec kernel is unavailable, using XLA's dot: %s", e)
+        log.warning("qwenjax: the CPU matvec kernel is unavailable, using XLA's dot: %s", e)
         return False
     return True
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `matvec_bf16(x, w)` should serve x [..., in] · w[out, in]ᵀ here."""
+    """Whether `matvec(x, w)` should serve x [..., in] · w[out, in]ᵀ here: bf16 or fp32, both the same."""
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    return (x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and w.ndim == 2 and 1 <= rows <= MAX_ROWS
+    # One fp32 row is the exception: XLA's fp32 dot already streams it as fast (BENCHMARKS.md).
+    min_rows = 2 if w.dtype == jnp.float32 else 1
+    return (x.dtype == w.dtype and w.dtype in TARGETS and w.ndim == 2 and min_rows <= rows <= MAX_ROWS
             and jax.default_backend() == "cpu" and available())
 
 
@@ -109,20 +114,20 @@ def _xla(x, w):
 
 
 @jax.custom_vjp
-def matvec_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] (at most MAX_ROWS rows) · w[out, in]ᵀ, bf16 in, fp32 out; see `applies`."""
+def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] (at most MAX_ROWS rows) · w[out, in]ᵀ, bf16 or fp32 in, fp32 out; see `applies`."""
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32)
-    y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x2, w)
+    y = jax.ffi.ffi_call(TARGETS[jnp.dtype(w.dtype)][0], out, vmap_method="sequential")(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _fwd(x, w):
-    return matvec_bf16(x, w), (x, w)
+    return matvec(x, w), (x, w)
 
 
 def _bwd(res, g):
     return jax.vjp(_xla, *res)[1](g)
 
 
-matvec_bf16.defvjp(_fwd, _bwd)
+matvec.defvjp(_fwd, _bwd)

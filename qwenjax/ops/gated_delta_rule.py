@@ -2,7 +2,8 @@
 
 Implementations (see `pallas_kernels/gated_delta_rule/`):
 - "chunked": the pure-JAX chunked WY form (C=64), the default everywhere today;
-- "recurrent": the token-by-token `lax.scan` oracle (slow; for checking).
+- "recurrent": the token-by-token `lax.scan` oracle (slow; for checking);
+- "step": one token (a decode step) in two passes over the state, taken whenever T == 1.
 Pallas kernels register here as they land. `QWENJAX_GATED_DELTA_RULE=<name>` or the `implementation` argument
 forces one.
 """
@@ -14,12 +15,14 @@ import os
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from pallas_kernels.gated_delta_rule import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                                             gated_delta_rule_step)
 from qwenjax import _compat, sharding
 
 IMPLEMENTATIONS = {
     "chunked": gated_delta_rule_chunked,
     "recurrent": gated_delta_rule_recurrent,
+    "step": gated_delta_rule_step,
 }
 
 
@@ -35,12 +38,12 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
                      implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """o, final_state for q,k [B,T,HK,K], v [B,T,HV,V], g, beta [B,T,HV]; q/k are l2-normalised inside.
 
-    A single token (T == 1, a decode step) always takes the recurrent step unless `implementation` says otherwise.
+    A single token (T == 1, a decode step) takes "step" unless `implementation` says otherwise.
 
     Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V].
     """
     # One token is one step of the recurrence: the chunked form would pad it to a whole chunk.
-    name = implementation or ("recurrent" if q.shape[1] == 1 else default_implementation())
+    name = implementation or ("step" if q.shape[1] == 1 else default_implementation())
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown gated delta rule implementation {name!r}; choose one of {sorted(IMPLEMENTATIONS)}")
     impl = IMPLEMENTATIONS[name]
