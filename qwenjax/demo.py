@@ -22,6 +22,8 @@ from qwenjax.checkpoint.safetensors_io import save_file
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED_TOKENS = ["<think>", "</think>"]
 DEMO_CONFIG = "tiny-chat"
+# The trained default of `qwenjax generate` / `qwenjax chat`, shipped with the package (scripts/train_default_model.py).
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-pydoc")
 
 CHAT_TEMPLATE = """\
 {%- if messages and messages[0].role == 'system' %}
@@ -55,8 +57,8 @@ CHAT_TEMPLATE = """\
 """
 
 
-def write_tokenizer(path: str | os.PathLike) -> None:
-    """A byte-level BPE tokenizer (ids 0-255 are the bytes) with Qwen's special tokens, and its config."""
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (ids 0-255 are the bytes) and Qwen's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
@@ -65,6 +67,12 @@ def write_tokenizer(path: str | os.PathLike) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.add_tokens(ADDED_TOKENS)
+    return tok
+
+
+def write_tokenizer(path: str | os.PathLike, tok=None) -> None:
+    """Writes `tok` (a `tokenizers.Tokenizer`; default `byte_tokenizer()`), its config and the chat template."""
+    tok = byte_tokenizer() if tok is None else tok
     path = os.fspath(path)
     tok.save(os.path.join(path, "tokenizer.json"))
     _write_json(os.path.join(path, "tokenizer_config.json"), {
@@ -88,23 +96,35 @@ def _write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
-def write_random_checkpoint(path: str | os.PathLike, config: str = DEMO_CONFIG, seed: int = 0) -> str:
-    """Writes the demo checkpoint into directory `path` (created if needed) and returns the path."""
+def write_random_checkpoint(path: str | os.PathLike, config: str = DEMO_CONFIG, seed: int = 0, *,
+                            tokenizer=None, dtype: str = "float32") -> str:
+    """Writes a random checkpoint of `config` (a configs/ name or file) into directory `path` (created if
+    needed) with `tokenizer` (default: the byte-level one) and returns the path. The config's vocab_size must
+    cover the tokenizer; its pad/eos ids are set from the tokenizer's special tokens."""
+    import ml_dtypes
+
     import qwenjax
     from qwenjax.cli import resolve_config
 
+    tokenizer = byte_tokenizer() if tokenizer is None else tokenizer
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(resolve_config(config)) as f:
         hf_config = json.load(f)
+    if hf_config["vocab_size"] < tokenizer.get_vocab_size():
+        raise ValueError(f"config {config}: vocab_size={hf_config['vocab_size']} is smaller than the tokenizer's "
+                         f"{tokenizer.get_vocab_size()} tokens")
+    hf_config.update(pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     cfg = qwenjax.config_from_dict(hf_config)
     m = qwenjax.from_config(cfg, dtype="float32", seed=seed)
-    tensors = {hf_key(p, "model."): np.asarray(_compat.variable_value(v))
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    tensors = {hf_key(p, "model."): np.asarray(_compat.variable_value(v)).astype(np_dtype)
                for p, v in _compat.variable_items(m.params)}
     save_file(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
-    _write_json(os.path.join(path, "config.json"), hf_config)
+    _write_json(os.path.join(path, "config.json"), dict(hf_config, dtype=dtype))
     _write_json(os.path.join(path, "generation_config.json"), {
-        "eos_token_id": [SPECIAL_TOKENS.index("<|im_end|>") + 256, SPECIAL_TOKENS.index("<|endoftext|>") + 256],
-        "pad_token_id": 256, "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.95})
-    write_tokenizer(path)
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"],
+        "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.95})
+    write_tokenizer(path, tokenizer)
     return path

@@ -1,5 +1,7 @@
 """The train step: it learns, accumulation equals one big batch, fp32 state and master weights, config errors."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -29,15 +31,18 @@ def _stack(batch, accum):
     return {k: jnp.asarray(v.reshape(accum, -1, *v.shape[1:])) for k, v in batch.items()}
 
 
-def test_a_tiny_model_overfits_a_small_batch():
+def test_a_tiny_model_overfits_a_small_batch(caplog):
     m = _model()
     cfg = TrainConfig(learning_rate=1e-2, warmup_steps=5, total_steps=80, weight_decay=0.0)
     state, step = init_state(m.params, cfg), jit_train_step(m.graphdef, cfg)
     batch = _stack(_batch(m.config.vocab_size), 1)
     losses = []
-    for _ in range(cfg.total_steps):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for _ in range(cfg.total_steps):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    # The step compiles once: its output state is an input jit has seen (same shardings, committed).
+    assert sum("Finished XLA compilation of jit(<lambda>)" in r.getMessage() for r in caplog.records) == 1
     assert losses[0] > 5.0  # ~ln(vocab): the random model knows nothing
     assert losses[-1] < 0.5, losses[::10]  # random tokens memorised
     assert int(state.step) == cfg.total_steps

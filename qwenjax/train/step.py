@@ -62,7 +62,8 @@ class TrainConfig:
     def schedule(self) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=self.learning_rate, warmup_steps=self.warmup_steps,
-            decay_steps=self.total_steps, end_value=self.learning_rate * self.final_lr_ratio)
+            # optax needs a cosine part of >= 1 step; with warmup_steps == total_steps it is never reached
+            decay_steps=max(self.total_steps, self.warmup_steps + 1), end_value=self.learning_rate * self.final_lr_ratio)
 
     def optimizer(self) -> optax.GradientTransformation:
         decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -101,8 +102,10 @@ def init_state(params: nnx.State, cfg: TrainConfig) -> TrainState:
     params, frozen = split_trainable(params)
     # copy=True: an fp32 parameter (A_log, dt_bias) must not share its buffer with its master (both are donated)
     master = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params) if cfg.master_fp32 else None
-    return TrainState(params=params, frozen=frozen, master=master, opt_state=cfg.optimizer().init(_fp32(params)),
-                      step=jnp.zeros((), jnp.int32))
+    state = TrainState(params=params, frozen=frozen, master=master, opt_state=cfg.optimizer().init(_fp32(params)),
+                       step=jnp.zeros((), jnp.int32))
+    # Committed where they are: the step's outputs are, and jit compiles again for an uncommitted input.
+    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
 
 
 def check_batch(cfg: TrainConfig, batch: dict[str, jax.Array]) -> None:
@@ -167,5 +170,20 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
 
 
 def jit_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
-    """`train_step` jitted for this model and config, donating the state."""
-    return jax.jit(lambda state, batch: train_step(graphdef, cfg, state, batch), donate_argnums=0)
+    """`train_step` jitted for this model and config, donating the state.
+
+    The new state keeps the shardings of the state passed in. Left to jit, they would come back equal but spelled
+    differently (P() for P(None,), a NamedSharding for a SingleDeviceSharding), and jit, which caches on the
+    spelling, would compile the step a second time on the second call.
+    """
+    jitted = {}
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.tree.structure(state)
+        if key not in jitted:
+            shardings = jax.tree.map(lambda x: x.sharding, state)
+            jitted[key] = jax.jit(lambda state, batch: train_step(graphdef, cfg, state, batch), donate_argnums=0,
+                                  out_shardings=(shardings, None))
+        return jitted[key](state, batch)
+
+    return step
