@@ -106,6 +106,8 @@ def write_random_checkpoint(path: str | os.PathLike, config: str = DEMO_CONFIG, 
     import qwenjax
     from qwenjax.cli import resolve_config
 
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: the checkpoint is written in 'float32' or 'bfloat16'")
     tokenizer = byte_tokenizer() if tokenizer is None else tokenizer
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     path = os.fspath(path)
