@@ -1,6 +1,6 @@
 """`qwenjax` command line.
 
-    qwenjax generate                                  # a small random demo checkpoint (says so), streamed
+    qwenjax generate                                  # the bundled tiny model trained on Python's docs, streamed
     qwenjax generate --model DIR --prompt "Hi" --no-thinking
     qwenjax chat --model DIR                          # interactive, with history; /reset, /exit
     qwenjax forward                                   # random 0.8B-shape model, 512-token prefill speed
@@ -17,6 +17,8 @@ import time
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = "qwen3.5-0.8b"
+DEFAULT_CHAT_PROMPT = "Give me a short introduction to large language models."
+DEFAULT_COMPLETION_PROMPT = "The with statement"  # for the bundled model, trained on Python's docs
 
 
 def resolve_config(name: str) -> str:
@@ -68,16 +70,28 @@ def cmd_forward(args) -> int:
 
 # ---- generate / chat ---------------------------------------------------------------------------------------------
 def _load(args):
-    """(model, tokenizer) from --model, or from a freshly written random demo checkpoint."""
+    """(model, tokenizer) from --model; else the bundled tiny-pydoc model, completing text (no chat template);
+    else (a checkout without it) a freshly written random demo checkpoint."""
     import atexit
+    import json
     import shutil
     import tempfile
 
     import qwenjax
+    from qwenjax.demo import DEFAULT_MODEL_DIR
     from qwenjax.inference.tokenizer import Tokenizer
 
     path = args.model
-    if path is None:
+    if path is None and os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
+        path, args.raw = DEFAULT_MODEL_DIR, True
+        args.prompt = args.prompt if getattr(args, "prompt", None) is not None else DEFAULT_COMPLETION_PROMPT
+        card_path = os.path.join(path, "training.json")
+        loss = json.load(open(card_path)).get("heldout_loss") if os.path.isfile(card_path) else None
+        print(f"No --model given: completing text with the bundled {path} — a small Qwen3.5 trained from scratch "
+              f"on Python's documentation by scripts/train_default_model.py"
+              f"{f' (held-out loss {loss:.2f} nats/token)' if loss else ''}. It is not a chat model: the prompt is "
+              "continued as is. Pass --model DIR for a real checkpoint.", file=sys.stderr, flush=True)
+    elif path is None:
         from qwenjax.demo import DEMO_CONFIG, write_random_checkpoint
 
         path = write_random_checkpoint(tempfile.mkdtemp(prefix="qwenjax-demo-"), seed=args.seed)
@@ -155,7 +169,9 @@ def cmd_generate(args) -> int:
     m, tokenizer = _load(args)
     sampling = _sampling(args, m)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}]
+        {"role": "user", "content": DEFAULT_CHAT_PROMPT if args.prompt is None else args.prompt}]
+    if args.raw:  # a completion: the text it continues comes first
+        sys.stdout.write(messages[-1]["content"])
     _stream_reply(m, tokenizer, _prompt_ids(tokenizer, messages, args), sampling,
                   thinking=not args.raw and not args.no_thinking)
     return 0
@@ -188,7 +204,8 @@ def cmd_chat(args) -> int:
 
 
 def _add_generation_flags(p) -> None:
-    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: a random demo model)")
+    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: the bundled tiny-pydoc "
+                   "model, completing text)")
     p.add_argument("--system", help="system message")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt text as is")
     p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
@@ -220,7 +237,7 @@ def cmd_finetune(args) -> int:
         lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
                           dropout=args.lora_dropout, targets=targets, seed=args.seed)
     history = finetune(args.model, args.data, args.out, train=train, run=run, lora=lora, dtype=args.dtype,
-                       resume=args.resume)
+                       mesh=args.mesh, resume=args.resume)
     if history:
         print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; metrics in "
               f"{os.path.join(args.out, 'metrics.jsonl')}, model in {os.path.join(args.out, 'export')}")
@@ -242,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(fn=cmd_forward)
     g = sub.add_parser("generate", help="generate a reply to one prompt, streamed as it comes")
-    g.add_argument("--prompt", default="Give me a short introduction to large language models.")
+    g.add_argument("--prompt", help=f"default: {DEFAULT_CHAT_PROMPT!r} ({DEFAULT_COMPLETION_PROMPT!r} to complete, "
+                   "for the bundled model)")
     _add_generation_flags(g)
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with history (reads stdin)")
@@ -270,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--strict-data", action="store_true", help="stop at the first bad data line")
     t.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    t.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (rows over data x fsdp; default: one device)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_finetune)
     args = p.parse_args(argv)

@@ -196,6 +196,7 @@ def main() -> None:
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     shutil.rmtree(staged)
     shutil.copytree(export, staged)
+    os.chmod(staged, 0o755)  # readable by whoever installs the package
     old = f"{out}.old-{os.getpid()}"
     if os.path.exists(out):
         os.replace(out, old)

@@ -99,7 +99,8 @@ def test_cli_unknown_model_path(capsys):
     assert "/does/not/exist" in capsys.readouterr().err
 
 
-def test_cli_generate_streams_from_the_demo_model(capsys):
+def test_cli_generate_streams_from_a_random_model_without_the_bundled_one(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("qwenjax.demo.DEFAULT_MODEL_DIR", str(tmp_path / "absent"))
     assert main(["generate", "--max-new-tokens", "6", "--dtype", "float32"]) == 0
     out, err = capsys.readouterr()
     assert "RANDOM model" in err and "6 new tokens" in err

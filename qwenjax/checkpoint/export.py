@@ -6,10 +6,15 @@ copied from the source files byte for byte. The side files a user needs to run t
 chat template, generation config, processor configs) are copied too. Large checkpoints are sharded with an index,
 as `save_pretrained` does. The directory appears complete or not at all: it is written under a temporary name
 beside the target and renamed at the end.
+
+Across hosts (a mesh over several processes) every process calls `export_hf`: each parameter is gathered from
+all of them, one at a time, and process 0 alone writes, so `out_dir` must be on a filesystem it can reach; the
+call returns everywhere once the directory is complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,6 +24,7 @@ from typing import Iterator
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from qwenjax import _compat
 from qwenjax.checkpoint.hf import CheckpointIndex, _text_prefix, hf_key
@@ -43,13 +49,29 @@ def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     params = m.params if params is None else params
+    if jax.process_index() == 0:
+        _write(m, out_dir, params, max_shard_bytes)
+    else:
+        for _ in _param_tensors(params, "", None):  # take part in every gather process 0 makes
+            pass
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"qwenjax export_hf {out_dir}")
+    return out_dir
+
+
+def _write(m, out_dir: str, params: nnx.State, max_shard_bytes: int) -> None:
     source = CheckpointIndex.open(m.source) if m.source else None
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished directory private
     try:
         prefix = _text_prefix(source.where) if source else "model."
-        weight_map, total = _write_shards(tmp, _tensors(params, prefix, source, m.aside), max_shard_bytes)
+        tensors = itertools.chain(_param_tensors(params, prefix, source),
+                                  ((name, source.get(name)) for name in m.aside))  # the source's bytes, untouched
+        weight_map, total = _write_shards(tmp, tensors, max_shard_bytes)
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -72,20 +94,20 @@ def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
             source.close()
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-    return out_dir
 
 
-def _tensors(params: nnx.State, prefix: str, source: CheckpointIndex | None,
-             aside: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(checkpoint key, host array) for every parameter, then every kept-aside tensor, one at a time."""
+def _param_tensors(params: nnx.State, prefix: str,
+                   source: CheckpointIndex | None) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint key, whole host array) for every parameter, one at a time."""
     for path, var in _compat.variable_items(params):
         key = hf_key(path, prefix)
-        value = np.asarray(jax.device_get(_compat.variable_value(var)))
+        value = _compat.variable_value(var)
+        # an array spread over several processes is gathered from all of them (each must be here to send)
+        value = np.asarray(jax.device_get(value) if value.is_fully_addressable
+                           else multihost_utils.process_allgather(value, tiled=True))
         if source is not None and key in source.where:
             value = value.astype(DTYPES[source.info(key).dtype])  # the source's storage dtype
         yield key, value
-    for name in aside:
-        yield name, source.get(name)  # the source's bytes, untouched
 
 
 def _write_shards(out: str, tensors: Iterator[tuple[str, np.ndarray]],

@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from qwenjax.checkpoint.export import export_hf
 from qwenjax.inference.tokenizer import Tokenizer
@@ -44,22 +45,27 @@ class RunConfig:
 
 
 def finetune(model_dir: str, data_path: str, out_dir: str, *, train: TrainConfig, run: RunConfig = RunConfig(),
-             lora: LoRAConfig | None = None, dtype: str = "bfloat16", resume: bool = False, progress: bool = True,
+             lora: LoRAConfig | None = None, dtype: str = "bfloat16", mesh: Mesh | str | None = None,
+             resume: bool = False, progress: bool = True,
              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Runs `train.total_steps` steps (or the rest of them, resuming); returns the metrics of the steps run.
+
+    `mesh` ("data=2,fsdp=4", a `jax.sharding.Mesh`; default one device) spreads the weights, optimizer state and
+    batch rows over devices (`jit_train_step`); checkpoints are written and restored in that layout.
 
     `on_step(step, metrics)` is called after each step (a test can raise there to simulate a kill).
     """
     import qwenjax
 
     os.makedirs(out_dir, exist_ok=True)
-    base = qwenjax.from_pretrained(model_dir, dtype=dtype)
+    primary = jax.process_index() == 0  # across hosts, process 0 alone writes the metrics log and shows progress
+    base = qwenjax.from_pretrained(model_dir, dtype=dtype, mesh=mesh)
     tokenizer = Tokenizer(model_dir)
     eos = base.generation_config.get("eos_token_id", base.config.eos_token_id)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     samples, _ = read_jsonl(data_path, tokenizer, max_len=run.pack_len, eos_id=eos, strict=run.strict_data)
     m = add_lora(base, lora) if lora is not None else base
-    step_fn = jit_train_step(m.graphdef, train)
+    step_fn = jit_train_step(m.graphdef, train, m.mesh, m.rules)
     state = init_state(m.params, train)
     position = {"epoch": 0, "row": 0}
 
@@ -71,15 +77,16 @@ def finetune(model_dir: str, data_path: str, out_dir: str, *, train: TrainConfig
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
         state, position = restored.state, restored.position
-        _truncate_metrics(metrics_file, int(state.step))
-    elif os.path.exists(metrics_file):
+        if primary:
+            _truncate_metrics(metrics_file, int(state.step))
+    elif primary and os.path.exists(metrics_file):
         os.remove(metrics_file)
 
     batches = PackedBatches(samples, run.pack_len, run.rows, train.grad_accum, train.seed).from_position(position)
     first, last = int(state.step), train.total_steps
-    bar = _progress(first, last) if progress else None
+    bar = _progress(first, last) if progress and primary else None
     history = []
-    with open(metrics_file, "a") as log:
+    with open(metrics_file if primary else os.devnull, "a") as log:
         for step in range(first, last):
             batch, position = next(batches)
             t0 = time.perf_counter()

@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qwenjax import _compat
-
 from qwenjax.model.layers import LoRAParam
 from qwenjax.model.qwen35 import REMAT_POLICIES
+from qwenjax.sharding import ShardingRules, activation_sharding
 from qwenjax.train.loss import next_token_loss
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
@@ -98,14 +100,26 @@ def _fp32(tree):
 
 
 def init_state(params: nnx.State, cfg: TrainConfig) -> TrainState:
-    """The state before the first step (jit it, or call under the params' mesh, to keep their shardings)."""
+    """The state before the first step, laid out where the parameters are: fp32 masters and Adam moments take
+    the sharding of their parameter, scalars (step, counts) are replicated over the parameters' mesh."""
     params, frozen = split_trainable(params)
-    # copy=True: an fp32 parameter (A_log, dt_bias) must not share its buffer with its master (both are donated)
-    master = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params) if cfg.master_fp32 else None
-    state = TrainState(params=params, frozen=frozen, master=master, opt_state=cfg.optimizer().init(_fp32(params)),
-                       step=jnp.zeros((), jnp.int32))
-    # Committed where they are: the step's outputs are, and jit compiles again for an uncommitted input.
-    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    scalar = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+    optimizer = cfg.optimizer()
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, _fp32(params)),
+                                          shardings, transform_non_params=lambda _: scalar)
+
+    def build(params):
+        # copy: an fp32 parameter (A_log, dt_bias) must not share its buffer with its master (both are donated)
+        master = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params) if cfg.master_fp32 else None
+        return master, optimizer.init(_fp32(params)), jnp.zeros((), jnp.int32)
+
+    # Committed, with the shardings the step's outputs have: jit compiles again for an input spelled otherwise.
+    master, opt_state, step = jax.jit(build, out_shardings=(
+        shardings if cfg.master_fp32 else None, opt_shardings, scalar))(params)
+    params = jax.device_put(params, shardings)
+    return TrainState(params=params, frozen=frozen, master=master, opt_state=opt_state, step=step)
 
 
 def check_batch(cfg: TrainConfig, batch: dict[str, jax.Array]) -> None:
@@ -169,21 +183,37 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
     return new_state, metrics
 
 
-def jit_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
+def shard_batch(batch: dict[str, jax.Array], mesh: Mesh, rules: ShardingRules) -> dict[str, jax.Array]:
+    """Places [grad_accum, B, T] batch arrays on `mesh`, rows split by the rules' "batch" axis."""
+    return {k: jax.device_put(v, rules.sharding(mesh, (None, "batch", "seq"), v.shape)) for k, v in batch.items()}
+
+
+def jit_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh | None = None,
+                   rules: ShardingRules | None = None):
     """`train_step` jitted for this model and config, donating the state.
+
+    With a `mesh` (the model's, `m.mesh`), each batch is split over it by the rules' "batch" axis (data x fsdp
+    by default) and the activations are pinned the same way, while the parameters and optimizer state keep the
+    shardings they come with: data- and fsdp-parallel training, tensor-parallel where the rules split weights.
 
     The new state keeps the shardings of the state passed in. Left to jit, they would come back equal but spelled
     differently (P() for P(None,), a NamedSharding for a SingleDeviceSharding), and jit, which caches on the
     spelling, would compile the step a second time on the second call.
     """
     jitted = {}
+    rules = rules or ShardingRules()
+
+    def train_step_on_mesh(state: TrainState, batch: dict[str, jax.Array]):
+        with activation_sharding(mesh, rules):
+            return train_step(graphdef, cfg, state, batch)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
+        if mesh is not None:
+            batch = shard_batch(batch, mesh, rules)
         key = jax.tree.structure(state)
         if key not in jitted:
             shardings = jax.tree.map(lambda x: x.sharding, state)
-            jitted[key] = jax.jit(lambda state, batch: train_step(graphdef, cfg, state, batch), donate_argnums=0,
-                                  out_shardings=(shardings, None))
+            jitted[key] = jax.jit(train_step_on_mesh, donate_argnums=0, out_shardings=(shardings, None))
         return jitted[key](state, batch)
 
     return step
