@@ -55,6 +55,7 @@ def main() -> None:
         state, metrics = step(state, batch)
         loss = float(metrics["loss"])
         ours_loss = loss if i == 0 else ours_loss
+        print(f"  qwenjax step {i}: {time.perf_counter() - t0:.2f} s (loss {loss:.5f})", flush=True)
         if i:
             ours.append(time.perf_counter() - t0)
 
@@ -71,6 +72,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         ref_loss = loss.item() if i == 0 else ref_loss
+        print(f"  transformers step {i}: {time.perf_counter() - t0:.2f} s (loss {loss.item():.5f})", flush=True)
         if i:
             ref.append(time.perf_counter() - t0)
 
