@@ -85,8 +85,10 @@ def _load(args):
     if path is None and os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
         path, args.raw = DEFAULT_MODEL_DIR, True
         args.prompt = args.prompt if getattr(args, "prompt", None) is not None else DEFAULT_COMPLETION_PROMPT
-        card_path = os.path.join(path, "training.json")
-        loss = json.load(open(card_path)).get("heldout_loss") if os.path.isfile(card_path) else None
+        card_path, loss = os.path.join(path, "training.json"), None
+        if os.path.isfile(card_path):
+            with open(card_path) as f:
+                loss = json.load(f).get("heldout_loss")
         print(f"No --model given: completing text with the bundled {path} — a small Qwen3.5 trained from scratch "
               f"on Python's documentation by scripts/train_default_model.py"
               f"{f' (held-out loss {loss:.2f} nats/token)' if loss else ''}. It is not a chat model: the prompt is "
