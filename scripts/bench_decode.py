@@ -8,14 +8,15 @@ directory) on the same prompt, greedily, with end-of-sequence disabled so every 
 Prefill is excluded from both rates:
 - qwenjax: the time from the first streamed token to the last, over new_tokens - 1 decode steps;
 - transformers: (t(new_tokens) - t(1)) / (new_tokens - 1), each `generate` call timed whole.
-Medians over --repeats runs after a warm-up (which includes qwenjax's compilation).
+Medians over --repeats rounds after a warm-up (which includes qwenjax's compilation); in each round the two
+libraries run back to back, so both see the same drift of the machine's bandwidth.
 
 Bandwidth bound: a decode step must read every weight once (the tied embedding once, as the LM head; an untied
 embedding only for its looked-up rows), so tokens/s <= copy bandwidth / weight bytes per step x batch: the bound
 the targets are set against. A step must also read and write each row's fp32 GDN state and read its KV cache;
 at batch 1 that is a few percent of the weights, at batch 32 about as much again, so a second, tighter bound counts
 weights + cache bytes (at the mean cache length over the run).
-The copy bandwidth counts bytes read plus written (STREAM 'copy'): a 1 GiB numpy copy on the CPU, a 1 GiB jax
+The copy bandwidth counts bytes read plus written (STREAM 'copy'): measured at the start of every round: a 1 GiB numpy copy on the CPU, a 1 GiB jax
 device-to-device copy when JAX runs on a GPU (transformers then runs on CUDA too).
 Needs the `test` extra (torch, transformers). With flash-linear-attention installed, transformers uses its
 kernels for the gated delta rule on CUDA.
@@ -96,7 +97,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (multiple of 4)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
     import jax
@@ -110,7 +111,6 @@ def main() -> None:
     if on_gpu and not torch.cuda.is_available():
         raise SystemExit("JAX runs on a GPU but torch sees no CUDA device: the comparison would not be like for like")
     device = "cuda" if on_gpu else "cpu"
-    bw = copy_bandwidth()
     print(f"model: {args.config}{f' ({args.layers} layers)' if args.layers else ''}, batch {args.batch}, "
           f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy")
     if on_gpu:
@@ -122,8 +122,7 @@ def main() -> None:
         where = f"{jax.devices()[0].device_kind}, {torch.cuda.get_device_name()}, {fla_version}"
     else:
         where = f"{platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
-    print(f"machine: {where}; torch {torch.__version__}, jax {jax.__version__}; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
+    print(f"machine: {where}; torch {torch.__version__}, jax {jax.__version__}")
     n = args.new_tokens
 
     for dtype in args.dtypes.split(","):
@@ -149,11 +148,18 @@ def main() -> None:
             return time.perf_counter() - t0, out
 
         _, ours_tokens = run_qwenjax()  # warm-up: compiles prefill and the decode step
-        ours = statistics.median(run_qwenjax()[0] for _ in range(args.repeats))
         _, ref_tokens = hf_generate(n)  # warm-up (and on CUDA: kernel autotuning)
-        t_full = statistics.median(hf_generate(n)[0] for _ in range(args.repeats))
-        t_one = statistics.median(hf_generate(1)[0] for _ in range(args.repeats))
-        ref = (t_full - t_one) / (n - 1)
+        # The libraries take turns, so that both sample the same stretches of the machine's bandwidth (on a
+        # shared CPU host it swings by a third within seconds).
+        ours_runs, full_runs, one_runs, bw_runs = [], [], [], []
+        for _ in range(args.repeats):
+            bw_runs.append(copy_bandwidth(repeats=3))
+            ours_runs.append(run_qwenjax()[0])
+            full_runs.append(hf_generate(n)[0])
+            one_runs.append(hf_generate(1)[0])
+        ours = statistics.median(ours_runs)
+        ref = (statistics.median(full_runs) - statistics.median(one_runs)) / (n - 1)
+        bw = statistics.median(bw_runs)
         agree = (ours_tokens == ref_tokens).all(axis=1).sum()
         wbytes = weight_bytes_per_step(m)
         cbytes = cache_bytes_per_step(m.config, args.batch, args.prompt + n / 2, dtype)
@@ -161,7 +167,8 @@ def main() -> None:
         tight = bw / (wbytes + cbytes) * args.batch
         print(f"\n[{dtype}] per step: weights {wbytes / 1e9:.3f} GB -> bound {bound:.1f} tokens/s; weights + cache "
               f"{(wbytes + cbytes) / 1e9:.3f} GB -> bound {tight:.1f} tokens/s; "
-              f"greedy tokens identical in {agree}/{args.batch} rows")
+              f"greedy tokens identical in {agree}/{args.batch} rows; copy bandwidth in the rounds "
+              f"{min(bw_runs) / 1e9:.1f}-{max(bw_runs) / 1e9:.1f} GB/s, median {bw / 1e9:.1f}")
         print(f"  {'qwenjax':>13}: {ours * 1e3:8.2f} ms/step  {args.batch / ours:9.1f} tokens/s  "
               f"({args.batch / ours / bound:.0%} of the weight bound, {args.batch / ours / tight:.0%} of weights + cache)")
         print(f"  {'transformers':>13}: {ref * 1e3:8.2f} ms/step  {args.batch / ref:9.1f} tokens/s  "
