@@ -24,11 +24,13 @@ several calls share a jit) intermittently deadlock the XLA CPU runtime.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["gated_delta_rule_recurrent", "gated_delta_rule_chunked", "gated_delta_rule_step"]
+__all__ = ["gated_delta_rule_recurrent", "gated_delta_rule_chunked", "gated_delta_rule_step", "ChunkQuantities",
+           "chunk_quantities", "state_pass", "check_initial_state", "from_chunks"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Masked pairwise exponents are replaced by this *before* exp: exp() gives an
@@ -86,9 +88,10 @@ def _prepare(q, k, v, g, beta, scale, initial_state, segment_ids, use_qk_l2norm)
     """Validates shapes and brings inputs to fp32, head-major [B, HV, T, ...] layout.
 
     Returns:
-        (q, k, v, g, beta, state0, doc) where q, k are normalised, scaled and
-        expanded to HV heads; state0 is the fp32 [B, HV, K, V] initial state
-        and doc an int32 [B, T] per-row document index (0 for the first one).
+        (q, k, v, g, beta, state0, doc) where q, k [B, HK, T, K] are normalised
+        and scaled (see `_repeat_heads` for GVA); state0 is the fp32
+        [B, HV, K, V] initial state and doc an int32 [B, T] per-row document
+        index (0 for the first one).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -117,11 +120,7 @@ def _prepare(q, k, v, g, beta, scale, initial_state, segment_ids, use_qk_l2norm)
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * jnp.asarray(dk ** -0.5 if scale is None else scale, f32)
-    # GVA: value head h reads q/k head h // (HV // HK) (repeat_interleave, not tile).
-    if hv != hk:
-        q = jnp.repeat(q, hv // hk, axis=2)
-        k = jnp.repeat(k, hv // hk, axis=2)
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, HV, T, D]
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, D]
     g, beta = (jnp.swapaxes(x, 1, 2) for x in (g, beta))  # [B, HV, T]
 
     if initial_state is None:
@@ -139,6 +138,11 @@ def _prepare(q, k, v, g, beta, scale, initial_state, segment_ids, use_qk_l2norm)
             [jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
         doc = jnp.cumsum(changed.astype(jnp.int32), axis=1)
     return q, k, v, g, beta, state0, doc
+
+
+def _repeat_heads(x, hv):
+    """[B, HK, ...] -> [B, HV, ...]: value head h reads q/k head h // (HV // HK) (repeat_interleave, not tile)."""
+    return x if x.shape[1] == hv else jnp.repeat(x, hv // x.shape[1], axis=1)
 
 
 def _previous_doc(doc):
@@ -171,6 +175,7 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, *, scale=None, initial_state=No
     out_dtype = v.dtype
     q, k, v, g, beta, state0, doc = _prepare(
         q, k, v, g, beta, scale, initial_state, segment_ids, use_qk_l2norm)
+    q, k = _repeat_heads(q, v.shape[1]), _repeat_heads(k, v.shape[1])
     reset = (doc != _previous_doc(doc))[:, None, :]  # [B, 1, T], broadcast over heads
 
     def step(state, xs):
@@ -207,6 +212,7 @@ def gated_delta_rule_step(q, k, v, g, beta, *, scale=None, initial_state=None, s
         raise ValueError(f"gated_delta_rule_step takes one token (T == 1); got q{q.shape}")
     out_dtype = v.dtype
     q, k, v, g, beta, state, _ = _prepare(q, k, v, g, beta, scale, initial_state, None, use_qk_l2norm)
+    q, k = _repeat_heads(q, v.shape[1]), _repeat_heads(k, v.shape[1])
     q, k, v, g, beta = q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0]  # [B, HV, ...]
     decay = jnp.exp(g)[..., None]                                                      # [B, HV, 1]
     # One batched product for both reads. (A sum over axis 2 is a strided reduction: 8x slower on XLA:CPU.)
@@ -216,6 +222,113 @@ def gated_delta_rule_step(q, k, v, g, beta, *, scale=None, initial_state=None, s
     new_state = decay[..., None] * state + k[..., :, None] * delta[..., None, :]
     o = decay * state_q + jnp.sum(k * q, axis=-1, keepdims=True) * delta
     return o[:, None].astype(out_dtype), new_state
+
+
+class ChunkQuantities(NamedTuple):
+    """The chunk-parallel quantities of the chunked WY form, head-major: [B, heads, N chunks, C, ...].
+
+    q and k stay per q/k head (GVA is never materialised here); the rest are per value head, which
+    `H = HV // HK` consecutive value heads share a q/k head with. All fp32.
+    """
+    q: jax.Array          # [B, HK, N, C, K] normalised and scaled
+    k: jax.Array          # [B, HK, N, C, K] normalised
+    w: jax.Array          # [B, HV, N, C, K]  A diag(beta exp(G) reach) K
+    u: jax.Array          # [B, HV, N, C, V]  A diag(beta) V
+    attn: jax.Array       # [B, HV, N, C, C]  Q K^T * Gamma (causal, diagonal included)
+    decay_in: jax.Array   # [B, HV, N, C]     exp(G) * reach: chunk start -> token
+    decay_out: jax.Array  # [B, HV, N, C]     exp(G_last - G) * in_last: token -> chunk end
+
+
+def chunk_quantities(q, k, v, g, beta, *, chunk_size=64, scale=None, segment_ids=None,
+                     use_qk_l2norm=True):
+    """Everything of the chunked form that does not depend on the incoming state (see
+    `gated_delta_rule_chunked`), for all chunks at once. T is padded to a multiple of chunk_size.
+
+    The state multiplier of a chunk, carry * exp(G_last), is `decay_in[..., -1]`: the last token is in
+    the chunk's last document, which the incoming state reaches exactly when no document starts inside.
+
+    Returns:
+        (ChunkQuantities, T): the quantities and the unpadded length.
+    """
+    if isinstance(chunk_size, bool) or operator.index(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    c = operator.index(chunk_size)
+    q, k, v, g, beta, _, doc = _prepare(q, k, v, g, beta, scale, None, segment_ids, use_qk_l2norm)
+    b, hk, t, dk = k.shape
+    hv = v.shape[1]
+
+    # Pad T to a multiple of C. Padded steps have q = k = v = 0, g = 0 and
+    # beta = 0 (S <- 1 * S + 0, an exact no-op) and continue the last document,
+    # so the final state is unaffected.
+    pad = (-t) % c
+    if pad:
+        pad_time = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        q, k, v, g, beta = (pad_time(x) for x in (q, k, v, g, beta))
+        doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
+    n = (t + pad) // c
+
+    def to_chunks(x):
+        return x.reshape(x.shape[:2] + (n, c) + x.shape[3:])
+
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # [B, H, N, C, ...]
+    doc_prev = to_chunks(_previous_doc(doc)[:, None])[..., 0]  # [B, 1, N] live at chunk start
+    doc = to_chunks(doc[:, None])  # [B, 1, N, C], broadcasts over heads
+    doc_last = doc[..., -1]
+    reach = doc == doc_prev[..., None]
+    in_last = doc == doc_last[..., None]
+
+    # Chunk-local cumsum keeps every exponent used below <= 0 (no overflow) and
+    # bounds the cancellation error of G_i - G_j by |G| over one chunk only.
+    gcum = jnp.cumsum(g, axis=-1)
+    pos = jnp.arange(c)
+    pair_mask = (pos[:, None] >= pos[None, :]) & (doc[..., :, None] == doc[..., None, :])
+    pair_exponent = jnp.where(pair_mask, gcum[..., :, None] - gcum[..., None, :], _MASK_EXPONENT)
+    gamma = jnp.exp(pair_exponent)  # [B, HV, N, C, C], exactly 0 off-mask
+    decay_in = jnp.where(reach, jnp.exp(gcum), 0.0)
+    decay_out = jnp.where(in_last, jnp.exp(gcum[..., -1:] - gcum), 0.0)
+
+    # Value heads grouped by the q/k head they read: [B, HK, HV // HK, N, ...]; q/k products are formed
+    # once per q/k head and only the gated results are per value head.
+    grouped = lambda x: x.reshape((b, hk, hv // hk) + x.shape[2:])
+    per_value_head = lambda x: x.reshape((b, hv) + x.shape[3:])
+    kk = _einsum("bgnik,bgnjk->bgnij", k, k)[:, :, None]
+    qk = _einsum("bgnik,bgnjk->bgnij", q, k)[:, :, None]
+    gamma, beta, decay_in_g = grouped(gamma), grouped(beta), grouped(decay_in)
+    # Cross-document pairs are 0 in Gamma, so A is block diagonal per document.
+    a_inv = _unit_lower_inverse(kk * gamma * beta[..., :, None])
+    u = _einsum("bgrnij,bgrnjv->bgrniv", a_inv * beta[..., None, :], grouped(v))
+    w = _einsum("bgrnij,bgnjk->bgrnik", a_inv * (beta * decay_in_g)[..., None, :], k)
+    attn = qk * gamma
+    return ChunkQuantities(q=q, k=k, w=per_value_head(w), u=per_value_head(u), attn=per_value_head(attn),
+                           decay_in=decay_in, decay_out=decay_out), t
+
+
+def state_pass(x: ChunkQuantities, state0):
+    """The inter-chunk recurrence over chunk quantities, one chunk at a time (`lax.scan`).
+
+    Per chunk, with S the incoming fp32 state [B, HV, K, V]:
+        V_new = U - W S
+        O     = decay_in * (Q S) + attn V_new
+        S'    = decay_in[-1] * S + K^T (decay_out * V_new)
+
+    Returns o fp32 [B, HV, N, C, V] and the final state.
+    """
+    b, hv = x.u.shape[:2]
+    hk = x.q.shape[1]
+    group = lambda s: s.reshape((b, hk, hv // hk) + s.shape[2:])
+
+    def step(state, xs):
+        q_c, k_c, w_c, u_c, attn_c, din_c, dout_c = xs
+        v_new = u_c - _einsum("bhck,bhkv->bhcv", w_c, state)
+        q_state = _einsum("bgck,bgrkv->bgrcv", q_c, group(state)).reshape(v_new.shape)
+        o_c = din_c[..., None] * q_state + _einsum("bhij,bhjv->bhiv", attn_c, v_new)
+        k_update = _einsum("bgck,bgrcv->bgrkv", k_c, group(dout_c[..., None] * v_new)).reshape(state.shape)
+        state = din_c[..., -1, None, None] * state + k_update
+        return state, o_c
+
+    xs = tuple(jnp.moveaxis(a, 2, 0) for a in x)
+    final_state, o = jax.lax.scan(step, state0, xs)  # o: [N, B, HV, C, V]
+    return jnp.moveaxis(o, 0, 2), final_state
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, scale=None, initial_state=None,
@@ -236,7 +349,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, scale=None, ini
     only ones the incoming state may reach), ``in_last`` tokens of the chunk's
     last document, and ``carry`` is 0 if a document starts inside the chunk.
     Without segment_ids all three masks are 1 and this is exactly HF's
-    ``torch_chunk_gated_delta_rule``.
+    ``torch_chunk_gated_delta_rule``. `chunk_quantities` forms everything but
+    S for all chunks at once; `state_pass` walks the chunks.
 
     Args:
         q: Queries, [B, T, HK, K].
@@ -256,66 +370,26 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, scale=None, ini
         o: [B, T, HV, V] in v.dtype.
         final_state: fp32 [B, HV, K, V] after the last (unpadded) token.
     """
-    if isinstance(chunk_size, bool) or operator.index(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    chunk_size = operator.index(chunk_size)
-    out_dtype = v.dtype
-    q, k, v, g, beta, state0, doc = _prepare(
-        q, k, v, g, beta, scale, initial_state, segment_ids, use_qk_l2norm)
-    b, hv, t, dk = k.shape
-    dv = v.shape[-1]
-    c = chunk_size
+    x, t = chunk_quantities(q, k, v, g, beta, chunk_size=chunk_size, scale=scale, segment_ids=segment_ids,
+                            use_qk_l2norm=use_qk_l2norm)
+    state0 = check_initial_state(initial_state, k, v)
+    o, final_state = state_pass(x, state0)
+    return from_chunks(o, t, v.dtype), final_state
 
-    # Pad T to a multiple of C. Padded steps have q = k = v = 0, g = 0 and
-    # beta = 0 (S <- 1 * S + 0, an exact no-op) and continue the last document,
-    # so the final state is unaffected.
-    pad = (-t) % c
-    if pad:
-        pad_time = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-        q, k, v, g, beta = (pad_time(x) for x in (q, k, v, g, beta))
-        doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
-    n = (t + pad) // c
 
-    def to_chunks(x):
-        return x.reshape(x.shape[:2] + (n, c) + x.shape[3:])
+def check_initial_state(initial_state, k, v):
+    """The fp32 [B, HV, K, V] state entering the sequence: `initial_state`, or zeros."""
+    b, _, hv, dv = v.shape
+    shape = (b, hv, k.shape[-1], dv)
+    if initial_state is None:
+        return jnp.zeros(shape, jnp.float32)
+    if initial_state.shape != shape:
+        raise ValueError(f"initial_state must be [B, HV, K, V]={shape}; got {initial_state.shape}")
+    return initial_state.astype(jnp.float32)
 
-    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # [B, HV, N, C, ...]
-    doc_prev = to_chunks(_previous_doc(doc)[:, None])[..., 0]  # [B, 1, N] live at chunk start
-    doc = to_chunks(doc[:, None])  # [B, 1, N, C], broadcasts over heads
-    doc_last = doc[..., -1]
-    reach = doc == doc_prev[..., None]
-    in_last = doc == doc_last[..., None]
-    carry = doc_last == doc_prev
 
-    # Chunk-local cumsum keeps every exponent used below <= 0 (no overflow) and
-    # bounds the cancellation error of G_i - G_j by |G| over one chunk only.
-    gcum = jnp.cumsum(g, axis=-1)
-    pos = jnp.arange(c)
-    pair_mask = (pos[:, None] >= pos[None, :]) & (doc[..., :, None] == doc[..., None, :])
-    pair_exponent = jnp.where(pair_mask, gcum[..., :, None] - gcum[..., None, :], _MASK_EXPONENT)
-    gamma = jnp.exp(pair_exponent)  # [B, HV, N, C, C], exactly 0 off-mask
-
-    k_beta = k * beta[..., None]
-    # Cross-document pairs are 0 in Gamma, so A is block diagonal per document.
-    a_inv = _unit_lower_inverse(_einsum("...ik,...jk->...ij", k_beta, k) * gamma)
-    decay_in = jnp.where(reach, jnp.exp(gcum), 0.0)  # start of chunk -> token i
-    u = _einsum("...ij,...jv->...iv", a_inv, v * beta[..., None])
-    w = _einsum("...ij,...jk->...ik", a_inv, k_beta * decay_in[..., None])
-
-    attn = _einsum("...ik,...jk->...ij", q, k) * gamma  # causal incl. diagonal
-    q_in = q * decay_in[..., None]
-    k_out = k * jnp.where(in_last, jnp.exp(gcum[..., -1:] - gcum), 0.0)[..., None]
-    state_decay = jnp.where(carry, jnp.exp(gcum[..., -1]), 0.0)  # [B, HV, N]
-
-    def step(state, xs):
-        u_c, w_c, q_c, k_c, attn_c, decay_c = xs
-        v_new = u_c - _einsum("bhck,bhkv->bhcv", w_c, state)
-        o_c = (_einsum("bhck,bhkv->bhcv", q_c, state)
-               + _einsum("bhij,bhjv->bhiv", attn_c, v_new))
-        state = state * decay_c[..., None, None] + _einsum("bhck,bhcv->bhkv", k_c, v_new)
-        return state, o_c
-
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (u, w, q_in, k_out, attn, state_decay))
-    final_state, o = jax.lax.scan(step, state0, xs)  # o: [N, B, HV, C, V]
-    o = jnp.moveaxis(o, 0, 2).reshape(b, hv, n * c, dv)[:, :, :t]
-    return jnp.swapaxes(o, 1, 2).astype(out_dtype), final_state
+def from_chunks(o, t, dtype):
+    """o [B, HV, N, C, V] -> [B, T, HV, V] in `dtype`, the padding dropped."""
+    b, hv, n, c, dv = o.shape
+    o = o.reshape(b, hv, n * c, dv)[:, :, :t]
+    return jnp.swapaxes(o, 1, 2).astype(dtype)

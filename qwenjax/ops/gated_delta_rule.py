@@ -1,15 +1,18 @@
 """The gated delta rule as the model calls it: one function that picks an implementation.
 
-Implementations (see `pallas_kernels/gated_delta_rule/`):
-- "chunked": the pure-JAX chunked WY form (C=64), the default everywhere today;
-- "recurrent": the token-by-token `lax.scan` oracle (slow; for checking);
-- "step": one token (a decode step) in two passes over the state, taken whenever T == 1.
-Pallas kernels register here as they land. `QWENJAX_GATED_DELTA_RULE=<name>` or the `implementation` argument
-forces one.
+An implementation is a pair: the function for sequences, and the one for a single token (a decode step).
+- "xla": the pure-JAX chunked WY form (C=64), and a two-pass XLA decode step;
+- "pallas_tpu": the Mosaic kernels (`pallas_kernels/gated_delta_rule/tpu.py`): the chunked form's state pass
+  with a custom VJP, and a fused decode step;
+- "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests);
+- "recurrent": the token-by-token `lax.scan` oracle for both (slow; for checking).
+"auto" (the default) takes "pallas_tpu" on TPU and "xla" elsewhere. `QWENJAX_GATED_DELTA_RULE=<name>` or the
+`implementation` argument forces one; the choice is made when a function is traced.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -17,19 +20,27 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gated_delta_rule import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
                                              gated_delta_rule_step)
+from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
 from qwenjax import _compat, sharding
 
-IMPLEMENTATIONS = {
-    "chunked": gated_delta_rule_chunked,
-    "recurrent": gated_delta_rule_recurrent,
-    "step": gated_delta_rule_step,
+IMPLEMENTATIONS = {  # name: (sequence, single token)
+    "xla": (gated_delta_rule_chunked, gated_delta_rule_step),
+    "pallas_tpu": (gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu),
+    "pallas_tpu_interpret": (functools.partial(gated_delta_rule_chunked_tpu, interpret=True),
+                             functools.partial(gated_delta_rule_step_tpu, interpret=True)),
+    "recurrent": (gated_delta_rule_recurrent, gated_delta_rule_recurrent),
 }
+ENV = "QWENJAX_GATED_DELTA_RULE"
 
 
-def default_implementation() -> str:
-    name = os.environ.get("QWENJAX_GATED_DELTA_RULE", "chunked")
+def resolve(name: str | None = None) -> str:
+    """The implementation `name` (default: $QWENJAX_GATED_DELTA_RULE, else "auto") stands for on this backend."""
+    name = name or os.environ.get(ENV) or "auto"
+    if name == "auto":
+        return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"QWENJAX_GATED_DELTA_RULE={name!r}: choose one of {sorted(IMPLEMENTATIONS)}")
+        raise ValueError(f"gated delta rule implementation {name!r} (argument or ${ENV}): choose one of "
+                         f"{['auto', *IMPLEMENTATIONS]}")
     return name
 
 
@@ -38,15 +49,13 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
                      implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """o, final_state for q,k [B,T,HK,K], v [B,T,HV,V], g, beta [B,T,HV]; q/k are l2-normalised inside.
 
-    A single token (T == 1, a decode step) takes "step" unless `implementation` says otherwise.
+    `implementation`: see the module docstring. A single token (T == 1, a decode step) takes the
+    implementation's step function: the chunked form would pad it to a whole chunk.
 
     Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V].
     """
-    # One token is one step of the recurrence: the chunked form would pad it to a whole chunk.
-    name = implementation or ("step" if q.shape[1] == 1 else default_implementation())
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown gated delta rule implementation {name!r}; choose one of {sorted(IMPLEMENTATIONS)}")
-    impl = IMPLEMENTATIONS[name]
+    sequence, single_token = IMPLEMENTATIONS[resolve(implementation)]
+    impl = single_token if q.shape[1] == 1 else sequence
 
     def local(q, k, v, g, beta, initial_state, segment_ids):
         return impl(q, k, v, g, beta, initial_state=initial_state, segment_ids=segment_ids, use_qk_l2norm=True)
