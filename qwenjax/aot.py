@@ -30,6 +30,9 @@ def topology_devices(name: str) -> list:
     """The compile-only devices of a TPU topology such as "v5e:2x2", "v6e:2x2" or "v5p:2x2x1"."""
     from jax.experimental import topologies
 
+    # Compile-only devices touch no TPU: let several processes (parallel test runs, a CI beside a script) load
+    # libtpu at once instead of failing on its lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # no libtpu, or an unknown topology

@@ -19,7 +19,8 @@ from test_gated_delta_rule import make_inputs
 # Tolerances, as max |error| / max |oracle| per output and gradient:
 # - fp32 inputs: fp32 operands at full precision; what is left is summation order (seen: <= 2.5e-6).
 # - bf16 inputs: the kernel's matmul operands are bf16 (the chunk quantities and the state rounded to bf16 as
-#   an operand, fp32 accumulation), the oracle computes in fp32 from the same bf16 inputs (seen: <= 9.1e-3, about one bf16 ulp).
+#   an operand, fp32 accumulation), the oracle computes in fp32 from the same bf16 inputs (seen: <= 9.1e-3,
+#   about one bf16 ulp).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 CASES = [  # dtype, GVA ratio, T, initial state, segment ids: every ratio, dtype and option meets the others

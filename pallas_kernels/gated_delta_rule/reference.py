@@ -352,19 +352,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, scale=None, ini
     ``torch_chunk_gated_delta_rule``. `chunk_quantities` forms everything but
     S for all chunks at once; `state_pass` walks the chunks.
 
-    Args:
-        q: Queries, [B, T, HK, K].
-        k: Keys, [B, T, HK, K].
-        v: Values, [B, T, HV, V]; HV must be a multiple of HK (GVA).
-        g: Log-decay (<= 0), [B, T, HV].
-        beta: Write strength, already passed through a sigmoid, [B, T, HV].
+    Args: as `gated_delta_rule_recurrent`, plus
         chunk_size: Tokens per chunk; T is padded internally to a multiple.
-        scale: Query scale applied after the l2norm; defaults to K ** -0.5.
-        initial_state: Optional [B, HV, K, V] state entering the first token
-            (with segment_ids: entering the first segment of each row only).
-        segment_ids: Optional int [B, T]; the state resets to zero wherever the
-            id changes from the previous token (see gated_delta_rule_recurrent).
-        use_qk_l2norm: L2-normalise q and k (in fp32, eps 1e-6) first.
 
     Returns:
         o: [B, T, HV, V] in v.dtype.

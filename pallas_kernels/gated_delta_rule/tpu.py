@@ -65,14 +65,34 @@ def _interpret(interpret: bool):
 # Chunked form: the state pass, forward and backward
 # ---------------------------------------------------------------------------------------------------------
 
-def _state_pass_forward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, din_ref, dout_ref, s0_ref, *refs,
+def _column(row):
+    """[1, C] -> [C, 1] on the vector unit (a masked lane reduction; C x C work, small beside the matmuls)."""
+    c = row.shape[1]
+    eye = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return jnp.sum(jnp.where(eye, row, 0.0), axis=1, keepdims=True)
+
+
+def _row(column):
+    """[C, 1] -> [1, C], as `_column`."""
+    c = column.shape[0]
+    eye = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return jnp.sum(jnp.where(eye, column, 0.0), axis=0, keepdims=True)
+
+
+def _gates(gates_ref, chunk, c):
+    """decay_in, decay_out of a chunk as columns [C, 1], and the state decay decay_in[-1] as [1, 1]."""
+    row = gates_ref[pl.ds(chunk, 1), :]
+    return _column(row[:, :c]), _column(row[:, c:]), row[:, c - 1:c]
+
+
+def _state_pass_forward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, gates_ref, s0_ref, *refs,
                                emit_output, emit_states):
     refs = list(refs)
     o_ref = refs.pop(0) if emit_output else None
     final_ref = refs.pop(0) if emit_output else None
     states_ref = refs.pop(0) if emit_states else None
     (state_ref,) = refs
-    n, c = pl.program_id(2), din_ref.shape[0]
+    n, c = pl.program_id(2), attn_ref.shape[0]
 
     @pl.when(n == 0)
     def _():
@@ -83,12 +103,12 @@ def _state_pass_forward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, din_ref, do
         states_ref[...] = s
     dt = w_ref.dtype
     s_op = s.astype(dt)
-    din = din_ref[...]
+    din, dout, state_decay = _gates(gates_ref, n, c)
     v_new = u_ref[...].astype(_F32) - _dot(w_ref[...], s_op)
     if emit_output:
         o = din * _dot(q_ref[...], s_op) + _dot(attn_ref[...], v_new.astype(dt))
         o_ref[...] = o.astype(o_ref.dtype)
-    s_new = din_ref[c - 1:c, :] * s + _dot(k_ref[...], (dout_ref[...] * v_new).astype(dt), _TN)
+    s_new = state_decay * s + _dot(k_ref[...], (dout * v_new).astype(dt), _TN)
     state_ref[...] = s_new
     if emit_output:
         @pl.when(n == pl.num_programs(2) - 1)
@@ -96,10 +116,11 @@ def _state_pass_forward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, din_ref, do
             final_ref[...] = s_new
 
 
-def _state_pass_backward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, din_ref, dout_ref, states_ref, do_ref,
-                                dfinal_ref, dq_ref, dk_ref, dw_ref, du_ref, dattn_ref, ddin_ref, ddout_ref,
-                                ds0_ref, dstate_ref):
-    n, c = pl.program_id(2), din_ref.shape[0]  # this kernel's n-th step is chunk N - 1 - n
+def _state_pass_backward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, gates_ref, states_ref, do_ref,
+                                dfinal_ref, dq_ref, dk_ref, dw_ref, du_ref, dattn_ref, dgates_ref, ds0_ref,
+                                dstate_ref):
+    n, c = pl.program_id(2), attn_ref.shape[0]
+    chunk = pl.num_programs(2) - 1 - n  # the chunks in reverse
 
     @pl.when(n == 0)
     def _():
@@ -110,7 +131,7 @@ def _state_pass_backward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, din_ref, d
     dt = w_ref.dtype
     s_op, ds_op = s.astype(dt), ds.astype(dt)
     q, k, w, attn = q_ref[...], k_ref[...], w_ref[...], attn_ref[...]
-    din, dout = din_ref[...], dout_ref[...]
+    din, dout, state_decay = _gates(gates_ref, chunk, c)
     do = do_ref[...]
     do_f = do.astype(_F32)
 
@@ -128,11 +149,11 @@ def _state_pass_backward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, din_ref, d
     # decay_in's last entry also scales the state: its gradient takes sum(S * dS') on top.
     last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     state_decay_grad = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)
-    ddin_ref[...] = (jnp.sum(do_f * _dot(q, s_op), axis=1, keepdims=True)
-                     + jnp.where(last, state_decay_grad, 0.0))
-    ddout_ref[...] = jnp.sum(v_new * k_ds, axis=1, keepdims=True)
+    ddin = jnp.sum(do_f * _dot(q, s_op), axis=1, keepdims=True) + jnp.where(last, state_decay_grad, 0.0)
+    dgates_ref[pl.ds(chunk, 1), pl.ds(0, c)] = _row(ddin)
+    dgates_ref[pl.ds(chunk, 1), pl.ds(c, c)] = _row(jnp.sum(v_new * k_ds, axis=1, keepdims=True))
 
-    ds_prev = din[c - 1:c, :] * ds + _dot(q, dq_in, _TN) - _dot(w, dv_new_op, _TN)
+    ds_prev = state_decay * ds + _dot(q, dq_in, _TN) - _dot(w, dv_new_op, _TN)
     dstate_ref[...] = ds_prev
 
     @pl.when(n == pl.num_programs(2) - 1)
@@ -149,16 +170,19 @@ def _specs(q, w, *, reverse=False):
     per_head = lambda d: pl.BlockSpec((None, None, None, c, d), lambda bi, h, i: (bi, h, chunk(i), 0, 0))
     per_chunk_state = lambda dv: pl.BlockSpec((None, None, None, dk, dv), lambda bi, h, i: (bi, h, chunk(i), 0, 0))
     state = lambda dv: pl.BlockSpec((None, None, dk, dv), lambda bi, h, i: (bi, h, 0, 0))
-    return qk, per_head, per_chunk_state, state
+    # The gates of all chunks of a (row, head): [N, 2C], resident in VMEM while the chunks pass; a kernel
+    # step reads (or writes) its chunk's row. Per chunk [C, 1] blocks would pad each value to 128 lanes in HBM.
+    gates = pl.BlockSpec((None, None, n, 2 * c), lambda bi, h, i: (bi, h, 0, 0))
+    return qk, per_head, per_chunk_state, state, gates
 
 
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _forward_call(q, k, w, u, attn, din, dout, s0, *, out_dtype, emit_output, emit_states, interpret):
+def _forward_call(q, k, w, u, attn, gates, s0, *, out_dtype, emit_output, emit_states, interpret):
     b, hv, n, c, dk = w.shape
     dv = u.shape[-1]
-    qk, per_head, per_chunk_state, state = _specs(q, w)
+    qk, per_head, per_chunk_state, state, gates_spec = _specs(q, w)
     out_shape, out_specs = [], []
     if emit_output:
         out_shape += [jax.ShapeDtypeStruct(u.shape, out_dtype), jax.ShapeDtypeStruct(s0.shape, _F32)]
@@ -171,56 +195,56 @@ def _forward_call(q, k, w, u, attn, din, dout, s0, *, out_dtype, emit_output, em
         kernel, out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(b, hv, n),
-            in_specs=[qk, qk, per_head(dk), per_head(dv), per_head(c), per_head(1), per_head(1), state(dv)],
+            in_specs=[qk, qk, per_head(dk), per_head(dv), per_head(c), gates_spec, state(dv)],
             out_specs=out_specs, scratch_shapes=[pltpu.VMEM((dk, dv), _F32)]),
         compiler_params=_SEMANTICS, interpret=_interpret(interpret),
-    )(q, k, w, u, attn, din, dout, s0)
+    )(q, k, w, u, attn, gates, s0)
 
 
-def _backward_call(q, k, w, u, attn, din, dout, states, do, dfinal, *, interpret):
+def _backward_call(q, k, w, u, attn, gates, states, do, dfinal, *, interpret):
     b, hv, n, c, dk = w.shape
     dv = u.shape[-1]
-    qk, per_head, per_chunk_state, state = _specs(q, w, reverse=True)
+    qk, per_head, per_chunk_state, state, gates_spec = _specs(q, w, reverse=True)
     per_value_head = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
     return pl.pallas_call(
         _state_pass_backward_kernel,
         out_shape=[jax.ShapeDtypeStruct(w.shape, _F32), jax.ShapeDtypeStruct(w.shape, _F32),  # dq, dk per HV
-                   per_value_head(w), per_value_head(u), per_value_head(attn), per_value_head(din),
-                   per_value_head(dout), per_value_head(dfinal)],
+                   per_value_head(w), per_value_head(u), per_value_head(attn), per_value_head(gates),
+                   per_value_head(dfinal)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(b, hv, n),
-            in_specs=[qk, qk, per_head(dk), per_head(dv), per_head(c), per_head(1), per_head(1),
-                      per_chunk_state(dv), per_head(dv), state(dv)],
-            out_specs=[per_head(dk), per_head(dk), per_head(dk), per_head(dv), per_head(c), per_head(1),
-                       per_head(1), state(dv)],
+            in_specs=[qk, qk, per_head(dk), per_head(dv), per_head(c), gates_spec, per_chunk_state(dv),
+                      per_head(dv), state(dv)],
+            out_specs=[per_head(dk), per_head(dk), per_head(dk), per_head(dv), per_head(c), gates_spec,
+                       state(dv)],
             scratch_shapes=[pltpu.VMEM((dk, dv), _F32)]),
         compiler_params=_SEMANTICS, interpret=_interpret(interpret),
-    )(q, k, w, u, attn, din, dout, states, do, dfinal)
+    )(q, k, w, u, attn, gates, states, do, dfinal)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _state_pass(q, k, w, u, attn, din, dout, s0, out_dtype, save_states, interpret):
-    return _forward_call(q, k, w, u, attn, din, dout, s0, out_dtype=out_dtype, emit_output=True,
-                         emit_states=False, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _state_pass(q, k, w, u, attn, gates, s0, out_dtype, save_states, interpret):
+    return _forward_call(q, k, w, u, attn, gates, s0, out_dtype=out_dtype, emit_output=True, emit_states=False,
+                         interpret=interpret)
 
 
-def _state_pass_fwd(q, k, w, u, attn, din, dout, s0, out_dtype, save_states, interpret):
-    o, final, *states = _forward_call(q, k, w, u, attn, din, dout, s0, out_dtype=out_dtype, emit_output=True,
+def _state_pass_fwd(q, k, w, u, attn, gates, s0, out_dtype, save_states, interpret):
+    o, final, *states = _forward_call(q, k, w, u, attn, gates, s0, out_dtype=out_dtype, emit_output=True,
                                       emit_states=save_states, interpret=interpret)
-    return (o, final), (q, k, w, u, attn, din, dout, s0, states[0] if save_states else None)
+    return (o, final), (q, k, w, u, attn, gates, s0, states[0] if save_states else None)
 
 
 def _state_pass_bwd(out_dtype, save_states, interpret, residuals, cotangents):
-    q, k, w, u, attn, din, dout, s0, states = residuals
+    q, k, w, u, attn, gates, s0, states = residuals
     do, dfinal = cotangents
     if states is None:
-        (states,) = _forward_call(q, k, w, u, attn, din, dout, s0, out_dtype=out_dtype, emit_output=False,
+        (states,) = _forward_call(q, k, w, u, attn, gates, s0, out_dtype=out_dtype, emit_output=False,
                                   emit_states=True, interpret=interpret)
-    dq, dk, dw, du, dattn, ddin, ddout, ds0 = _backward_call(q, k, w, u, attn, din, dout, states, do,
-                                                             dfinal.astype(_F32), interpret=interpret)
+    dq, dk, dw, du, dattn, dgates, ds0 = _backward_call(q, k, w, u, attn, gates, states, do, dfinal.astype(_F32),
+                                                        interpret=interpret)
     # Value heads that share a q/k head: their gradients add up.
     group_sum = lambda x: x.reshape(q.shape[:2] + (-1,) + x.shape[2:]).sum(axis=2).astype(q.dtype)
-    return group_sum(dq), group_sum(dk), dw, du, dattn, ddin, ddout, ds0
+    return group_sum(dq), group_sum(dk), dw, du, dattn, dgates, ds0
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -241,8 +265,9 @@ def gated_delta_rule_chunked_tpu(q, k, v, g, beta, *, chunk_size=64, scale=None,
     state0 = check_initial_state(initial_state, k, v)
     operand = jnp.bfloat16 if v.dtype == jnp.bfloat16 else _F32
     cast = lambda a: a.astype(operand)
-    o, final_state = _state_pass(cast(x.q), cast(x.k), cast(x.w), cast(x.u), cast(x.attn),
-                                 x.decay_in[..., None], x.decay_out[..., None], state0, jnp.dtype(v.dtype),
+    gates = jnp.concatenate([x.decay_in, x.decay_out], axis=-1)  # [B, HV, N, 2C]
+    o, final_state = _state_pass(cast(x.q), cast(x.k), cast(x.w), cast(x.u), cast(x.attn), gates, state0,
+                                 jnp.dtype(v.dtype),
                                  SAVE_STATES if save_states is None else bool(save_states), bool(interpret))
     return from_chunks(o, t, v.dtype), final_state
 

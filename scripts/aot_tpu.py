@@ -1,0 +1,92 @@
+"""Compile the gated delta rule for a TPU topology on this host (libtpu compile-only devices) and print XLA's
+memory and cost figures: the Pallas kernels against the XLA chunked path, alone and in a model's forward + backward.
+
+    python scripts/aot_tpu.py                                   # v5e, kernels at the 9B and 397B GDN shapes
+    python scripts/aot_tpu.py --topology v5p:2x2x1 --model qwen3.5-0.8b --layers 4 --batch 8 --seq 2048
+
+Needs libtpu (`pip install "jax[tpu]==<your jax version>"`); no TPU. Memory is per device. "recompute" and
+"save" are the kernel's two ways to give its backward the per-chunk states (`SAVE_STATES` in
+pallas_kernels/gated_delta_rule/tpu.py). XLA cannot see inside a Mosaic kernel: its flops and bytes leave out the
+kernel's own work, so they compare only the XLA parts of the programs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VARIANTS = [("xla", "xla", False), ("kernel, recompute", "pallas_tpu", False), ("kernel, save", "pallas_tpu", True)]
+
+
+def _row(program, variant, report, seconds):
+    mib = lambda b: f"{b / 2**20:,.0f}"
+    print(f"| {program} | {variant} | {mib(report['temp_bytes'])} | {mib(report['argument_bytes'])} | "
+          f"{mib(report['output_bytes'])} | {report['flops']:.3g} | {report['bytes_accessed']:.3g} | {seconds:.0f} |",
+          flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topology", default="v5e:2x2")
+    p.add_argument("--tokens", type=int, default=16384, help="B*T of the kernel-alone programs")
+    p.add_argument("--seq", type=int, default=4096, help="T of the kernel-alone programs, and of the model's")
+    p.add_argument("--model", default=None, help="also a full model forward + backward: config file or name")
+    p.add_argument("--layers", type=int, default=None, help="override the model's num_hidden_layers")
+    p.add_argument("--batch", type=int, default=4, help="model batch (rows of --seq tokens)")
+    p.add_argument("--mesh", default=None, help="model mesh over the topology's devices (default: all fsdp)")
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.gated_delta_rule import tpu as gdr_tpu
+    from qwenjax import aot
+    from qwenjax.cli import resolve_config
+    from qwenjax.config import load_config
+    from qwenjax.ops.gated_delta_rule import IMPLEMENTATIONS
+
+    devices = aot.topology_devices(args.topology)
+    print(f"topology {args.topology} ({devices[0].device_kind}, {len(devices)} chips), jax {jax.__version__}; "
+          "memory in MiB per device\n")
+    print("| program | gated delta rule | temp | arguments | outputs | flops | bytes accessed | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    one = jax.sharding.SingleDeviceSharding(devices[0])
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    b, t = args.tokens // args.seq, args.seq
+    for label, hv in (("9B/35B GDN (16 q/k, 32 v heads)", 32), ("397B GDN (16 q/k, 64 v heads)", 64)):
+        shapes = [((b, t, 16, 128), bf16), ((b, t, 16, 128), bf16), ((b, t, hv, 128), bf16), ((b, t, hv), f32),
+                  ((b, t, hv), f32)]
+        inputs = [jax.ShapeDtypeStruct(s, d, sharding=one) for s, d in shapes]
+        for variant, name, save in VARIANTS:
+            gdr_tpu.SAVE_STATES = save
+            fn = IMPLEMENTATIONS[name][0]
+            loss = lambda *a: sum(jnp.sum(x.astype(f32)) for x in fn(*a))
+            programs = [("forward", fn), ("forward+backward", jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))]
+            for program, f in programs:
+                if program == "forward" and save:
+                    continue  # the forward alone does not keep states
+                t0 = time.perf_counter()
+                compiled = jax.jit(f).lower(*inputs).compile()
+                _row(f"{label}, B={b} T={t}, {program}", variant, aot.summary(compiled), time.perf_counter() - t0)
+
+    if args.model:
+        cfg = load_config(resolve_config(args.model))
+        if args.layers:
+            cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
+        for variant, name, save in VARIANTS:
+            gdr_tpu.SAVE_STATES = save
+            t0 = time.perf_counter()
+            compiled = aot.compile_forward_backward(cfg, args.topology, mesh=args.mesh, batch=args.batch,
+                                                    seq=args.seq, gdr=name)
+            _row(f"{args.model} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq}, mesh "
+                 f"{args.mesh or 'fsdp'}, forward+backward", variant, aot.summary(compiled),
+                 time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
