@@ -148,6 +148,8 @@ class Qwen35Config:
             need(0 < self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
                  f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive for an MoE model")
+            need(self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size",
+                 "must be positive for a Qwen3.5-MoE model (every layer has a gated shared expert)")
         else:
             need(self.intermediate_size > 0, "intermediate_size", f"must be positive, got {self.intermediate_size}")
         need(self.layout in ("text", "multimodal"), "layout", f"unknown layout {self.layout!r}")

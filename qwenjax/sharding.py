@@ -26,7 +26,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # outside the MoE, expert-parallel shards split the batch
     "seq": None,
     "act_embed": None,
     # parameters
@@ -41,6 +41,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "gdn_heads": "tensor",   # GDN value heads (in_proj_a/b, A_log, dt_bias)
     "conv_kernel": None,
     "experts": "expert",
+    "expert_mlp": None,      # an expert's fused gate|up rows (a split would part gate from up)
 }
 
 

@@ -19,6 +19,8 @@ TINY_TEXT = dict(
                      "mrope_section": [11, 11, 10], "mrope_interleaved": True},
 )
 
+TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
+
 TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
                    num_position_embeddings=16, temporal_patch_size=2, spatial_merge_size=2)
 
@@ -58,26 +60,62 @@ def randomize_(model, seed: int = 0) -> None:
 
 def make_hf_checkpoint(path: str | os.PathLike, *, multimodal: bool = False, dtype: str = "float32",
                        seed: int = 0, randomize: bool = True, max_shard_size: str | None = None,
-                       **text_overrides: Any):
-    """Writes a random Qwen3.5 checkpoint with `save_pretrained` and returns the transformers model (eval mode)."""
+                       fused_experts: bool = False, **text_overrides: Any):
+    """Writes a random Qwen3.5 checkpoint with `save_pretrained` and returns the transformers model (eval mode).
+
+    `num_experts` among the overrides makes it a Qwen3.5-MoE model (`TINY_MOE` fills the other MoE fields).
+    `save_pretrained` stores experts one tensor each; `fused_experts` rewrites them in the stacked layout
+    (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) that checkpoints also use.
+    """
     import torch
-    from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
-                              Qwen3_5TextConfig)
+    import transformers as tf
 
     torch.manual_seed(seed)
     text = {**TINY_TEXT, **text_overrides}
+    moe = bool(text.get("num_experts"))
+    if moe:
+        text = {**TINY_MOE, **text}
+        text.pop("intermediate_size")
+    kind = "Qwen3_5Moe" if moe else "Qwen3_5"
     if multimodal:
         tie = text.pop("tie_word_embeddings", False)
-        config = Qwen3_5Config(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=tie)
-        model = Qwen3_5ForConditionalGeneration(config)
+        config = getattr(tf, f"{kind}Config")(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=tie)
+        model = getattr(tf, f"{kind}ForConditionalGeneration")(config)
     else:
-        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text))
+        model = getattr(tf, f"{kind}ForCausalLM")(getattr(tf, f"{kind}TextConfig")(**text))
     if randomize:
         randomize_(model, seed)
     model = model.to(getattr(torch, dtype)).eval()
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(os.fspath(path), **kwargs)
+    if fused_experts:
+        fuse_experts_(path)
     return model
+
+
+def fuse_experts_(path: str | os.PathLike) -> None:
+    """Rewrites a single-file checkpoint's per-expert tensors as stacked `gate_up_proj` / `down_proj`."""
+    import re
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    file = os.path.join(os.fspath(path), "model.safetensors")
+    tensors = load_file(file)
+    experts: dict[str, dict[int, dict[str, Any]]] = {}
+    out = {}
+    for name, value in tensors.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = value
+        else:
+            out[name] = value
+    for base, per in experts.items():
+        order = sorted(per)
+        out[f"{base}.gate_up_proj"] = np.stack([np.concatenate([per[e]["gate_proj"], per[e]["up_proj"]])
+                                                for e in order])
+        out[f"{base}.down_proj"] = np.stack([per[e]["down_proj"] for e in order])
+    save_file(out, file, metadata={"format": "pt"})
 
 
 def hf_text_model(config: str, dtype: str = "float32", layers: int | None = None, seed: int = 0):

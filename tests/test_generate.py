@@ -18,6 +18,7 @@ CASES = {  # GVA ratio (value heads / key heads) 1, 2, 3; prompts crossing the 6
     "gva1": dict(linear_num_key_heads=2, linear_num_value_heads=2),
     "gva2-tied": dict(tie_word_embeddings=True, multimodal=True),
     "gva3-8layers": dict(linear_num_key_heads=2, linear_num_value_heads=6, num_hidden_layers=8),
+    "moe-e8-top2": dict(num_experts=8),  # Qwen3.5-MoE: routed + shared experts in every layer
 }
 PROMPT_LENGTHS = (70, 5, 131, 1)
 

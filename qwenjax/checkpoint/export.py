@@ -1,7 +1,7 @@
 """Export to a Hugging Face checkpoint directory: the inverse of `load_params`.
 
 Every parameter goes back under the key it was loaded from (the source's layout: `model.language_model.*` or
-`model.*`), in the dtype the source stored it in. Tensors qwenjax keeps aside (`model.visual.*`, `mtp.*`) are
+`model.*`; MoE experts stacked or one tensor per expert), in the dtype the source stored it in. Tensors qwenjax keeps aside (`model.visual.*`, `mtp.*`) are
 copied from the source files byte for byte. The side files a user needs to run the result (config, tokenizer,
 chat template, generation config, processor configs) are copied too. Large checkpoints are sharded with an index,
 as `save_pretrained` does. The directory appears complete or not at all: it is written under a temporary name
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from qwenjax import _compat
-from qwenjax.checkpoint.hf import CheckpointIndex, _text_prefix, hf_key
+from qwenjax.checkpoint.hf import CheckpointIndex, _text_prefix, hf_key, per_expert_parts, stored_per_expert
 from qwenjax.checkpoint.safetensors_io import DTYPES, save_file
 from qwenjax.config import config_to_hf_dict
 
@@ -42,8 +42,9 @@ def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
     """Writes model `m` (or `params` in its architecture: trained, LoRA-merged) as a HF checkpoint directory.
 
     Returns the directory. With a source checkpoint (`m` from `from_pretrained`), keys, dtypes, kept-aside
-    tensors and side files come from it; without one (`from_config`), the layout is `Qwen3_5ForCausalLM`'s
-    and only config.json is written.
+    tensors and side files come from it; without one (`from_config`), the layout is what transformers'
+    `save_pretrained` writes for `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` (experts one tensor each), and
+    only config.json is written.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
@@ -81,7 +82,8 @@ def _write(m, out_dir: str, params: nnx.State, max_shard_bytes: int) -> None:
                 shutil.copy2(os.path.join(m.source, name), os.path.join(tmp, name))
         if not os.path.isfile(os.path.join(tmp, "config.json")):
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({"architectures": ["Qwen3_5ForCausalLM"], **config_to_hf_dict(m.config)}, f, indent=2)
+                arch = "Qwen3_5MoeForCausalLM" if m.config.is_moe else "Qwen3_5ForCausalLM"
+                json.dump({"architectures": [arch], **config_to_hf_dict(m.config)}, f, indent=2)
         if os.path.exists(out_dir):  # overwrite: move the old one away first, so a failure leaves one of them
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "d"))
@@ -105,9 +107,12 @@ def _param_tensors(params: nnx.State, prefix: str,
         # an array spread over several processes is gathered from all of them (each must be here to send)
         value = np.asarray(jax.device_get(value) if value.is_fully_addressable
                            else multihost_utils.process_allgather(value, tiled=True))
-        if source is not None and key in source.where:
-            value = value.astype(DTYPES[source.info(key).dtype])  # the source's storage dtype
-        yield key, value
+        parts = per_expert_parts(key, value.shape) if source is None else stored_per_expert(key, value.shape,
+                                                                                                source.where)
+        for name, piece in ((key, value),) if not parts else ((p, value[e, rows]) for p, e, rows in parts):
+            if source is not None and name in source.where:
+                piece = piece.astype(DTYPES[source.info(name).dtype])  # the source's storage dtype
+            yield name, np.ascontiguousarray(piece)
 
 
 def _write_shards(out: str, tensors: Iterator[tuple[str, np.ndarray]],

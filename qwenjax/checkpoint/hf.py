@@ -1,6 +1,8 @@
 """Loading Hugging Face Qwen3.5 checkpoints (local directories) into sharded qwenjax parameters.
 
-Keys map 1:1 onto the NNX module tree (see `qwenjax.model.qwen35`), after the text prefix. Tensors are read through memory maps and placed shard by shard with
+Keys map 1:1 onto the NNX module tree (see `qwenjax.model.qwen35`), after the text prefix; MoE experts are read from
+either layout found in the wild (stacked `mlp.experts.gate_up_proj`, or one tensor per expert and projection,
+see `per_expert_parts`). Tensors are read through memory maps and placed shard by shard with
 `jax.make_array_from_callback`, so host memory peaks near one parameter, not the model (and each host of a
 multi-host mesh reads only the shards it holds). Every problem (missing, unexpected, mis-shaped tensors) is found
 before any tensor is read and reported together.
@@ -102,6 +104,28 @@ def hf_key(path: tuple, prefix: str) -> str:
     return prefix + ".".join(map(str, path))
 
 
+def per_expert_parts(key: str, shape) -> list[tuple[str, int, slice]] | None:
+    """The per-expert layout of a stacked expert parameter, as (key, expert, rows of that expert's slab):
+    `…mlp.experts.gate_up_proj` [E, 2I, H] is each expert's `gate_proj.weight` (rows :I) and `up_proj.weight`
+    (rows I:); `…mlp.experts.down_proj` [E, H, I] is each expert's `down_proj.weight`. None for other keys."""
+    base, _, name = key.rpartition(".")
+    if not base.endswith("mlp.experts") or len(shape) != 3:
+        return None
+    if name == "gate_up_proj":
+        i = shape[1] // 2
+        return [(f"{base}.{e}.{proj}.weight", e, slice(j * i, (j + 1) * i))
+                for e in range(shape[0]) for j, proj in enumerate(("gate_proj", "up_proj"))]
+    if name == "down_proj":
+        return [(f"{base}.{e}.down_proj.weight", e, slice(0, shape[1])) for e in range(shape[0])]
+    return None
+
+
+def stored_per_expert(key: str, shape, keys) -> list[tuple[str, int, slice]] | None:
+    """The parts of `key` when the checkpoint whose tensor names are `keys` stores it per expert, else None."""
+    parts = per_expert_parts(key, shape)
+    return parts if parts and key not in keys and parts[0][0] in keys else None
+
+
 @dataclass
 class LoadedCheckpoint:
     params: nnx.State
@@ -119,6 +143,22 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
         for var_path, var in _compat.variable_items(abstract_state):
             k = hf_key(var_path, prefix)
             want = tuple(_compat.variable_value(var).shape)
+            parts = stored_per_expert(k, want, index.where)
+            if parts:
+                plan[var_path] = parts
+                for part, _, rows in parts:
+                    expected.add(part)
+                    part_shape = (rows.stop - rows.start, want[2])
+                    if part not in index.where:
+                        problems.append(f"missing tensor {part!r} (expected shape {list(part_shape)}; the "
+                                        f"checkpoint stores {k.rpartition('.')[0]} per expert)")
+                    elif index.info(part).shape != part_shape:
+                        problems.append(f"tensor {part!r} has shape {list(index.info(part).shape)}, "
+                                        f"expected {list(part_shape)}")
+                    elif index.info(part).dtype not in LOADABLE_DTYPES:
+                        problems.append(f"tensor {part!r} has dtype {index.info(part).dtype}; loadable: "
+                                        f"{', '.join(LOADABLE_DTYPES)}")
+                continue
             expected.add(k)
             plan[var_path] = k
             if k not in index.where:
@@ -145,7 +185,8 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
 
         def read(var_path, var):
             value = _compat.variable_value(var)
-            return _read(index, plan[var_path], value.shape, np.dtype(value.dtype), shardings[var_path])
+            read_one = _read if isinstance(plan[var_path], str) else _read_per_expert
+            return read_one(index, plan[var_path], value.shape, np.dtype(value.dtype), shardings[var_path])
 
         params = _compat.replace_values(abstract_state, read)
         return LoadedCheckpoint(params=params, aside=aside, prefix=prefix)
@@ -168,6 +209,26 @@ def _read(index: CheckpointIndex, key: str, shape, dtype: np.dtype, sharding) ->
         out = _aligned_empty(src.shape, dtype)
         out[...] = src
         index.release(key)
+        return out
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
+def _read_per_expert(index: CheckpointIndex, parts, shape, dtype: np.dtype, sharding) -> jax.Array:
+    """A stacked expert parameter [E, ...] from one tensor per expert (and projection), shard by shard."""
+    by_expert: dict[int, list[tuple[str, slice]]] = {}
+    for key, e, rows in parts:
+        by_expert.setdefault(e, []).append((key, rows))
+
+    def shard(idx):
+        experts = range(shape[0])[idx[0]]
+        out = _aligned_empty((len(experts), *(len(range(n)[i]) for n, i in zip(shape[1:], idx[1:]))), dtype)
+        slab = np.empty(shape[1:], dtype)
+        for j, e in enumerate(experts):
+            for key, rows in by_expert[e]:
+                slab[rows] = index.get(key)
+                index.release(key)
+            out[j] = slab[idx[1:]]
         return out
 
     return jax.make_array_from_callback(tuple(shape), sharding, shard)

@@ -25,6 +25,7 @@ from qwenjax.model.attention import Attention
 from qwenjax.model.cache import AttentionCache, Cache, GatedDeltaNetCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet
 from qwenjax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
+from qwenjax.model.moe import RouterStats, SparseMoeBlock
 from qwenjax.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -73,11 +74,13 @@ class DecoderLayer(nnx.Module):
             self.linear_attn = GatedDeltaNet(cfg, **kw)
         else:
             self.self_attn = Attention(cfg, **kw)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.is_moe = cfg.is_moe
+        self.mlp = SparseMoeBlock(cfg, **kw) if cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, inputs: LayerInputs,
                  cache: AttentionCache | GatedDeltaNetCache | None = None):
+        """(x after the layer, the updated cache, the MoE routing's stats or None for a dense layer)."""
         h = self.input_layernorm(x)
         if self.is_linear:
             h, cache = self.linear_attn(h, valid=inputs.valid, documents=inputs.documents, cache=cache)
@@ -85,14 +88,17 @@ class DecoderLayer(nnx.Module):
             h, cache = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask, cache=cache,
                                       write_index=inputs.write_index, attend_cache=inputs.attend_cache)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "seq", "act_embed")), cache
+        h = self.post_attention_layernorm(x)
+        stats = None
+        if self.is_moe:
+            h, stats = self.mlp(h, inputs.valid)
+        else:
+            h = self.mlp(h)
+        return constrain(x + h, ("batch", "seq", "act_embed")), cache, stats
 
 
 class Qwen35ForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
-        if cfg.is_moe:
-            raise NotImplementedError("Qwen3.5-MoE models are not implemented yet (config has num_experts > 0)")
         self.config = cfg
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
@@ -108,8 +114,9 @@ class Qwen35ForCausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None, remat: str = "none",
-                 logits_to_keep: int = 0, scan_layers: bool = True) -> jax.Array:
-        """Logits [B, T, vocab] for input_ids [B, T].
+                 logits_to_keep: int = 0, scan_layers: bool = True, router_stats: bool = False):
+        """Logits [B, T, vocab] for input_ids [B, T]; with `router_stats`, (logits, `RouterStats` summed over
+        the layers) for an MoE model's auxiliary losses (`qwenjax.train.loss.load_balancing_loss`).
 
         Args:
           attention_mask: [B, T], 1 for real tokens and 0 for padding (right padding).
@@ -136,18 +143,29 @@ class Qwen35ForCausalLM(nnx.Module):
         inputs = LayerInputs(cos=cos, sin=sin, mask=_causal_mask(t, valid, documents), valid=valid,
                              documents=documents)
 
+        if router_stats and not self.config.is_moe:
+            raise ValueError("router_stats=True: this is a dense model (config has num_experts = 0)")
         x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
-        x = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
+        x, stats = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return constrain(self.logits(x), ("batch", "seq", "vocab"))
+        logits = constrain(self.logits(x), ("batch", "seq", "vocab"))
+        return (logits, stats) if router_stats else logits
+
+    def _zero_stats(self) -> RouterStats | None:
+        if not self.config.is_moe:
+            return None
+        e = self.config.num_experts
+        return RouterStats(jnp.zeros((e,)), jnp.zeros((e,)), jnp.zeros(()), jnp.zeros(()))
 
     def _unrolled(self, x, inputs, remat):
         policy = REMAT_POLICIES[remat]
+        total = self._zero_stats()
         for layer in self.layers:
-            run = (lambda h, layer=layer: layer(h, inputs)[0])
-            x = run(x) if policy is None else jax.checkpoint(run, policy=policy)(x)
-        return x
+            run = (lambda h, layer=layer: _drop_cache(layer(h, inputs)))
+            x, stats = run(x) if policy is None else jax.checkpoint(run, policy=policy)(x)
+            total = None if stats is None else total + stats
+        return x, total
 
     def _scan_periods(self, x, inputs, remat):
         period = len(self.config.block_pattern)
@@ -156,14 +174,16 @@ class Qwen35ForCausalLM(nnx.Module):
         periods = [nnx.state(nnx.List(layers[i:i + period])) for i in range(0, len(layers), period)]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *periods)
 
-        def body(h, period_state):
+        def body(carry, period_state):
+            h, total = carry
             for layer in nnx.merge(graphdef, period_state):
-                h, _ = layer(h, inputs)
-            return h, None
+                h, stats = _drop_cache(layer(h, inputs))
+                total = None if stats is None else total + stats
+            return (h, total), None
 
         if REMAT_POLICIES[remat] is not None:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
-        return jax.lax.scan(body, x, stacked)[0]
+        return jax.lax.scan(body, (x, self._zero_stats()), stacked)[0]
 
     def extend(self, input_ids: jax.Array, cache: Cache, *, attention_mask: jax.Array | None = None,
                fresh: bool = False) -> tuple[jax.Array, Cache]:
@@ -192,8 +212,13 @@ class Qwen35ForCausalLM(nnx.Module):
         x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
         new_layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer(x, inputs, layer_cache)
+            x, layer_cache, _ = layer(x, inputs, layer_cache)
             new_layers.append(layer_cache)
         last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
         logits = self.logits(last)[:, 0]
         return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+
+
+def _drop_cache(out):
+    x, _, stats = out
+    return x, stats

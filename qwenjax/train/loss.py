@@ -1,4 +1,4 @@
-"""Next-token cross-entropy over a batch, with a loss mask and packed rows.
+"""Next-token cross-entropy over a batch, with a loss mask and packed rows; the MoE router's auxiliary losses.
 
 Position t predicts token t+1. A prediction counts when its target is a real token the loss mask selects (e.g.
 assistant tokens of chat data) and, in a packed row, belongs to the same document as position t: the last token
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from qwenjax.model.moe import RouterStats
 
 
 def token_losses(logits: jax.Array, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
@@ -42,3 +44,16 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, **masks) -> tuple[j
     gradient accumulation weighs every token alike."""
     nll, weight = token_losses(logits, input_ids, **masks)
     return jnp.sum(nll * weight), jnp.sum(weight)
+
+
+def load_balancing_loss(stats: RouterStats) -> jax.Array:
+    """The Switch Transformer balance loss as transformers' `load_balancing_loss_func` computes it:
+    E · Σ_e f_e · P_e, where f_e is expert e's share of the top-k selections (Σ_e f_e = k) and P_e its mean router
+    probability, both over every token of every layer (`stats` summed over the layers)."""
+    tokens = jnp.maximum(stats.tokens, 1.0)
+    return stats.counts.shape[0] * jnp.sum((stats.counts / tokens) * (stats.probs / tokens))
+
+
+def router_z_loss(stats: RouterStats) -> jax.Array:
+    """ST-MoE's router z-loss: the mean over tokens (and layers) of logsumexp(router logits)²."""
+    return stats.z / jnp.maximum(stats.tokens, 1.0)

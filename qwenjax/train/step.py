@@ -26,7 +26,7 @@ from qwenjax import _compat
 from qwenjax.model.layers import LoRAParam
 from qwenjax.model.qwen35 import REMAT_POLICIES
 from qwenjax.sharding import ShardingRules, activation_sharding
-from qwenjax.train.loss import next_token_loss
+from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
 
@@ -46,6 +46,10 @@ class TrainConfig:
     remat: str = "none"               # "none", "full" or "dots" (the model's REMAT_POLICIES)
     master_fp32: bool = False
     seed: int = 0                     # dropout masks (LoRA dropout) differ per step and micro-batch
+    # MoE models: loss += router_aux_loss_coef · load-balancing loss (None: the model config's
+    # `router_aux_loss_coef`, as transformers adds it) + router_z_loss_coef · router z-loss.
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -145,9 +149,15 @@ def accumulated_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig, params: nnx.
         model = nnx.merge(graphdef, *(s for s in (params, rest, fresh_rngs) if s is not None))
         model.train()  # dropout on (LoRA's); the base model has none
         nnx.reseed(model, dropout=jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), step), index))
-        logits = model(mb["input_ids"], attention_mask=masks.get("attention_mask"),
-                       segment_ids=masks.get("segment_ids"), remat=cfg.remat)
-        return next_token_loss(logits, mb["input_ids"], **masks)
+        kw = dict(attention_mask=masks.get("attention_mask"), segment_ids=masks.get("segment_ids"), remat=cfg.remat)
+        if not model.config.is_moe:
+            return next_token_loss(model(mb["input_ids"], **kw), mb["input_ids"], **masks)
+        logits, stats = model(mb["input_ids"], router_stats=True, **kw)
+        total, count = next_token_loss(logits, mb["input_ids"], **masks)
+        aux_coef = model.config.router_aux_loss_coef if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
+        # the sum is divided by the token count later: scaling by it adds coef · aux to the mean loss
+        aux = aux_coef * load_balancing_loss(stats) + cfg.router_z_loss_coef * router_z_loss(stats)
+        return total + aux * count, count
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 

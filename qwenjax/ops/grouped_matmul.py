@@ -1,0 +1,50 @@
+"""Grouped matmul as the MoE calls it: one function that picks an implementation.
+
+`grouped_matmul(lhs [M, K], rhs [G, N, K], group_sizes [G])` → [M, N] fp32: rows of group g (the g-th run of
+`group_sizes[g]` rows) times rhs[g]ᵀ; rows past sum(group_sizes) are zero. rhs is in the checkpoint's
+[out, in] orientation, so no weight is ever transposed.
+
+- "ragged_dot": `jax.lax.ragged_dot_general` (XLA; the fallback everywhere).
+"auto" (the default) takes "ragged_dot". `QWENJAX_GROUPED_MATMUL=<name>` or the `implementation` argument forces
+one; the choice is made when a function is traced.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+ENV = "QWENJAX_GROUPED_MATMUL"
+
+_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def grouped_matmul_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
+    return jax.lax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes, _DIMS, precision=precision,
+                                      preferred_element_type=jnp.float32)
+
+
+IMPLEMENTATIONS = {"ragged_dot": grouped_matmul_xla}
+
+
+def resolve(name: str | None = None) -> str:
+    """The implementation `name` (default: $QWENJAX_GROUPED_MATMUL, else "auto") stands for on this backend."""
+    name = name or os.environ.get(ENV) or "auto"
+    if name == "auto":
+        return "ragged_dot"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"grouped matmul implementation {name!r} (argument or ${ENV}): choose one of "
+                         f"{['auto', *IMPLEMENTATIONS]}")
+    return name
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                   implementation: str | None = None) -> jax.Array:
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[2] or group_sizes.shape != rhs.shape[:1]:
+        raise ValueError(f"grouped_matmul: lhs [M, K], rhs [G, N, K], group_sizes [G]; got lhs {lhs.shape}, "
+                         f"rhs {rhs.shape}, group_sizes {group_sizes.shape}")
+    return IMPLEMENTATIONS[resolve(implementation)](lhs, rhs, group_sizes.astype(jnp.int32))
