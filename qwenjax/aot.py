@@ -6,11 +6,13 @@
 
 Needs `libtpu` (`pip install "jax[tpu]==<your jax version>"`); no TPU. Nothing is allocated: parameters and
 batches are shapes with shardings over the topology's devices. JAX's default backend stays the host's, so the
-gated delta rule is named explicitly (`gdr`, default the Mosaic kernels) rather than chosen by backend.
+kernels are named explicitly (`gdr` for the gated delta rule, `gmm` for the MoE grouped matmul; default the
+Mosaic kernels) rather than chosen by backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -21,6 +23,7 @@ from flax import nnx
 from qwenjax import _compat
 from qwenjax.config import Qwen35Config
 from qwenjax.ops import gated_delta_rule as gdr_op
+from qwenjax.ops import grouped_matmul as gmm_op
 from qwenjax.pretrained import _abstract, as_dtype
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
 from qwenjax.train.loss import next_token_loss
@@ -40,12 +43,30 @@ def topology_devices(name: str) -> list:
                            "compiling for TPU needs libtpu: pip install \"jax[tpu]==<your jax version>\"") from e
 
 
+@contextlib.contextmanager
+def _implementations(**chosen: str):
+    """Sets the kernels' environment overrides (read while tracing) for the duration."""
+    envs = {gdr_op.ENV: chosen["gdr"], gmm_op.ENV: chosen["gmm"]}
+    previous = {k: os.environ.get(k) for k in envs}
+    os.environ.update(envs)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
 def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | None = None, batch: int = 1,
                              seq: int = 2048, dtype: Any = jnp.bfloat16, remat: str = "none",
-                             gdr: str = "pallas_tpu", rules: ShardingRules | None = None):
-    """The compiled gradient of the next-token loss with respect to every parameter, for `topology`.
+                             gdr: str = "pallas_tpu", gmm: str = "pallas_tpu", rules: ShardingRules | None = None,
+                             backward: bool = True):
+    """The compiled gradient of the next-token loss with respect to every parameter, for `topology` (with
+    `backward=False`, the compiled forward: logits).
 
-    mesh: a mesh spec over the topology's devices ("fsdp=4,tensor=2"; default all on fsdp).
+    mesh: a mesh spec over the topology's devices ("fsdp=4,tensor=2", "fsdp=2,expert=8"; default all on fsdp).
     """
     devices = topology_devices(topology)
     mesh_ = make_mesh(mesh, devices)
@@ -63,16 +84,11 @@ def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | No
         total, count = next_token_loss(logits, ids)
         return total / count
 
-    previous = os.environ.get(gdr_op.ENV)
-    os.environ[gdr_op.ENV] = gdr  # read while tracing
-    try:
-        with activation_sharding(mesh_, rules):
-            lowered = jax.jit(jax.value_and_grad(loss)).lower(params, ids)
-    finally:
-        if previous is None:
-            del os.environ[gdr_op.ENV]
-        else:
-            os.environ[gdr_op.ENV] = previous
+    def forward(params, ids):
+        return nnx.merge(graphdef, params)(ids)
+
+    with _implementations(gdr=gdr, gmm=gmm), activation_sharding(mesh_, rules):
+        lowered = jax.jit(jax.value_and_grad(loss) if backward else forward).lower(params, ids)
     return lowered.compile()
 
 

@@ -163,3 +163,19 @@ def hf_logits(model, input_ids, attention_mask=None):
         out = model(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
                     attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)))
     return out.logits.float().numpy()
+
+
+def gradient_errors(got, want) -> tuple[dict[str, float], float]:
+    """Relative errors ‖got - want‖ / ‖want‖ per parameter ("layers.0.mlp.gate.weight": ...) and over all of
+    them together, for two gradient States of one model."""
+    import numpy as np
+
+    from qwenjax import _compat
+
+    per, diff, total = {}, 0.0, 0.0
+    for (path, a), (_, b) in zip(_compat.variable_items(got), _compat.variable_items(want)):
+        a = np.asarray(_compat.variable_value(a), np.float64)
+        b = np.asarray(_compat.variable_value(b), np.float64)
+        per[".".join(map(str, path))] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+        diff, total = diff + float(np.sum((a - b) ** 2)), total + float(np.sum(b ** 2))
+    return per, (diff / max(total, 1e-300)) ** 0.5

@@ -4,17 +4,22 @@
 `group_sizes[g]` rows) times rhs[g]ᵀ; rows past sum(group_sizes) are zero. rhs is in the checkpoint's
 [out, in] orientation, so no weight is ever transposed.
 
-- "ragged_dot": `jax.lax.ragged_dot_general` (XLA; the fallback everywhere).
-"auto" (the default) takes "ragged_dot". `QWENJAX_GROUPED_MATMUL=<name>` or the `implementation` argument forces
+- "ragged_dot": `jax.lax.ragged_dot_general` (XLA; the fallback everywhere);
+- "pallas_tpu": the megablox-style Mosaic kernels with their custom VJP (`pallas_kernels/grouped_matmul/tpu.py`);
+- "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests).
+"auto" (the default) takes "pallas_tpu" on TPU and "ragged_dot" elsewhere. `QWENJAX_GROUPED_MATMUL=<name>` or the `implementation` argument forces
 one; the choice is made when a function is traced.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.grouped_matmul.tpu import grouped_matmul_tpu
 
 ENV = "QWENJAX_GROUPED_MATMUL"
 
@@ -28,14 +33,18 @@ def grouped_matmul_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -
                                       preferred_element_type=jnp.float32)
 
 
-IMPLEMENTATIONS = {"ragged_dot": grouped_matmul_xla}
+IMPLEMENTATIONS = {
+    "ragged_dot": grouped_matmul_xla,
+    "pallas_tpu": grouped_matmul_tpu,
+    "pallas_tpu_interpret": functools.partial(grouped_matmul_tpu, interpret=True),
+}
 
 
 def resolve(name: str | None = None) -> str:
     """The implementation `name` (default: $QWENJAX_GROUPED_MATMUL, else "auto") stands for on this backend."""
     name = name or os.environ.get(ENV) or "auto"
     if name == "auto":
-        return "ragged_dot"
+        return "pallas_tpu" if jax.default_backend() == "tpu" else "ragged_dot"
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"grouped matmul implementation {name!r} (argument or ${ENV}): choose one of "
                          f"{['auto', *IMPLEMENTATIONS]}")
