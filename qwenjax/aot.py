@@ -6,8 +6,8 @@
 
 Needs `libtpu` (`pip install "jax[tpu]==<your jax version>"`); no TPU. Nothing is allocated: parameters and
 batches are shapes with shardings over the topology's devices. JAX's default backend stays the host's, so the
-kernels are named explicitly (`gdr` for the gated delta rule, `gmm` for the MoE grouped matmul; default the
-Mosaic kernels) rather than chosen by backend.
+kernels are named explicitly (`gdr` for the gated delta rule, `gmm` for the MoE grouped matmul, default the
+Mosaic kernels; `ep` for expert parallelism, default ragged all-to-all) rather than chosen by backend.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from qwenjax import _compat
 from qwenjax.config import Qwen35Config
 from qwenjax.ops import gated_delta_rule as gdr_op
 from qwenjax.ops import grouped_matmul as gmm_op
+from qwenjax.ops import moe as moe_op
 from qwenjax.pretrained import _abstract, as_dtype
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
 from qwenjax.train.loss import next_token_loss
@@ -46,7 +47,7 @@ def topology_devices(name: str) -> list:
 @contextlib.contextmanager
 def _implementations(**chosen: str):
     """Sets the kernels' environment overrides (read while tracing) for the duration."""
-    envs = {gdr_op.ENV: chosen["gdr"], gmm_op.ENV: chosen["gmm"]}
+    envs = {gdr_op.ENV: chosen["gdr"], gmm_op.ENV: chosen["gmm"], moe_op.EXPERT_PARALLEL_ENV: chosen["ep"]}
     previous = {k: os.environ.get(k) for k in envs}
     os.environ.update(envs)
     try:
@@ -61,8 +62,8 @@ def _implementations(**chosen: str):
 
 def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | None = None, batch: int = 1,
                              seq: int = 2048, dtype: Any = jnp.bfloat16, remat: str = "none",
-                             gdr: str = "pallas_tpu", gmm: str = "pallas_tpu", rules: ShardingRules | None = None,
-                             backward: bool = True):
+                             gdr: str = "pallas_tpu", gmm: str = "pallas_tpu", ep: str = "ragged_all_to_all",
+                             rules: ShardingRules | None = None, backward: bool = True):
     """The compiled gradient of the next-token loss with respect to every parameter, for `topology` (with
     `backward=False`, the compiled forward: logits).
 
@@ -87,7 +88,7 @@ def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | No
     def forward(params, ids):
         return nnx.merge(graphdef, params)(ids)
 
-    with _implementations(gdr=gdr, gmm=gmm), activation_sharding(mesh_, rules):
+    with _implementations(gdr=gdr, gmm=gmm, ep=ep), activation_sharding(mesh_, rules):
         lowered = jax.jit(jax.value_and_grad(loss) if backward else forward).lower(params, ids)
     return lowered.compile()
 

@@ -119,15 +119,19 @@ def test_kernels_compile_for_tpu_at_the_35b_a3b_expert_shape():
         assert lowered.compile().memory_analysis().argument_size_in_bytes > 0
 
 
-def test_moe_model_forward_backward_compiles_for_tpu_with_expert_parallelism():
+@pytest.mark.parametrize("ep", ["ragged_all_to_all", "allgather"])
+def test_moe_model_forward_backward_compiles_for_tpu_with_expert_parallelism(ep):
     from qwenjax import aot
 
     _tpu_device("v5e:2x2")
     cfg = qwenjax.load_config("configs/tiny-moe.json")
-    compiled = aot.compile_forward_backward(cfg, "v5e:2x2", mesh="expert=4", batch=4, seq=256)
+    compiled = aot.compile_forward_backward(cfg, "v5e:2x2", mesh="expert=4", batch=4, seq=256, ep=ep)
     text = compiled.as_text()
     assert "tpu_custom_call" in text  # the grouped matmul and GDR kernels, inside shard_map
     # With the expert axis alone no parameter is split by fsdp: these collectives are the MoE's token exchange
-    # (all-gather in, reduce-scatter out, and their transposes in the backward).
-    assert "all-gather" in text and "reduce-scatter" in text
+    # (and their transposes in the backward).
+    if ep == "ragged_all_to_all":
+        assert "ragged-all-to-all" in text
+    else:
+        assert "all-gather" in text and "reduce-scatter" in text and "ragged-all-to-all" not in text
     assert aot.summary(compiled)["temp_bytes"] > 0

@@ -16,7 +16,7 @@ from qwenjax import _compat
 from qwenjax.checkpoint.hf import CheckpointError, hf_key
 from qwenjax.config import ConfigError
 from qwenjax.model.moe import RouterStats
-from qwenjax.ops.moe import Routing, combine_tokens, gather_tokens, moe_experts, route, sort_by_expert
+from qwenjax.ops.moe import EXPERT_PARALLEL_ENV, combine_tokens, gather_tokens, moe_experts, route, sort_by_expert
 from qwenjax.pretrained import forward
 from qwenjax.sharding import activation_sharding
 from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss
@@ -262,8 +262,10 @@ def test_permutation_gradients_are_gathers_and_exact():
 EP_SPECS = ["expert=8", "fsdp=2,expert=4", "data=2,tensor=2,expert=2"]
 
 
+@pytest.mark.parametrize("method", ["allgather", "ragged_all_to_all_emulated"])
 @pytest.mark.parametrize("spec", EP_SPECS)
-def test_expert_parallel_forward_equals_single_device(spec):
+def test_expert_parallel_forward_equals_single_device(spec, method, monkeypatch):
+    monkeypatch.setenv(EXPERT_PARALLEL_ENV, method)
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     cfg = qwenjax.load_config("configs/tiny-moe.json")
@@ -277,9 +279,14 @@ def test_expert_parallel_forward_equals_single_device(spec):
     mask = np.ones_like(ids)
     mask[3, 25:] = 0
     np.testing.assert_allclose(np.asarray(sharded(ids, mask)), np.asarray(single(ids, mask)), atol=2e-5, rtol=0)
+    with activation_sharding(sharded.mesh):
+        jaxpr = str(jax.make_jaxpr(lambda p: forward(sharded.graphdef, p, jnp.asarray(ids)))(sharded.params))
+    assert ("all_to_all" in jaxpr) == (method != "allgather")  # the method asked for is the one that ran
 
 
-def test_expert_parallel_train_step_equals_single_device():
+@pytest.mark.parametrize("method", ["allgather", "ragged_all_to_all_emulated"])
+def test_expert_parallel_train_step_equals_single_device(method, monkeypatch):
+    monkeypatch.setenv(EXPERT_PARALLEL_ENV, method)
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     cfg = qwenjax.load_config("configs/tiny-moe.json")

@@ -5,13 +5,21 @@ sorted by expert, so each expert's inputs are one contiguous run of rows, and tw
 fused, then down) run over the runs. The permutations have a custom VJP: the backward of "copy token t to its k
 slots" is a gather of the k slot gradients and a sum, not the scatter-add autodiff would write.
 
-Expert parallelism (the `expert` mesh axis) is the all-gather form: each shard gathers the tokens of its expert
-group, runs the experts it holds on the pairs routed to them, and a reduce-scatter returns every token's sum to
-its shard. XLA:CPU has no `ragged_all_to_all`, and this form is what small meshes want anyway.
+Expert parallelism (the `expert` mesh axis), two ways (`QWENJAX_EXPERT_PARALLEL` or `expert_parallel=`):
+- "ragged_all_to_all" (auto on TPU and GPU): each shard sends every token copy to the shard holding its expert,
+  laid out there already grouped by expert, and the results come back the same way: only routed copies move.
+- "allgather" (auto elsewhere): each shard gathers the tokens of its expert group, runs its experts on the pairs
+  routed to them, and a reduce-scatter returns every token's sum to its shard. XLA:CPU has no
+  `ragged_all_to_all`; with P expert shards and top-k routing this moves P/k times the copies the other way does.
+- "ragged_all_to_all_emulated": the first, with the collective emulated by an all-gather (its documented
+  semantics), so the CPU tests check the bookkeeping that the real collective runs on TPU and GPU.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -126,13 +134,69 @@ def _local_experts(x, weights, experts, gate_up, down, first_expert, implementat
     return combine_tokens(ys, jnp.where(mine, weights, 0.0), order, inverse)
 
 
+def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name, num_shards, shard):
+    """`jax.lax.ragged_all_to_all`'s documented semantics built from all-gathers: every shard receives every
+    operand and keeps the slices sent to it (for backends without the collective; P times the traffic)."""
+    del recv_sizes  # implied by the senders' send_sizes
+    slices = input_offsets.shape[0] // num_shards
+    rows = operand.shape[0]
+    ops, starts, sizes, dests = (jax.lax.all_gather(a, axis_name) for a in
+                                 (operand, input_offsets, send_sizes, output_offsets))  # [P, ...]
+    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, shard * slices, slices, axis=1)[:, None, :]  # [P, 1, s]
+    starts, sizes, dests = mine(starts), mine(sizes), mine(dests)
+    r = jnp.arange(rows)[None, :, None]
+    hit = (r >= starts) & (r < starts + sizes)                                 # [P, M, s]: row r of source q
+    dest = jnp.min(jnp.where(hit, dests + r - starts, output.shape[0]), axis=-1)  # out of range: not for me
+    return output.at[dest.reshape(-1)].set(ops.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def _exchanged_experts(x, weights, experts, gate_up, down, *, axes, num_shards, exchange, implementation):
+    """Expert parallelism by ragged all-to-all: x [n, H] and its routing are this shard's tokens; gate_up/down
+    hold this shard's E/P experts. Returns [n, H] fp32."""
+    n, k = experts.shape
+    e_local = gate_up.shape[0]
+    order, inverse, sizes = sort_by_expert(experts, e_local * num_shards)
+    xs = gather_tokens(x, order, inverse)                # [n·k, H], grouped by expert
+    starts = jnp.cumsum(sizes) - sizes                   # where each expert's rows start in xs
+    # One slice per (destination shard, its local expert). got[p, l]: rows source p sends to my expert l.
+    got = jax.lax.all_to_all(sizes.reshape(num_shards, e_local), axes, 0, 0, tiled=True)
+    totals = jnp.sum(got, axis=0)
+    # Received rows grouped by my expert, then by source: the grouped matmul reads them as they land.
+    recv_at = (jnp.cumsum(totals) - totals)[None, :] + jnp.cumsum(got, axis=0) - got   # [P, E/P]
+    send_to = jax.lax.all_to_all(recv_at, axes, 0, 0, tiled=True).reshape(-1)        # where my slices land
+    buf = exchange(xs, jnp.zeros((num_shards * n * k, x.shape[1]), x.dtype), starts, sizes, send_to,
+                   got.reshape(-1))
+    ys = expert_ffn(buf, gate_up, down, totals, implementation).astype(x.dtype)
+    # ... and back, to where each copy came from
+    came_from = jax.lax.all_to_all(starts.reshape(num_shards, e_local), axes, 0, 0, tiled=True).reshape(-1)
+    back = exchange(ys, jnp.zeros_like(xs), recv_at.reshape(-1), got.reshape(-1), came_from, sizes)
+    return combine_tokens(back, weights, order, inverse)
+
+
+EXPERT_PARALLEL = ("allgather", "ragged_all_to_all", "ragged_all_to_all_emulated")
+EXPERT_PARALLEL_ENV = "QWENJAX_EXPERT_PARALLEL"
+
+
+def resolve_expert_parallel(name: str | None = None) -> str:
+    """The expert-parallel method `name` (default $QWENJAX_EXPERT_PARALLEL, else "auto") stands for here."""
+    name = name or os.environ.get(EXPERT_PARALLEL_ENV) or "auto"
+    if name == "auto":
+        return "ragged_all_to_all" if jax.default_backend() in ("tpu", "gpu") else "allgather"
+    if name not in EXPERT_PARALLEL:
+        raise ValueError(f"expert parallelism {name!r} (argument or ${EXPERT_PARALLEL_ENV}): choose one of "
+                         f"{['auto', *EXPERT_PARALLEL]}")
+    return name
+
+
 def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Array, *,
-                implementation: str | None = None) -> jax.Array:
+                implementation: str | None = None, expert_parallel: str | None = None) -> jax.Array:
     """The routed experts' weighted sum for tokens x [N, H] (fp32 [N, H]).
 
     Under `qwenjax.sharding.activation_sharding`, runs inside `shard_map`: tokens split like the batch, experts
     over the `expert` mesh axis. When the expert axis also splits the tokens (the default rules: it is a batch
-    axis outside the MoE), each shard all-gathers the tokens of its expert group and reduce-scatters the sums.
+    axis outside the MoE), the shards of an expert group exchange token copies (see the module doc for the two
+    ways); when it does not (a batch it does not divide), each shard runs its experts and the sums are added.
     """
     ctx = sharding.active()
     if ctx is None:
@@ -141,13 +205,23 @@ def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Ar
     expert_axes = sharding.mesh_axes_for("experts", gate_up.shape[0])
     token_axes = sharding.mesh_axes_for("batch", x.shape[0])
     gathered = tuple(a for a in token_axes if a in expert_axes)
+    method = resolve_expert_parallel(expert_parallel)
+    ragged = method != "allgather" and gathered and gathered == expert_axes
+    num_shards = math.prod(mesh.shape[a] for a in expert_axes)
 
     def local(x, weights, experts, gate_up, down):
-        if gathered:
-            x, weights, experts = (jax.lax.all_gather(a, gathered, axis=0, tiled=True) for a in (x, weights, experts))
         shard = jnp.int32(0)
         for a in expert_axes:  # row-major index over the expert axes, as the PartitionSpec splits them
             shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+        if ragged:
+            exchange = (functools.partial(jax.lax.ragged_all_to_all, axis_name=expert_axes)
+                        if method == "ragged_all_to_all" else
+                        functools.partial(_ragged_all_to_all_emulated, axis_name=expert_axes, num_shards=num_shards,
+                                          shard=shard))
+            return _exchanged_experts(x, weights, experts, gate_up, down, axes=expert_axes, num_shards=num_shards,
+                                      exchange=exchange, implementation=implementation)
+        if gathered:
+            x, weights, experts = (jax.lax.all_gather(a, gathered, axis=0, tiled=True) for a in (x, weights, experts))
         out = _local_experts(x, weights, experts, gate_up, down, shard * gate_up.shape[0], implementation)
         if gathered:
             out = jax.lax.psum_scatter(out, gathered, scatter_dimension=0, tiled=True)
