@@ -1,8 +1,13 @@
-"""Compile the gated delta rule for a TPU topology on this host (libtpu compile-only devices) and print XLA's
-memory and cost figures: the Pallas kernels against the XLA chunked path, alone and in a model's forward + backward.
+"""Compile the Pallas kernels for a TPU topology on this host (libtpu compile-only devices) and print XLA's
+memory and cost figures against the XLA paths, alone and in a model:
+- `--part gdr` (default): the gated delta rule vs the XLA chunked form; the model program is forward + backward;
+- `--part moe`: the grouped matmul vs `ragged_dot` at the MoE models' expert shapes; the model program is the
+  forward, over the grouped-matmul and expert-parallel choices.
 
     python scripts/aot_tpu.py                                   # v5e, kernels at the 9B and 397B GDN shapes
     python scripts/aot_tpu.py --topology v5p:2x2x1 --model qwen3.5-0.8b --layers 4 --batch 8 --seq 2048
+    python scripts/aot_tpu.py --part moe --topology v5e:4x4 --model qwen3.5-35b-a3b --mesh fsdp=2,expert=8 \
+        --batch 16 --seq 2048
 
 Needs libtpu (`pip install "jax[tpu]==<your jax version>"`); no TPU. Memory is per device. "recompute" and
 "save" are the kernel's two ways to give its backward the per-chunk states (`SAVE_STATES` in
@@ -21,6 +26,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VARIANTS = [("xla", "xla", False), ("kernel, recompute", "pallas_tpu", False), ("kernel, save", "pallas_tpu", True)]
+MOE_VARIANTS = [("kernel, ragged all-to-all", "pallas_tpu", "ragged_all_to_all"),
+                ("kernel, all-gather", "pallas_tpu", "allgather"),
+                ("ragged_dot, ragged all-to-all", "ragged_dot", "ragged_all_to_all")]
+MOE_SHAPES = [("35B-A3B experts (256 x 2048 -> 2x512)", 256, 2048, 512, 8),
+              ("397B-A17B experts (512 x 4096 -> 2x1024)", 512, 4096, 1024, 10)]
 
 
 def _row(program, variant, report, seconds):
@@ -32,8 +42,9 @@ def _row(program, variant, report, seconds):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("gdr", "moe"), default="gdr")
     p.add_argument("--topology", default="v5e:2x2")
-    p.add_argument("--tokens", type=int, default=16384, help="B*T of the kernel-alone programs")
+    p.add_argument("--tokens", type=int, default=16384, help="B*T (gdr) or tokens routed (moe) of the kernels alone")
     p.add_argument("--seq", type=int, default=4096, help="T of the kernel-alone programs, and of the model's")
     p.add_argument("--model", default=None, help="also a full model forward + backward: config file or name")
     p.add_argument("--layers", type=int, default=None, help="override the model's num_hidden_layers")
@@ -53,9 +64,18 @@ def main() -> None:
     devices = aot.topology_devices(args.topology)
     print(f"topology {args.topology} ({devices[0].device_kind}, {len(devices)} chips), jax {jax.__version__}; "
           "memory in MiB per device\n")
-    print("| program | gated delta rule | temp | arguments | outputs | flops | bytes accessed | compile s |")
+    kind = "gated delta rule" if args.part == "gdr" else "grouped matmul, expert parallelism"
+    print(f"| program | {kind} | temp | arguments | outputs | flops | bytes accessed | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     one = jax.sharding.SingleDeviceSharding(devices[0])
+    cfg = None
+    if args.model:
+        cfg = load_config(resolve_config(args.model))
+        if args.layers:
+            cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
+    if args.part == "moe":
+        _moe(args, cfg, one)
+        return
     bf16, f32 = jnp.bfloat16, jnp.float32
     b, t = args.tokens // args.seq, args.seq
     for label, hv in (("9B/35B GDN (16 q/k, 32 v heads)", 32), ("397B GDN (16 q/k, 64 v heads)", 64)):
@@ -74,10 +94,7 @@ def main() -> None:
                 compiled = jax.jit(f).lower(*inputs).compile()
                 _row(f"{label}, B={b} T={t}, {program}", variant, aot.summary(compiled), time.perf_counter() - t0)
 
-    if args.model:
-        cfg = load_config(resolve_config(args.model))
-        if args.layers:
-            cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
+    if cfg is not None:
         for variant, name, save in VARIANTS:
             gdr_tpu.SAVE_STATES = save
             t0 = time.perf_counter()
@@ -86,6 +103,35 @@ def main() -> None:
             _row(f"{args.model} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq}, mesh "
                  f"{args.mesh or 'fsdp'}, forward+backward", variant, aot.summary(compiled),
                  time.perf_counter() - t0)
+
+
+def _moe(args, cfg, one) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax import aot
+    from qwenjax.ops.grouped_matmul import IMPLEMENTATIONS
+
+    for label, experts, hidden, inter, top_k in MOE_SHAPES:
+        rows = args.tokens * top_k
+        inputs = [jax.ShapeDtypeStruct(s, d, sharding=one) for s, d in
+                  (((rows, hidden), jnp.bfloat16), ((experts, 2 * inter, hidden), jnp.bfloat16),
+                   ((experts,), jnp.int32))]
+        for name in ("ragged_dot", "pallas_tpu"):
+            fn = IMPLEMENTATIONS[name]
+            grad = jax.value_and_grad(lambda x, w, gs: jnp.sum(fn(x, w, gs)), argnums=(0, 1))
+            for program, f in (("forward", fn), ("forward+backward", grad)):
+                t0 = time.perf_counter()
+                compiled = jax.jit(f).lower(*inputs).compile()
+                _row(f"gate+up of {label}, {rows} rows, {program}", "kernel" if name == "pallas_tpu" else name,
+                     aot.summary(compiled), time.perf_counter() - t0)
+    if cfg is not None:
+        for variant, gmm, ep in MOE_VARIANTS:
+            t0 = time.perf_counter()
+            compiled = aot.compile_forward_backward(cfg, args.topology, mesh=args.mesh, batch=args.batch,
+                                                    seq=args.seq, gmm=gmm, ep=ep, backward=False)
+            _row(f"{args.model} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq}, mesh "
+                 f"{args.mesh or 'fsdp'}, forward", variant, aot.summary(compiled), time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def _gmm_kernel(*refs, transpose_rhs, tm):
 
     @pl.when(real & (k == pl.num_programs(2) - 1))
     def _():
-        out_ref[...] = jnp.where(_rows_of_group(meta_refs, i, tm), acc_ref[...], out_ref[...])
+        out_ref[...] = jnp.where(_rows_of_group(meta_refs, i, tm), acc_ref[...].astype(out_ref.dtype), out_ref[...])
 
 
 def _tgmm_kernel(*refs, tm):
@@ -138,8 +138,8 @@ def _interpret(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, interpret: bool):
-    """[M, N] fp32 = per-row rhs[g] products; rhs [G, N, K] (transpose_rhs) or [G, K, N]."""
+def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, interpret: bool, out_dtype=_F32):
+    """[M, N] = per-row rhs[g] products; rhs [G, N, K] (transpose_rhs) or [G, K, N]. Accumulated in fp32."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     (tm, mp), (tk, kp), (tn, np_) = _tile(m, tiling.tm), _tile(k, tiling.tk), _tile(n, tiling.tn)
@@ -158,17 +158,17 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, interpre
         scratch_shapes=[pltpu.VMEM((tm, tn), _F32)])
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, transpose_rhs=transpose_rhs, tm=tm),
-        out_shape=jax.ShapeDtypeStruct((mp, np_), _F32),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=_interpret(interpret),
     )(*meta, lhs, rhs)[:m, :n]
     # rows of no group (past the groups, or in tiles no visit touched) hold whatever the buffers held
-    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes), out, 0.0)
+    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes), out, jnp.zeros((), out_dtype))
 
 
-def _tgmm(lhs, rhs, group_sizes, *, tiling: Tiling, interpret: bool):
-    """[G, N, K] fp32, out[g] = Σ_{m in g} lhs[m]ᵀ rhs[m] for lhs [M, N], rhs [M, K]."""
+def _tgmm(lhs, rhs, group_sizes, *, tiling: Tiling, interpret: bool, out_dtype=_F32):
+    """[G, N, K], out[g] = Σ_{m in g} lhs[m]ᵀ rhs[m] for lhs [M, N], rhs [M, K]. Accumulated in fp32."""
     m, n = lhs.shape
     k = rhs.shape[1]
     (tm, mp), (tn, np_), (tk, kp) = _tile(m, tiling.tm), _tile(n, tiling.tn), _tile(k, tiling.tk)
@@ -183,7 +183,7 @@ def _tgmm(lhs, rhs, group_sizes, *, tiling: Tiling, interpret: bool):
         scratch_shapes=[pltpu.VMEM((tn, tk), _F32)])
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
-        out_shape=jax.ShapeDtypeStruct((group_sizes.shape[0], np_, kp), _F32),
+        out_shape=jax.ShapeDtypeStruct((group_sizes.shape[0], np_, kp), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
@@ -203,9 +203,12 @@ def _grouped_matmul_fwd(lhs, rhs, group_sizes, tiling, interpret):
 def _grouped_matmul_bwd(tiling, interpret, res, dout):
     lhs, rhs, group_sizes = res
     dout = dout.astype(lhs.dtype)  # operands in the model's dtype, as the forward's
-    dlhs = _gmm(dout, rhs, group_sizes, transpose_rhs=False, tiling=tiling, interpret=interpret)
-    drhs = _tgmm(dout, lhs, group_sizes, tiling=tiling, interpret=interpret)
-    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None
+    # Written in the operands' dtype by the kernels (fp32 accumulators in VMEM): no fp32 copy of the weight
+    # gradient in HBM.
+    dlhs = _gmm(dout, rhs, group_sizes, transpose_rhs=False, tiling=tiling, interpret=interpret,
+                out_dtype=lhs.dtype)
+    drhs = _tgmm(dout, lhs, group_sizes, tiling=tiling, interpret=interpret, out_dtype=rhs.dtype)
+    return dlhs, drhs, None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
