@@ -25,6 +25,7 @@ CASES = [  # group sizes (rows past their sum belong to no group), tiling (tm, t
     ((0, 0, 30, 1), Tiling(16, 8, 8)),          # leading empty groups, one group over several tiles
     ((3, 4), Tiling(512, 512, 512)),            # one tile holds everything
     ((0, 0, 0), Tiling(8, 8, 8)),               # no rows routed at all
+    ((1, 0, 2, 0, 0, 0, 1, 0, 0, 0), Tiling(8, 8, 8)),  # fewer rows than groups (decode): the XLA path gathers
 ]
 
 

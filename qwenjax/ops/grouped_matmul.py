@@ -4,7 +4,9 @@
 `group_sizes[g]` rows) times rhs[g]ᵀ; rows past sum(group_sizes) are zero. rhs is in the checkpoint's
 [out, in] orientation, so no weight is ever transposed.
 
-- "ragged_dot": `jax.lax.ragged_dot_general` (XLA; the fallback everywhere);
+- "ragged_dot": `jax.lax.ragged_dot_general` (XLA; the fallback everywhere). With fewer rows than groups (a
+  decode step: batch x top-k rows, hundreds of experts) it gathers each row's weights instead: the work and the
+  bytes read follow the rows, where XLA:CPU's ragged_dot reads every group (BENCHMARKS.md);
 - "pallas_tpu": the megablox-style Mosaic kernels with their custom VJP (`pallas_kernels/grouped_matmul/tpu.py`);
 - "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests).
 "auto" (the default) takes "pallas_tpu" on TPU and "ragged_dot" elsewhere. `QWENJAX_GROUPED_MATMUL=<name>` or the `implementation` argument forces
@@ -19,6 +21,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul.reference import group_of_rows
 from pallas_kernels.grouped_matmul.tpu import grouped_matmul_tpu
 
 ENV = "QWENJAX_GROUPED_MATMUL"
@@ -29,7 +32,13 @@ _DIMS = jax.lax.RaggedDotDimensionNumbers(
 
 def grouped_matmul_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
-    return jax.lax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes, _DIMS, precision=precision,
+    rhs = rhs.astype(lhs.dtype)
+    m, groups = lhs.shape[0], rhs.shape[0]
+    if m < groups:
+        group = jnp.minimum(group_of_rows(group_sizes, m), groups - 1)
+        y = jnp.einsum("mk,mnk->mn", lhs, rhs[group], precision=precision, preferred_element_type=jnp.float32)
+        return jnp.where((jnp.arange(m) < jnp.sum(group_sizes))[:, None], y, 0.0)
+    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, _DIMS, precision=precision,
                                       preferred_element_type=jnp.float32)
 
 
