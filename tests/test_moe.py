@@ -1,4 +1,4 @@
-"""Qwen3.5-MoE against transformers' `Qwen3_5MoeForCausalLM`: logits, gradients, the auxiliary loss, both expert
+"""Qwen3.5-MoE against transformers' `Qwen3_5MoeForCausalLM`: gradients, the auxiliary loss, both expert
 checkpoint layouts on load and export; the dropless dispatch against a dense reference; expert parallelism on 8
 fake CPU devices against one device."""
 
@@ -24,51 +24,20 @@ from qwenjax.train.step import TrainConfig, accumulated_gradients, init_state, j
 
 torch = pytest.importorskip("torch")
 from qwenjax.testing import gradient_errors, hf_logits, make_hf_checkpoint  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
-TOL = 1e-4  # max abs on logits of magnitude ~5 (as the dense parity tests); measured ~1e-5
-
-CASES = {
-    # 8 experts top-2, GVA 2, text layout, experts one tensor each (save_pretrained's layout), T=70
-    "e8-top2-gva2": dict(seq=70),
-    # 16 experts top-4, GVA 3, 8 layers (two scanned periods), stacked experts layout, T=97
-    "e16-top4-gva3-fused": dict(num_experts=16, num_experts_per_tok=4, linear_num_key_heads=2,
-                                linear_num_value_heads=6, num_hidden_layers=8, fused_experts=True, seq=97),
-    # 8 experts top-4, GVA 1, tied embeddings, multimodal layout, T=130
-    "e8-top4-gva1-tied-multimodal": dict(num_experts_per_tok=4, linear_num_key_heads=2, linear_num_value_heads=2,
-                                         tie_word_embeddings=True, multimodal=True, seq=130),
-}
+TOL = 1e-4  # max abs on logits of magnitude ~5, as the parity tests (tests/test_parity_hf.py holds the MoE cases)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    spec = {"num_experts": 8, **CASES[request.param]}
-    seq = spec.pop("seq")
-    path = tmp_path_factory.mktemp(request.param)
-    hf = make_hf_checkpoint(path, seed=len(request.param), **spec)
-    return request.param, path, hf, seq
-
-
-def _batch(seq, vocab, seed):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (3, seq))
-    mask = np.ones((3, seq), np.int64)
-    mask[1, seq - 20:] = 0
-    mask[2, 5:] = 0
-    return ids, mask
-
-
-def test_logits_match_transformers(case):
-    name, path, hf, seq = case
-    m = qwenjax.from_pretrained(path, dtype="float32")
-    assert m.config.is_moe
-    ids, mask = _batch(seq, m.config.vocab_size, seed=seq)
-    ours = np.asarray(m(ids, attention_mask=mask))
-    ref = hf_logits(hf, ids, mask)
-    valid = mask.astype(bool)
-    assert np.abs(ref).max() > 1.0, "degenerate checkpoint: logits too small to test anything"
-    err = np.abs(ours - ref)[valid].max()
-    assert err < TOL, f"{name}: max abs logit error {err:.3g} >= {TOL}"
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """16 experts top-4 over 8 layers, and a batch with padding (rows of 90, 61 and 7 tokens)."""
+    path = tmp_path_factory.mktemp("moe-e16-top4")
+    hf = make_hf_checkpoint(path, seed=3, num_experts=16, num_experts_per_tok=4, num_hidden_layers=8)
+    lengths = np.array([90, 61, 7])
+    ids = np.random.default_rng(1).integers(0, 256, (len(lengths), lengths.max()))
+    mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+    return path, hf, ids, mask
 
 
 def _hf_router_logits(hf, ids, mask):
@@ -77,12 +46,11 @@ def _hf_router_logits(hf, ids, mask):
     return out.router_logits
 
 
-def test_aux_loss_matches_transformers_formula(case):
+def test_aux_loss_matches_transformers_formula(moe_checkpoint):
     from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import load_balancing_loss_func
 
-    _, path, hf, seq = case
+    path, hf, ids, mask = moe_checkpoint
     cfg = qwenjax.load_config(path)
-    ids, mask = _batch(seq, cfg.vocab_size, seed=1)
     router_logits = _hf_router_logits(hf, ids, mask)
     assert len(router_logits) == cfg.num_hidden_layers
     for attention_mask in (None, mask):
@@ -175,8 +143,8 @@ def test_bad_expert_tensors_are_named(tmp_path):
     file = os.path.join(tmp_path, "model.safetensors")
     tensors = load_file(file)
     del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
-    tensors["model.layers.2.mlp.experts.3.down_proj.weight"] = tensors["model.layers.2.mlp.experts.3.down_proj.weight"][:, :40]
-    from safetensors.numpy import save_file
+    down = "model.layers.2.mlp.experts.3.down_proj.weight"
+    tensors[down] = tensors[down][:, :40]
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as e:
         qwenjax.from_pretrained(tmp_path, dtype="float32")

@@ -26,6 +26,16 @@ CASES = {
     "pattern3-mqa-tied": dict(multimodal=True, num_hidden_layers=6, num_key_value_heads=1, head_dim=64,
                               hidden_size=96, tie_word_embeddings=True, seq=65,
                               layer_types=["linear_attention", "linear_attention", "full_attention"] * 2),
+    # Qwen3.5-MoE (routed + gated shared experts in every layer): 8 experts top-2, GVA 2, experts stored one tensor
+    # each (save_pretrained's layout), T=70
+    "moe-e8-top2-gva2": dict(num_experts=8, seq=70),
+    # 16 experts top-4, GVA 3, 8 layers, experts stacked (`mlp.experts.gate_up_proj`), T=97
+    "moe-e16-top4-gva3-fused": dict(num_experts=16, num_experts_per_tok=4, linear_num_key_heads=2,
+                                    linear_num_value_heads=6, num_hidden_layers=8, fused_experts=True, seq=97),
+    # 8 experts top-4, GVA 1, tied embeddings, multimodal layout, T=130
+    "moe-e8-top4-gva1-tied-multimodal": dict(num_experts=8, num_experts_per_tok=4, linear_num_key_heads=2,
+                                             linear_num_value_heads=2, tie_word_embeddings=True, multimodal=True,
+                                             seq=130),
 }
 
 

@@ -13,7 +13,6 @@ An implementation is a pair: the function for sequences, and the one for a singl
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -22,6 +21,7 @@ from pallas_kernels.gated_delta_rule import (gated_delta_rule_chunked, gated_del
                                              gated_delta_rule_step)
 from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
 from qwenjax import _compat, sharding
+from qwenjax.ops._choice import resolve_choice
 
 IMPLEMENTATIONS = {  # name: (sequence, single token)
     "xla": (gated_delta_rule_chunked, gated_delta_rule_step),
@@ -35,13 +35,8 @@ ENV = "QWENJAX_GATED_DELTA_RULE"
 
 def resolve(name: str | None = None) -> str:
     """The implementation `name` (default: $QWENJAX_GATED_DELTA_RULE, else "auto") stands for on this backend."""
-    name = name or os.environ.get(ENV) or "auto"
-    if name == "auto":
-        return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"gated delta rule implementation {name!r} (argument or ${ENV}): choose one of "
-                         f"{['auto', *IMPLEMENTATIONS]}")
-    return name
+    return resolve_choice(name, env=ENV, choices=IMPLEMENTATIONS, what="gated delta rule implementation",
+                          auto=lambda: "pallas_tpu" if jax.default_backend() == "tpu" else "xla")
 
 
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,

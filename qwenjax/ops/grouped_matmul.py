@@ -9,20 +9,20 @@
   bytes read follow the rows, where XLA:CPU's ragged_dot reads every group (BENCHMARKS.md);
 - "pallas_tpu": the megablox-style Mosaic kernels with their custom VJP (`pallas_kernels/grouped_matmul/tpu.py`);
 - "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests).
-"auto" (the default) takes "pallas_tpu" on TPU and "ragged_dot" elsewhere. `QWENJAX_GROUPED_MATMUL=<name>` or the `implementation` argument forces
-one; the choice is made when a function is traced.
+"auto" (the default) takes "pallas_tpu" on TPU and "ragged_dot" elsewhere. `QWENJAX_GROUPED_MATMUL=<name>` or
+the `implementation` argument forces one; the choice is made when a function is traced.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul.reference import group_of_rows
 from pallas_kernels.grouped_matmul.tpu import grouped_matmul_tpu
+from qwenjax.ops._choice import resolve_choice
 
 ENV = "QWENJAX_GROUPED_MATMUL"
 
@@ -51,13 +51,8 @@ IMPLEMENTATIONS = {
 
 def resolve(name: str | None = None) -> str:
     """The implementation `name` (default: $QWENJAX_GROUPED_MATMUL, else "auto") stands for on this backend."""
-    name = name or os.environ.get(ENV) or "auto"
-    if name == "auto":
-        return "pallas_tpu" if jax.default_backend() == "tpu" else "ragged_dot"
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"grouped matmul implementation {name!r} (argument or ${ENV}): choose one of "
-                         f"{['auto', *IMPLEMENTATIONS]}")
-    return name
+    return resolve_choice(name, env=ENV, choices=IMPLEMENTATIONS, what="grouped matmul implementation",
+                          auto=lambda: "pallas_tpu" if jax.default_backend() == "tpu" else "ragged_dot")
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax import _compat, sharding
+from qwenjax.ops._choice import resolve_choice
 from qwenjax.ops.grouped_matmul import grouped_matmul
 
 
@@ -180,13 +180,8 @@ EXPERT_PARALLEL_ENV = "QWENJAX_EXPERT_PARALLEL"
 
 def resolve_expert_parallel(name: str | None = None) -> str:
     """The expert-parallel method `name` (default $QWENJAX_EXPERT_PARALLEL, else "auto") stands for here."""
-    name = name or os.environ.get(EXPERT_PARALLEL_ENV) or "auto"
-    if name == "auto":
-        return "ragged_all_to_all" if jax.default_backend() in ("tpu", "gpu") else "allgather"
-    if name not in EXPERT_PARALLEL:
-        raise ValueError(f"expert parallelism {name!r} (argument or ${EXPERT_PARALLEL_ENV}): choose one of "
-                         f"{['auto', *EXPERT_PARALLEL]}")
-    return name
+    return resolve_choice(name, env=EXPERT_PARALLEL_ENV, choices=EXPERT_PARALLEL, what="expert parallelism",
+                          auto=lambda: "ragged_all_to_all" if jax.default_backend() in ("tpu", "gpu") else "allgather")
 
 
 def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Array, *,
