@@ -2,9 +2,9 @@
 
 Every parameter goes back under the key it was loaded from (the source's layout: `model.language_model.*` or
 `model.*`; MoE experts stacked or one tensor per expert), in the dtype the source stored it in. Tensors qwenjax
-keeps aside (`model.visual.*`, `mtp.*`) are copied from the source files byte for byte. The side files a user needs to run the result (config, tokenizer,
-chat template, generation config, processor configs) are copied too. Large checkpoints are sharded with an index,
-as `save_pretrained` does. The directory appears complete or not at all: it is written under a temporary name
+keeps aside (`model.visual.*`, `mtp.*`) are copied from the source files byte for byte. The side files a user
+needs to run the result (config, tokenizer, chat template, generation config, processor configs) are copied too.
+Large checkpoints are sharded with an index, as `save_pretrained` does. The directory appears complete or not at all: it is written under a temporary name
 beside the target and renamed at the end.
 
 Across hosts (a mesh over several processes) every process calls `export_hf`: each parameter is gathered from

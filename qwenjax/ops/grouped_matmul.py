@@ -37,9 +37,11 @@ def grouped_matmul_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -
     if m < groups:
         group = jnp.minimum(group_of_rows(group_sizes, m), groups - 1)
         y = jnp.einsum("mk,mnk->mn", lhs, rhs[group], precision=precision, preferred_element_type=jnp.float32)
-        return jnp.where((jnp.arange(m) < jnp.sum(group_sizes))[:, None], y, 0.0)
-    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, _DIMS, precision=precision,
-                                      preferred_element_type=jnp.float32)
+    else:
+        y = jax.lax.ragged_dot_general(lhs, rhs, group_sizes, _DIMS, precision=precision,
+                                       preferred_element_type=jnp.float32)
+    # rows of no group: zero by contract (ragged_dot's own value there is not promised on every backend)
+    return jnp.where((jnp.arange(m) < jnp.sum(group_sizes))[:, None], y, 0.0)
 
 
 IMPLEMENTATIONS = {

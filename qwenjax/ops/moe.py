@@ -116,9 +116,7 @@ def expert_ffn(xs: jax.Array, gate_up: jax.Array, down: jax.Array, group_sizes: 
     h = grouped_matmul(xs, gate_up, group_sizes, implementation=implementation)  # [M, 2I] fp32
     inter = gate_up.shape[1] // 2
     a = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(xs.dtype)
-    y = grouped_matmul(a, down, group_sizes, implementation=implementation)
-    rows = jnp.arange(xs.shape[0])[:, None] < jnp.sum(group_sizes)
-    return jnp.where(rows, y, 0.0)
+    return grouped_matmul(a, down, group_sizes, implementation=implementation)
 
 
 def _local_experts(x, weights, experts, gate_up, down, first_expert, implementation):
