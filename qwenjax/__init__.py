@@ -10,9 +10,10 @@
 from qwenjax.checkpoint.export import export_hf
 from qwenjax.config import ConfigError, Qwen35Config, config_from_dict, load_config
 from qwenjax.inference.generate import generate, stream
+from qwenjax.ops.kernels import Kernels
 from qwenjax.pretrained import Qwen35, forward, from_config, from_pretrained
 from qwenjax.sharding import ShardingRules, make_mesh
 
-__all__ = ["export_hf", "ConfigError", "Qwen35Config", "config_from_dict", "load_config", "Qwen35", "forward", "from_config",
-           "from_pretrained", "generate", "stream", "ShardingRules", "make_mesh"]
+__all__ = ["export_hf", "ConfigError", "Qwen35Config", "config_from_dict", "load_config", "Kernels", "Qwen35",
+           "forward", "from_config", "from_pretrained", "generate", "stream", "ShardingRules", "make_mesh"]
 __version__ = "0.1.0"

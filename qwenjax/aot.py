@@ -5,16 +5,15 @@
     print(aot.summary(compiled))
 
 Needs `libtpu` (`pip install "jax[tpu]==<your jax version>"`); no TPU. Nothing is allocated: parameters and
-batches are shapes with shardings over the topology's devices. JAX's default backend stays the host's, so the
-kernels are named explicitly (`gdr` for the gated delta rule, `gmm` for the MoE grouped matmul, default the
-Mosaic kernels; `ep` for expert parallelism, default ragged all-to-all) rather than chosen by backend.
+batches are shapes with shardings over the topology's devices. The ops' implementations (`kernels`) are resolved
+for the TPU, not for the host: by default the Mosaic kernels and ragged all-to-all expert parallelism. Several
+processes that load libtpu at once (parallel test runs, a CI beside a script) need
+`ALLOW_MULTIPLE_LIBTPU_LOAD=1` in their environment before JAX starts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +21,8 @@ from flax import nnx
 
 from qwenjax import _compat
 from qwenjax.config import Qwen35Config
-from qwenjax.ops import gated_delta_rule as gdr_op
-from qwenjax.ops import grouped_matmul as gmm_op
-from qwenjax.ops import moe as moe_op
-from qwenjax.pretrained import _abstract, as_dtype
+from qwenjax.ops.kernels import Kernels, resolve_kernels
+from qwenjax.pretrained import abstract_model
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
 from qwenjax.train.loss import next_token_loss
 
@@ -34,9 +31,6 @@ def topology_devices(name: str) -> list:
     """The compile-only devices of a TPU topology such as "v5e:2x2", "v6e:2x2" or "v5p:2x2x1"."""
     from jax.experimental import topologies
 
-    # Compile-only devices touch no TPU: let several processes (parallel test runs, a CI beside a script) load
-    # libtpu at once instead of failing on its lockfile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # no libtpu, or an unknown topology
@@ -44,36 +38,20 @@ def topology_devices(name: str) -> list:
                            "compiling for TPU needs libtpu: pip install \"jax[tpu]==<your jax version>\"") from e
 
 
-@contextlib.contextmanager
-def _implementations(**chosen: str):
-    """Sets the kernels' environment overrides (read while tracing) for the duration."""
-    envs = {gdr_op.ENV: chosen["gdr"], gmm_op.ENV: chosen["gmm"], moe_op.EXPERT_PARALLEL_ENV: chosen["ep"]}
-    previous = {k: os.environ.get(k) for k in envs}
-    os.environ.update(envs)
-    try:
-        yield
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
-
-
 def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | None = None, batch: int = 1,
                              seq: int = 2048, dtype: Any = jnp.bfloat16, remat: str = "none",
-                             gdr: str = "pallas_tpu", gmm: str = "pallas_tpu", ep: str = "ragged_all_to_all",
-                             rules: ShardingRules | None = None, backward: bool = True):
+                             kernels: Kernels | Mapping[str, str] | None = None, rules: ShardingRules | None = None,
+                             backward: bool = True):
     """The compiled gradient of the next-token loss with respect to every parameter, for `topology` (with
     `backward=False`, the compiled forward: logits).
 
     mesh: a mesh spec over the topology's devices ("fsdp=4,tensor=2", "fsdp=2,expert=8"; default all on fsdp).
+    kernels: the ops' implementations; unset fields are resolved for the TPU (environment, else "auto").
     """
     devices = topology_devices(topology)
     mesh_ = make_mesh(mesh, devices)
     rules = rules or ShardingRules()
-    dtype = as_dtype(dtype)
-    graphdef, abstract = _abstract(cfg, dtype, dtype)
+    graphdef, abstract = abstract_model(cfg, dtype, dtype, resolve_kernels(kernels, devices[0].platform))
     shardings = param_shardings(abstract, mesh_, rules)
     params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
                           shardings, is_leaf=_compat.is_variable)
@@ -88,7 +66,7 @@ def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | No
     def forward(params, ids):
         return nnx.merge(graphdef, params)(ids)
 
-    with _implementations(gdr=gdr, gmm=gmm, ep=ep), activation_sharding(mesh_, rules):
+    with activation_sharding(mesh_, rules):
         lowered = jax.jit(jax.value_and_grad(loss) if backward else forward).lower(params, ids)
     return lowered.compile()
 

@@ -15,21 +15,11 @@ import statistics
 import sys
 import time
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from qwenjax.config import resolve_config
+
 DEFAULT_CONFIG = "qwen3.5-0.8b"
 DEFAULT_CHAT_PROMPT = "Give me a short introduction to large language models."
 DEFAULT_COMPLETION_PROMPT = "The with statement"  # for the bundled model, trained on Python's docs
-
-
-def resolve_config(name: str) -> str:
-    """A config path, or the name of a file in the repository's configs/ (e.g. 'qwen3.5-9b')."""
-    if os.path.exists(name):
-        return name
-    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".json") else name + ".json")
-    if os.path.exists(candidate):
-        return candidate
-    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR)) if os.path.isdir(CONFIG_DIR) else []
-    raise SystemExit(f"qwenjax: no config {name!r} (a path, or one of: {', '.join(known)})")
 
 
 def cmd_forward(args) -> int:
@@ -224,6 +214,8 @@ def _add_generation_flags(p) -> None:
 
 
 def cmd_finetune(args) -> int:
+    import qwenjax
+    from qwenjax.inference.tokenizer import Tokenizer
     from qwenjax.train.lora import ALL_TARGETS, LoRAConfig
     from qwenjax.train.loop import RunConfig, finetune
     from qwenjax.train.step import TrainConfig
@@ -238,8 +230,9 @@ def cmd_finetune(args) -> int:
         targets = tuple(args.lora_targets.split(",")) if args.lora_targets else ALL_TARGETS
         lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
                           dropout=args.lora_dropout, targets=targets, seed=args.seed)
-    history = finetune(args.model, args.data, args.out, train=train, run=run, lora=lora, dtype=args.dtype,
-                       mesh=args.mesh, resume=args.resume)
+    tokenizer = Tokenizer(args.model)  # before the weights: a checkpoint without one fails at once
+    model = qwenjax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
+    history = finetune(model, tokenizer, args.data, args.out, train=train, run=run, lora=lora, resume=args.resume)
     if history:
         print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; metrics in "
               f"{os.path.join(args.out, 'metrics.jsonl')}, model in {os.path.join(args.out, 'export')}")

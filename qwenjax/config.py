@@ -15,6 +15,9 @@ import json
 import os
 from typing import Any
 
+# The configs/ files shipped with the package (qwenjax/configs links the repository's configs/ in a checkout).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 _LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
@@ -221,6 +224,19 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
         if field_prefix:
             raise ConfigError(str(e).replace("config field `", f"config field `{field_prefix}", 1)) from None
         raise
+
+
+def resolve_config(name: str | os.PathLike) -> str:
+    """The path of a config file: `name` itself if it exists, else the package's configs/ file of that name
+    (e.g. "qwen3.5-9b" or "tiny")."""
+    name = os.fspath(name)
+    if os.path.exists(name):
+        return name
+    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".json") else name + ".json")
+    if os.path.isfile(candidate):
+        return candidate
+    known = sorted(f.removesuffix(".json") for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    raise FileNotFoundError(f"no config {name!r} (a path, or one of: {', '.join(known)})")
 
 
 def load_config(path: str | os.PathLike) -> Qwen35Config:

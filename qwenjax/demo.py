@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
-from qwenjax import _compat
-from qwenjax.checkpoint.hf import hf_key
-from qwenjax.checkpoint.safetensors_io import save_file
+from qwenjax.checkpoint.export import export_hf
+from qwenjax.config import load_config, resolve_config
+from qwenjax.pretrained import from_config
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED_TOKENS = ["<think>", "</think>"]
@@ -98,33 +96,24 @@ def _write_json(path: str, obj) -> None:
 
 def write_random_checkpoint(path: str | os.PathLike, config: str = DEMO_CONFIG, seed: int = 0, *,
                             tokenizer=None, dtype: str = "float32") -> str:
-    """Writes a random checkpoint of `config` (a configs/ name or file) into directory `path` (created if
-    needed) with `tokenizer` (default: the byte-level one) and returns the path. The config's vocab_size must
-    cover the tokenizer; its pad/eos ids are set from the tokenizer's special tokens."""
-    import ml_dtypes
-
-    import qwenjax
-    from qwenjax.cli import resolve_config
-
+    """Writes a random checkpoint of `config` (a configs/ name or file) into directory `path` (created; or an
+    empty one) with `tokenizer` (default: the byte-level one) and returns the path. The weights are stored in
+    `dtype` ("float32" or "bfloat16"). The config's vocab_size must cover the tokenizer; its pad/eos ids are set
+    from the tokenizer's special tokens."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: the checkpoint is written in 'float32' or 'bfloat16'")
+    path = os.fspath(path)
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise FileExistsError(f"{path} exists and is not an empty directory: the checkpoint needs one of its own")
     tokenizer = byte_tokenizer() if tokenizer is None else tokenizer
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(resolve_config(config)) as f:
-        hf_config = json.load(f)
-    if hf_config["vocab_size"] < tokenizer.get_vocab_size():
-        raise ValueError(f"config {config}: vocab_size={hf_config['vocab_size']} is smaller than the tokenizer's "
+    cfg = load_config(resolve_config(config))
+    if cfg.vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(f"config {config}: vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.get_vocab_size()} tokens")
-    hf_config.update(pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
-    cfg = qwenjax.config_from_dict(hf_config)
-    m = qwenjax.from_config(cfg, dtype="float32", seed=seed)
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
-    tensors = {hf_key(p, "model."): np.asarray(_compat.variable_value(v)).astype(np_dtype)
-               for p, v in _compat.variable_items(m.params)}
-    save_file(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
-    _write_json(os.path.join(path, "config.json"), dict(hf_config, dtype=dtype))
+    cfg = cfg.replace(pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    model = from_config(cfg, dtype="float32", seed=seed)  # fp32 whatever the storage dtype: one seed, one model
+    export_hf(model, path, dtype=dtype, overwrite=True)  # overwrite: the empty directory `path` may already be
     _write_json(os.path.join(path, "generation_config.json"), {
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"],
         "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.95})

@@ -1,24 +1,28 @@
 """The public model object: `from_pretrained(path)` / `from_config(cfg)` → a callable `Qwen35`.
 
-It holds the config, the NNX graph definition, the (sharded) parameters and the mesh. Calling it runs the
-forward under `jax.jit` with explicit shardings (compiled once per input shape) and returns logits.
+A `Qwen35` is an immutable value: the config, the NNX graph definition (which holds the resolved `Kernels`),
+the (sharded) parameters, the mesh and its sharding rules, and what a round trip to Hugging Face needs. Calling
+it runs the forward under `jax.jit` with explicit shardings (compiled once per input shape) and returns logits.
+`m.replace(params=..., graphdef=..., kernels=...)` makes a new value with its own, empty compile cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable, Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from qwenjax.checkpoint.hf import load_params
 from qwenjax.config import Qwen35Config, load_config
+from qwenjax.inputs import token_batch
 from qwenjax.model.qwen35 import Qwen35ForCausalLM
+from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32,
@@ -39,93 +43,97 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
     return nnx.merge(graphdef, params)(input_ids, attention_mask=attention_mask, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class Qwen35:
     """A Qwen3.5 model ready to run: `m(input_ids, attention_mask=None)` → logits [batch, seq, vocab]."""
 
-    def __init__(self, config: Qwen35Config, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh,
-                 rules: ShardingRules, aside: dict[str, str] | None = None, source: str | None = None,
-                 generation_config: dict | None = None):
-        self.config = config
-        self.graphdef = graphdef
-        self.params = params
-        self.mesh = mesh
-        self.rules = rules
-        self.aside = dict(aside or {})  # checkpoint tensors kept for export (model.visual.*, mtp.*)
-        self.source = source
-        self.generation_config = dict(generation_config or {})  # generation_config.json (eos ids, sampling)
-        self._compiled: dict[tuple, Any] = {}
+    config: Qwen35Config
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    mesh: Mesh
+    rules: ShardingRules
+    aside: Mapping[str, str] = dataclasses.field(default_factory=dict)  # checkpoint tensors kept for export
+    source: str | None = None                                            # the checkpoint directory it came from
+    generation_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # generation_config.json
+    _compile_cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        """The compute dtype (that of the embedding table)."""
-        return self.params["embed_tokens"]["weight"][...].dtype
+    def replace(self, *, kernels: Kernels | Mapping[str, str] | None = None, **changes: Any) -> "Qwen35":
+        """A new model with these fields replaced (`params`, `graphdef`, `generation_config`, ...) and its own,
+        empty compile cache. `kernels` switches implementations: resolved for this model's devices as
+        `from_pretrained` resolves it (unset fields from the environment, else "auto")."""
+        new = dataclasses.replace(self, **changes)
+        if kernels is not None:
+            kernels = resolve_kernels(kernels, _platform(new.mesh))
+            new = dataclasses.replace(new, graphdef=with_kernels(new.graphdef, new.params, kernels))
+        return new
 
     @property
     def module(self) -> Qwen35ForCausalLM:
         """The NNX module (params bound), for use inside your own jitted functions."""
         return nnx.merge(self.graphdef, self.params)
 
-    def _batch_sharding(self, shape) -> NamedSharding:
-        return self.rules.sharding(self.mesh, ("batch", "seq"), shape)
+    @property
+    def kernels(self) -> Kernels:
+        """The implementations this model's ops run (resolved; part of the graph definition)."""
+        return self.module.kernels
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The compute dtype (that of the embedding table)."""
+        return self.params["embed_tokens"]["weight"][...].dtype
+
+    def compiled(self, key: Hashable, build: Callable[[], Callable]) -> Callable:
+        """This model's compiled function for `key`: `build()` (a jitted function) on first use, then the same
+        object. The cache belongs to this value; `replace` starts a new one, so a model never runs another's
+        program."""
+        if key not in self._compile_cache:
+            self._compile_cache[key] = build()
+        return self._compile_cache[key]
 
     def __call__(self, input_ids, attention_mask=None, *, logits_to_keep: int = 0) -> jax.Array:
         """Logits [batch, seq, vocab] (or [batch, logits_to_keep, vocab]) in the compute dtype."""
-        ids = _check_ids(input_ids, self.config.vocab_size)
-        mask = _check_mask(attention_mask, ids.shape)
-        key = (ids.shape, logits_to_keep)
-        if key not in self._compiled:
-            data = self._batch_sharding(ids.shape)
-            self._compiled[key] = jax.jit(
-                lambda p, i, m: forward(self.graphdef, p, i, m, logits_to_keep=logits_to_keep),
-                in_shardings=(param_shardings(self.params, self.mesh, self.rules), data, data))
+        ids, mask = token_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size)
+
+        def build():
+            data = self.rules.sharding(self.mesh, ("batch", "seq"), ids.shape)
+            return jax.jit(lambda p, i, m: forward(self.graphdef, p, i, m, logits_to_keep=logits_to_keep),
+                           in_shardings=(param_shardings(self.params, self.mesh, self.rules), data, data))
+
+        fn = self.compiled(("forward", ids.shape, logits_to_keep), build)
         with activation_sharding(self.mesh, self.rules):
-            return self._compiled[key](self.params, ids, mask)
+            return fn(self.params, ids, mask)
 
 
-def _check_ids(input_ids, vocab_size: int) -> np.ndarray:
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq] (or [seq]), got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"input_ids must be integers, got dtype {ids.dtype}")
-    if ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: sequence length 0")
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-    if bad.size:
-        r, c = bad[0]
-        raise ValueError(f"input_ids[{r}, {c}] = {ids[r, c]} is outside the vocabulary [0, {vocab_size}) "
-                         f"({len(bad)} such token(s))")
-    return ids.astype(np.int32)
+def with_kernels(graphdef: nnx.GraphDef, params: nnx.State, kernels: Kernels) -> nnx.GraphDef:
+    """`graphdef` with every dispatching module's `kernels` attribute set to `kernels` (a resolved setting)."""
+    module = nnx.merge(graphdef, params)
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(getattr(sub, "kernels", None), Kernels):
+            sub.kernels = kernels
+    return nnx.split(module)[0]
 
 
-def _check_mask(attention_mask, shape) -> np.ndarray:
-    if attention_mask is None:
-        return np.ones(shape, np.int32)
-    mask = np.asarray(attention_mask)
-    if mask.ndim == 1:
-        mask = mask[None]
-    if mask.shape != tuple(shape):
-        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {tuple(shape)}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    return mask.astype(np.int32)
+def abstract_model(cfg: Qwen35Config, param_dtype: Any, dtype: Any,
+                   kernels: Kernels) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract State: shapes, dtypes and logical axes, nothing allocated) of a model."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=as_dtype(param_dtype),
+                                                              dtype=as_dtype(dtype), kernels=kernels)))
 
 
-def _abstract(cfg: Qwen35Config, param_dtype, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(
-        lambda: Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)))
+def _platform(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
 
 
-def _resolve(mesh: Mesh | str | None, rules: ShardingRules | None) -> tuple[Mesh, ShardingRules]:
+def _resolve(mesh: Mesh | str | None, rules: ShardingRules | None,
+             kernels: Kernels | Mapping[str, str] | None) -> tuple[Mesh, ShardingRules, Kernels]:
     if mesh is None or isinstance(mesh, str):
         mesh = make_mesh(mesh, jax.devices()[:1] if mesh is None else None)
-    return mesh, rules or ShardingRules()
+    return mesh, rules or ShardingRules(), resolve_kernels(kernels, _platform(mesh))
 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, param_dtype: Any = None,
-                    mesh: Mesh | str | None = None, rules: ShardingRules | None = None) -> Qwen35:
+                    mesh: Mesh | str | None = None, rules: ShardingRules | None = None,
+                    kernels: Kernels | Mapping[str, str] | None = None) -> Qwen35:
     """Loads a local Hugging Face Qwen3.5 checkpoint directory.
 
     Args:
@@ -133,15 +141,16 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, param
       dtype: compute dtype (and parameter dtype unless `param_dtype` is given); A_log/dt_bias stay fp32.
       mesh: a `jax.sharding.Mesh` with axes (data, fsdp, tensor, expert), or a spec like "fsdp=4,tensor=2";
         default: one device.
+      kernels: the ops' implementations (`qwenjax.Kernels`); unset fields come from the environment, else
+        "auto" for the mesh's platform.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     cfg = load_config(path)
     dtype = as_dtype(dtype)
-    param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
-    mesh, rules = _resolve(mesh, rules)
-    graphdef, abstract = _abstract(cfg, param_dtype, dtype)
+    mesh, rules, kernels = _resolve(mesh, rules, kernels)
+    graphdef, abstract = abstract_model(cfg, dtype if param_dtype is None else param_dtype, dtype, kernels)
     loaded = load_params(path, cfg, abstract, mesh, rules)
     gen_file = os.path.join(path, "generation_config.json")
     gen = {}
@@ -152,13 +161,14 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, param
 
 
 def from_config(cfg: Qwen35Config, dtype: Any = jnp.float32, *, param_dtype: Any = None, seed: int = 0,
-                mesh: Mesh | str | None = None, rules: ShardingRules | None = None) -> Qwen35:
-    """A randomly initialised model, created directly in its sharded layout."""
+                mesh: Mesh | str | None = None, rules: ShardingRules | None = None,
+                kernels: Kernels | Mapping[str, str] | None = None) -> Qwen35:
+    """A randomly initialised model, created directly in its sharded layout (arguments as `from_pretrained`)."""
     dtype = as_dtype(dtype)
-    param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
-    mesh, rules = _resolve(mesh, rules)
-    graphdef, abstract = _abstract(cfg, param_dtype, dtype)
+    param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
+    mesh, rules, kernels = _resolve(mesh, rules, kernels)
+    graphdef, abstract = abstract_model(cfg, param_dtype, dtype, kernels)
     init = jax.jit(lambda: nnx.state(Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
-                                                       dtype=dtype)),
+                                                       dtype=dtype, kernels=kernels)),
                    out_shardings=param_shardings(abstract, mesh, rules))
     return Qwen35(cfg, graphdef, init(), mesh, rules)

@@ -126,7 +126,7 @@ def hf_text_model(config: str, dtype: str = "float32", layers: int | None = None
     import torch
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    from qwenjax.cli import resolve_config
+    from qwenjax.config import resolve_config
 
     with open(resolve_config(config)) as f:
         raw = json.load(f)

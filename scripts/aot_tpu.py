@@ -23,6 +23,7 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only devices: other libtpu users may run too
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VARIANTS = [("xla", "xla", False), ("kernel, recompute", "pallas_tpu", False), ("kernel, save", "pallas_tpu", True)]
@@ -58,9 +59,8 @@ def main() -> None:
     import jax.numpy as jnp
 
     from pallas_kernels.gated_delta_rule import tpu as gdr_tpu
-    from qwenjax import aot
-    from qwenjax.cli import resolve_config
-    from qwenjax.config import load_config
+    from qwenjax import Kernels, aot
+    from qwenjax.config import load_config, resolve_config
     from qwenjax.ops.gated_delta_rule import IMPLEMENTATIONS
 
     devices = aot.topology_devices(args.topology)
@@ -101,7 +101,8 @@ def main() -> None:
             gdr_tpu.SAVE_STATES = save
             t0 = time.perf_counter()
             compiled = aot.compile_forward_backward(cfg, args.topology, mesh=args.mesh, batch=args.batch,
-                                                    seq=args.seq, gdr=name)
+                                                    seq=args.seq,
+                                                    kernels=Kernels(gated_delta_rule=name))
             _row(f"{args.model} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq}, mesh "
                  f"{args.mesh or 'fsdp'}, forward+backward", variant, aot.summary(compiled),
                  time.perf_counter() - t0)
@@ -111,7 +112,7 @@ def _moe(args, cfg, one) -> None:
     import jax
     import jax.numpy as jnp
 
-    from qwenjax import aot
+    from qwenjax import Kernels, aot
     from qwenjax.ops.grouped_matmul import IMPLEMENTATIONS
 
     for label, experts, hidden, inter, top_k in MOE_SHAPES:
@@ -131,7 +132,8 @@ def _moe(args, cfg, one) -> None:
         for variant, gmm, ep in MOE_VARIANTS:
             t0 = time.perf_counter()
             compiled = aot.compile_forward_backward(cfg, args.topology, mesh=args.mesh, batch=args.batch,
-                                                    seq=args.seq, gmm=gmm, ep=ep, backward=False)
+                                                    seq=args.seq, backward=False,
+                                                    kernels=Kernels(grouped_matmul=gmm, expert_parallel=ep))
             _row(f"{args.model} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq}, mesh "
                  f"{args.mesh or 'fsdp'}, forward", variant, aot.summary(compiled), time.perf_counter() - t0)
 

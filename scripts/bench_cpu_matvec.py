@@ -1,4 +1,4 @@
-"""Matrix-vector products on the CPU: qwenjax's kernel (qwenjax/ops/cpu_matvec.cc) vs XLA's dot.
+"""Matrix-vector products on the CPU: qwenjax's kernel (pallas_kernels/matmul/cpu_matvec.cc) vs XLA's dot.
 
     python scripts/bench_cpu_matvec.py                     # bf16 weights
     python scripts/bench_cpu_matvec.py --dtype float32 --rows 1
@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from qwenjax.ops import cpu_matvec  # noqa: E402
+from pallas_kernels.matmul import cpu  # noqa: E402
+from pallas_kernels.matmul.xla import matmul_xla  # noqa: E402
 
 SHAPES = [(6144, 1024), (2048, 1024), (3584, 1024), (1024, 3584), (1024, 2048), (4096, 1024), (512, 1024)]
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4", help="comma-separated numbers of x rows")
     args = parser.parse_args()
     dtype, row_counts = jnp.dtype(args.dtype), [int(r) for r in args.rows.split(",")]
-    if not cpu_matvec.available():
+    if not cpu.available():
         raise SystemExit("the kernel is not available here (see the warning above)")
     print(f"jax {jax.__version__}, {os.cpu_count()} cpus; GB/s of {dtype} weights read, 24 matrices per call")
     print(f"{'weights':>14} {'rows':>4} {'kernel':>8} {'XLA':>8}")
@@ -52,8 +53,8 @@ def main() -> None:
         nbytes = sum(w.nbytes for w in ws)
         for rows in row_counts:
             x = jax.random.normal(jax.random.key(99), (rows, in_f), dtype)
-            kernel = jax.jit(lambda x, ws: [cpu_matvec.matvec(x, w) for w in ws])
-            xla = jax.jit(lambda x, ws: [cpu_matvec._xla(x, w) for w in ws])
+            kernel = jax.jit(lambda x, ws: [cpu.matvec(x, w) for w in ws])
+            xla = jax.jit(lambda x, ws: [matmul_xla(x, w) for w in ws])
             t_kernel, t_xla = median_time(kernel, x, ws), median_time(xla, x, ws)
             print(f"{f'{out_f}x{in_f}':>14} {rows:>4} {nbytes / t_kernel / 1e9:8.1f} {nbytes / t_xla / 1e9:8.1f}",
                   flush=True)

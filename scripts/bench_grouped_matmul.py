@@ -22,11 +22,11 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from qwenjax.ops.grouped_matmul import _DIMS, grouped_matmul_xla
+    from pallas_kernels.grouped_matmul.xla import RAGGED_DOT_DIMS, grouped_matmul_xla
 
     experts, out, hidden, top_k = 256, 1024, 2048, 8
     ragged = jax.jit(lambda x, w, gs: jax.lax.ragged_dot_general(
-        x, w, gs, _DIMS, preferred_element_type=jnp.float32,
+        x, w, gs, RAGGED_DOT_DIMS, preferred_element_type=jnp.float32,
         precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None))
     ours = jax.jit(grouped_matmul_xla)
     print(f"backend {jax.default_backend()}, jax {jax.__version__}; experts {experts}, [{out}, {hidden}] each")

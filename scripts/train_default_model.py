@@ -9,7 +9,7 @@ the docstrings of the standard library's modules, classes and functions, read fr
 1. trains a byte-level BPE tokenizer (HF `tokenizers`, 4096 tokens) with Qwen's chat special tokens;
 2. writes a random bf16 checkpoint of configs/qwen3.5-tiny-pydoc.json (8 layers, 3 Gated DeltaNet : 1 gated
    attention, as Qwen3.5) in the Hugging Face layout with that tokenizer and Qwen3.5's chat template format;
-3. trains it with qwenjax's own trainer (`qwenjax.train.finetune`: packed 512-token rows, fp32, AdamW with
+3. trains it with qwenjax's own trainer (`qwenjax.train.loop.finetune`: packed 512-token rows, fp32, AdamW with
    warmup + cosine), holding out every 50th text piece;
 4. exports it in the Hugging Face layout (bf16, ~16 MB), adds a model card with the held-out loss, and replaces
    --out atomically.
@@ -142,7 +142,9 @@ def main() -> None:
     p.add_argument("--work", help="scratch directory (default: a temporary one, removed at the end)")
     args = p.parse_args()
 
+    import qwenjax
     from qwenjax.demo import write_random_checkpoint
+    from qwenjax.inference.tokenizer import Tokenizer
     from qwenjax.train.loop import RunConfig, finetune
     from qwenjax.train.step import TrainConfig
 
@@ -171,7 +173,8 @@ def main() -> None:
     train = TrainConfig(learning_rate=args.lr, warmup_steps=min(args.warmup, args.steps // 10), total_steps=args.steps,
                         final_lr_ratio=0.05, weight_decay=0.1, seed=args.seed)
     run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=max(1, min(500, args.steps)))
-    history = finetune(init, data, os.path.join(work, "run"), train=train, run=run, dtype="float32")
+    history = finetune(qwenjax.from_pretrained(init, dtype="float32"), Tokenizer(init), data, os.path.join(work, "run"),
+                       train=train, run=run)
     export = os.path.join(work, "run", "export")
     loss = heldout_loss(export, heldout, args.pack_len)
     train_loss = sum(h["loss"] for h in history[-20:]) / len(history[-20:])

@@ -15,6 +15,8 @@ if __name__ == "__main__":  # before JAX is imported
 
 import jax  # noqa: E402
 
+import qwenjax  # noqa: E402
+from qwenjax.inference.tokenizer import Tokenizer  # noqa: E402
 from qwenjax.train.loop import RunConfig, finetune  # noqa: E402
 from qwenjax.train.step import TrainConfig  # noqa: E402
 
@@ -27,4 +29,5 @@ if __name__ == "__main__":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
-    finetune(model, data, out, train=TRAIN, run=RUN, dtype="float32", mesh=MESH, progress=False)
+    finetune(qwenjax.from_pretrained(model, dtype="float32", mesh=MESH), Tokenizer(model), data, out,
+             train=TRAIN, run=RUN, progress=False)

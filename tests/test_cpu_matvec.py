@@ -1,5 +1,7 @@
-"""The CPU matrix-vector kernel (qwenjax/ops/cpu_matvec.cc, bf16 and fp32 weights) against float64 and XLA."""
+"""The CPU matrix-vector kernel (pallas_kernels/matmul/cpu_matvec.cc, bf16 and fp32 weights) against float64 and
+XLA, beyond the battery of tests/test_kernels.py: where it is dispatched to, its build, and a bf16 decode."""
 
+import functools
 import logging
 import os
 
@@ -8,14 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.model.layers import matmul_wt
-from qwenjax.ops import cpu_matvec
+import qwenjax
+from pallas_kernels.matmul import cpu as cpu_matvec
+from pallas_kernels.matmul.xla import matmul_xla
+from qwenjax.ops.matmul import matmul_wt
 
 pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason="no C++ compiler: the XLA path is used")
 
 
 BF16 = cpu_matvec.TARGETS[jnp.dtype(jnp.bfloat16)][0]
 F32 = cpu_matvec.TARGETS[jnp.dtype(jnp.float32)][0]
+kernel_matmul = functools.partial(matmul_wt, implementation="kernel")
 
 
 def _inputs(rows, out_features, in_features, seed=0, dtype=jnp.bfloat16):
@@ -39,23 +44,24 @@ def test_matches_float64(rows, out_features, in_features, dtype):
     bound = in_features * np.finfo(np.float32).eps * (np.abs(x64) @ np.abs(w64).T)
     assert y.dtype == np.float32 and y.shape == (rows, out_features)
     assert np.all(np.abs(y - ref) <= bound)
-    xla = np.asarray(jax.jit(cpu_matvec._xla)(x, w))
+    xla = np.asarray(jax.jit(matmul_xla)(x, w))
     assert np.abs(y - ref).max() <= 2 * np.abs(xla - ref).max() + 1e-6 * np.abs(ref).max()
 
 
 def test_leading_dimensions_and_matmul_wt_dispatch():
     x, w = _inputs(1, 96, 80)
     x3 = x.reshape(1, 1, 80)
-    hlo = jax.jit(matmul_wt).lower(x3, w).as_text()
+    hlo = jax.jit(kernel_matmul).lower(x3, w).as_text()
     assert BF16 in hlo
-    np.testing.assert_array_equal(np.asarray(matmul_wt(x3, w)).reshape(1, 96),
+    np.testing.assert_array_equal(np.asarray(kernel_matmul(x3, w)).reshape(1, 96),
                                   np.asarray(cpu_matvec.matvec(x, w)))
+    assert BF16 not in jax.jit(functools.partial(matmul_wt, implementation="xla")).lower(x3, w).as_text()
     x5, _ = _inputs(5, 96, 80)
-    assert BF16 not in jax.jit(matmul_wt).lower(x5, w).as_text()  # 5 rows: XLA's GEMM
+    assert BF16 not in jax.jit(kernel_matmul).lower(x5, w).as_text()  # 5 rows: XLA's GEMM
     x2, w32 = _inputs(2, 96, 80, dtype=jnp.float32)
-    assert F32 in jax.jit(matmul_wt).lower(x2, w32).as_text()
-    assert F32 not in jax.jit(matmul_wt).lower(x2[:1], w32).as_text()  # one fp32 row: XLA's dot is as fast
-    assert BF16 not in jax.jit(matmul_wt).lower(x2.astype(jnp.bfloat16), w32).as_text()  # mixed dtypes: XLA
+    assert F32 in jax.jit(kernel_matmul).lower(x2, w32).as_text()
+    assert F32 not in jax.jit(kernel_matmul).lower(x2[:1], w32).as_text()  # one fp32 row: XLA's dot is as fast
+    assert BF16 not in jax.jit(kernel_matmul).lower(x2.astype(jnp.bfloat16), w32).as_text()  # mixed: XLA
 
 
 def test_gradient_is_the_xla_gradient():
@@ -63,38 +69,42 @@ def test_gradient_is_the_xla_gradient():
     c = jax.random.normal(jax.random.key(2), (2, 48), jnp.float32)
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * c)
     got = jax.jit(jax.grad(loss(cpu_matvec.matvec), argnums=(0, 1)))(x, w)
-    want = jax.jit(jax.grad(loss(cpu_matvec._xla), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(matmul_xla), argnums=(0, 1)))(x, w)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("QWENJAX_CPU_KERNELS", "0")
-    assert cpu_matvec.available.__wrapped__() is False
+def test_chosen_by_the_kernels_setting_else_the_environment(monkeypatch):
+    assert qwenjax.Kernels().resolve("cpu").cpu_matvec == "kernel"
+    assert qwenjax.Kernels().resolve("tpu").cpu_matvec == "xla"
+    monkeypatch.setenv("QWENJAX_CPU_MATVEC", "xla")  # the environment-variable fallback
+    assert qwenjax.Kernels().resolve("cpu").cpu_matvec == "xla"
+    assert qwenjax.Kernels(cpu_matvec="kernel").resolve("cpu").cpu_matvec == "kernel"  # the argument wins
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        qwenjax.Kernels(cpu_matvec="kernel").resolve("gpu")
 
 
 def test_failed_build_falls_back_and_leaves_no_file(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("QWENJAX_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_matvec, "_compiler", lambda: "/bin/false")  # a "compiler" that always fails
     with caplog.at_level(logging.WARNING, logger=cpu_matvec.__name__):
-        assert cpu_matvec.available.__wrapped__() is False
-    assert "unavailable" in caplog.text and "/bin/false" in caplog.text
+        why = cpu_matvec._build_and_register.__wrapped__()
+    assert "/bin/false" in why and "unavailable" in caplog.text and "/bin/false" in caplog.text
     assert os.listdir(tmp_path) == []
 
 
-def test_bf16_decode_is_as_close_to_fp32_as_the_xla_path(tmp_path, monkeypatch):
+def test_bf16_decode_is_as_close_to_fp32_as_the_xla_path(tmp_path):
     """A bf16 prefill + decode steps with the kernel, and with XLA's dot, each against the same model in fp32."""
     pytest.importorskip("torch")
-    import qwenjax
     from qwenjax.model.cache import init_cache
     from qwenjax.testing import make_hf_checkpoint
 
     make_hf_checkpoint(tmp_path, seed=3)
     ids = np.random.default_rng(0).integers(0, 256, (2, 28))
 
-    def decode_logits(dtype):
-        mod = qwenjax.from_pretrained(tmp_path, dtype=dtype).module
+    def decode_logits(dtype, cpu_matvec="kernel"):
+        mod = qwenjax.from_pretrained(tmp_path, dtype=dtype, kernels={"cpu_matvec": cpu_matvec}).module
         cache = init_cache(mod.config, 2, 64, jnp.dtype(dtype))
         logits, cache = jax.jit(lambda i, c: mod.extend(i, c, fresh=True))(jnp.asarray(ids[:, :20]), cache)
         out = [logits]
@@ -108,8 +118,7 @@ def test_bf16_decode_is_as_close_to_fp32_as_the_xla_path(tmp_path, monkeypatch):
     used = []
     ref = decode_logits("float32")
     kernel = decode_logits("bfloat16")
-    monkeypatch.setattr(cpu_matvec, "applies", lambda x, w: False)
-    xla = decode_logits("bfloat16")
+    xla = decode_logits("bfloat16", cpu_matvec="xla")
     assert used == [False, True, False]
     err_kernel, err_xla = np.abs(kernel - ref), np.abs(xla - ref)
     assert err_kernel.max() <= 1.25 * err_xla.max() and err_kernel.mean() <= 1.25 * err_xla.mean()

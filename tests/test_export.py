@@ -79,7 +79,7 @@ def test_trained_params_round_trip_through_transformers_sharded(tmp_path):
     assert index["metadata"]["total_size"] == sum(
         v.nbytes for v in jax.tree.leaves(trained) if hasattr(v, "nbytes"))
     hf = Qwen3_5ForCausalLM.from_pretrained(out, dtype=torch.float32)
-    m2 = qwenjax.Qwen35(m.config, m.graphdef, trained, m.mesh, m.rules)
+    m2 = m.replace(params=trained)
     ids = np.random.default_rng(1).integers(0, 256, (2, 70))
     np.testing.assert_allclose(hf_logits(hf, ids), np.asarray(m2(ids)), rtol=0, atol=1e-4)
     assert not np.allclose(hf_logits(hf, ids), np.asarray(m(ids)), atol=1e-3)  # the trained weights were written

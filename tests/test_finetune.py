@@ -10,6 +10,7 @@ import pytest
 import qwenjax
 from qwenjax.cli import main
 from qwenjax.demo import write_random_checkpoint
+from qwenjax.inference.tokenizer import Tokenizer
 from qwenjax.train.loop import RunConfig, finetune
 from qwenjax.train.step import TrainConfig
 
@@ -40,10 +41,16 @@ TRAIN = TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=7, grad_accu
 RUN = RunConfig(pack_len=64, rows=2, save_every=2, export=False)
 
 
+def _finetune(model_dir, data, out, *, mesh=None, **kwargs):
+    """The TRAIN/RUN fine-tune of the checkpoint in `model_dir`, loaded in fp32 onto `mesh`."""
+    model = qwenjax.from_pretrained(model_dir, dtype="float32", mesh=mesh)
+    return finetune(model, Tokenizer(model_dir), data, out, train=TRAIN, run=RUN, progress=False, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
     root, model, data = setup
-    finetune(model, data, root / "straight", train=TRAIN, run=RUN, dtype="float32", progress=False)
+    _finetune(model, data, root / "straight")
     return _losses(root / "straight")
 
 
@@ -58,11 +65,9 @@ def test_killed_run_resumes_onto_the_same_loss_curve(setup, straight, mesh):
         if step == 5:
             raise Killed  # after step 5 ran and was logged; the newest checkpoint is step 4's
     with pytest.raises(Killed):
-        finetune(model, data, out, train=TRAIN, run=RUN, dtype="float32", mesh=mesh, progress=False,
-                 on_step=kill_at_5)
+        _finetune(model, data, out, mesh=mesh, on_step=kill_at_5)
     assert [s for s, _ in _losses(out)] == [1, 2, 3, 4, 5]
-    resumed = finetune(model, data, out, train=TRAIN, run=RUN, dtype="float32", mesh=mesh, progress=False,
-                       resume=True)
+    resumed = _finetune(model, data, out, mesh=mesh, resume=True)
     assert [m["step"] for m in resumed] == [5, 6, 7]
     if mesh is None:
         assert _losses(out) == straight  # step 5's line was cut back and recomputed identically

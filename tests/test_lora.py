@@ -58,7 +58,7 @@ def test_only_adapters_train_and_merged_export_matches_in_transformers(ckpt, tmp
         state, metrics = step(state, batch)
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frozen_before, jax.tree.leaves(state.frozen)))
 
-    trained = qwenjax.Qwen35(ml.config, ml.graphdef, state.all_params(), ml.mesh, ml.rules, source=ml.source)
+    trained = ml.replace(params=state.all_params())
     ids = _ids(seed=3)
     adapted = np.asarray(trained(ids))
     assert not np.allclose(adapted, np.asarray(m(ids)), atol=1e-3)  # the adapters learned something

@@ -16,7 +16,7 @@ from qwenjax import _compat
 from qwenjax.checkpoint.hf import CheckpointError, hf_key
 from qwenjax.config import ConfigError
 from qwenjax.model.moe import RouterStats
-from qwenjax.ops.moe import EXPERT_PARALLEL_ENV, combine_tokens, gather_tokens, moe_experts, route, sort_by_expert
+from qwenjax.ops.moe import combine_tokens, gather_tokens, moe_experts, route, sort_by_expert
 from qwenjax.pretrained import forward
 from qwenjax.sharding import activation_sharding
 from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss
@@ -232,13 +232,13 @@ EP_SPECS = ["expert=8", "fsdp=2,expert=4", "data=2,tensor=2,expert=2"]
 
 @pytest.mark.parametrize("method", ["allgather", "ragged_all_to_all_emulated"])
 @pytest.mark.parametrize("spec", EP_SPECS)
-def test_expert_parallel_forward_equals_single_device(spec, method, monkeypatch):
-    monkeypatch.setenv(EXPERT_PARALLEL_ENV, method)
+def test_expert_parallel_forward_equals_single_device(spec, method):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     cfg = qwenjax.load_config("configs/tiny-moe.json")
     single = qwenjax.from_config(cfg, dtype="float32", seed=4)
-    sharded = qwenjax.from_config(cfg, dtype="float32", seed=4, mesh=spec)
+    sharded = qwenjax.from_config(cfg, dtype="float32", seed=4, mesh=spec,
+                                  kernels=qwenjax.Kernels(expert_parallel=method))
     w = sharded.params["layers"][0]["mlp"]["experts"]["gate_up_proj"][...]
     expert = dict(p.split("=") for p in spec.split(","))["expert"]
     assert w.addressable_shards[0].data.shape[0] == cfg.num_experts // int(expert)  # experts really split
@@ -253,8 +253,7 @@ def test_expert_parallel_forward_equals_single_device(spec, method, monkeypatch)
 
 
 @pytest.mark.parametrize("method", ["allgather", "ragged_all_to_all_emulated"])
-def test_expert_parallel_train_step_equals_single_device(method, monkeypatch):
-    monkeypatch.setenv(EXPERT_PARALLEL_ENV, method)
+def test_expert_parallel_train_step_equals_single_device(method):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     cfg = qwenjax.load_config("configs/tiny-moe.json")
@@ -263,7 +262,8 @@ def test_expert_parallel_train_step_equals_single_device(method, monkeypatch):
     batch = {"input_ids": jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 8, 48)), jnp.int32)}
     results = []
     for spec in (None, "fsdp=2,expert=4"):
-        m = qwenjax.from_config(cfg, dtype="float32", seed=5, mesh=spec)
+        m = qwenjax.from_config(cfg, dtype="float32", seed=5, mesh=spec,
+                                kernels=qwenjax.Kernels(expert_parallel=method))
         mesh = None if spec is None else m.mesh
 
         def grads(params):

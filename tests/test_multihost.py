@@ -17,6 +17,7 @@ import qwenjax
 from multihost_finetune_worker import RUN, TRAIN
 from qwenjax import _compat
 from qwenjax.demo import write_random_checkpoint
+from qwenjax.inference.tokenizer import Tokenizer
 from qwenjax.train.loop import finetune
 from qwenjax.train.step import init_state
 
@@ -48,7 +49,8 @@ def test_two_process_finetune_matches_one_device_and_exports_the_trained_weights
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
 
-    finetune(model, data, tmp_path / "one-device", train=TRAIN, run=RUN, dtype="float32", progress=False)
+    finetune(qwenjax.from_pretrained(model, dtype="float32"), Tokenizer(model), data, tmp_path / "one-device",
+             train=TRAIN, run=RUN, progress=False)
     two, one = _losses(out), _losses(tmp_path / "one-device")
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, TRAIN.total_steps + 1))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import qwenjax
 from qwenjax import _compat
-from qwenjax.cli import resolve_config
+from qwenjax.config import resolve_config
 from qwenjax.sharding import activation_sharding
 from qwenjax.train.step import TrainConfig, accumulated_gradients, init_state, jit_train_step, shard_batch
 

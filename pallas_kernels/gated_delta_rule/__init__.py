@@ -1,9 +1,8 @@
-"""Gated delta rule (Qwen3.5 Gated DeltaNet): reference implementations."""
+"""Gated delta rule (Qwen3.5 Gated DeltaNet): the oracle, the XLA path and the Pallas TPU kernels."""
 
-from pallas_kernels.gated_delta_rule.reference import (
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-    gated_delta_rule_step,
-)
+from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
+from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
+from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_chunked, gated_delta_rule_step
 
-__all__ = ["gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_delta_rule_step"]
+__all__ = ["gated_delta_rule_recurrent", "gated_delta_rule_chunked", "gated_delta_rule_step",
+           "gated_delta_rule_chunked_tpu", "gated_delta_rule_step_tpu"]

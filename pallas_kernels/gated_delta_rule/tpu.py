@@ -1,7 +1,7 @@
 """Pallas TPU (Mosaic) kernels for the gated delta rule: the chunked form's state pass and the decode step.
 
 Chunked form (`gated_delta_rule_chunked_tpu`), C = 64:
-1. Chunk-parallel work in XLA (`reference.chunk_quantities`): gates, the triangular inverse, W, U, the gated
+1. Chunk-parallel work in XLA (`xla.chunk_quantities`): gates, the triangular inverse, W, U, the gated
    Q K^T. Every chunk at once, no state: XLA batches it well, and it is differentiated by JAX's autodiff.
 2. The state pass as a Pallas kernel, grid (B, HV, N) with the chunk axis "arbitrary": the fp32 state stays in
    VMEM scratch while the chunks stream through. Per chunk (S the incoming state):
@@ -32,33 +32,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gated_delta_rule.reference import (_L2NORM_EPS, check_initial_state, chunk_quantities,
-                                                       from_chunks)
+from pallas_kernels.gated_delta_rule.base import L2NORM_EPS
+from pallas_kernels.gated_delta_rule.xla import check_initial_state, chunk_quantities, from_chunks
+from pallas_kernels.tpu_common import F32, NT, TN, dot, interpret_params
 
 __all__ = ["gated_delta_rule_chunked_tpu", "gated_delta_rule_step_tpu", "SAVE_STATES"]
 
-_F32 = jnp.float32
 # Keep each chunk's incoming state from the forward for the backward (memory) or recompute it (one more
 # forward state pass). Recompute: see the module docstring.
 SAVE_STATES = False
-
-_NN, _TN, _NT = ((1,), (0,)), ((0,), (0,)), ((1,), (1,))  # a b, a^T b, a b^T
-
-
-def _dot(a, b, dims=_NN):
-    # Mosaic's default fp32 matmul rounds its operands to bf16; the fp32 path asks for full precision.
-    precision = jax.lax.Precision.HIGHEST if a.dtype == _F32 else None
-    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=_F32)
-
 
 def _div(h, ratio):
     # Truncating division: `//` on traced ints lowers through `sign`, whose Mosaic rule asks the default
     # backend for its TPU generation (and fails when compiling for a TPU from a CPU host).
     return jax.lax.div(h, ratio)
-
-
-def _interpret(interpret: bool):
-    return pltpu.InterpretParams() if interpret else False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,11 +91,11 @@ def _state_pass_forward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, gates_ref, 
     dt = w_ref.dtype
     s_op = s.astype(dt)
     din, dout, state_decay = _gates(gates_ref, n, c)
-    v_new = u_ref[...].astype(_F32) - _dot(w_ref[...], s_op)
+    v_new = u_ref[...].astype(F32) - dot(w_ref[...], s_op)
     if emit_output:
-        o = din * _dot(q_ref[...], s_op) + _dot(attn_ref[...], v_new.astype(dt))
+        o = din * dot(q_ref[...], s_op) + dot(attn_ref[...], v_new.astype(dt))
         o_ref[...] = o.astype(o_ref.dtype)
-    s_new = state_decay * s + _dot(k_ref[...], (dout * v_new).astype(dt), _TN)
+    s_new = state_decay * s + dot(k_ref[...], (dout * v_new).astype(dt), TN)
     state_ref[...] = s_new
     if emit_output:
         @pl.when(n == pl.num_programs(2) - 1)
@@ -133,27 +120,27 @@ def _state_pass_backward_kernel(q_ref, k_ref, w_ref, u_ref, attn_ref, gates_ref,
     q, k, w, attn = q_ref[...], k_ref[...], w_ref[...], attn_ref[...]
     din, dout, state_decay = _gates(gates_ref, chunk, c)
     do = do_ref[...]
-    do_f = do.astype(_F32)
+    do_f = do.astype(F32)
 
-    v_new = u_ref[...].astype(_F32) - _dot(w, s_op)
-    k_ds = _dot(k, ds_op)
-    dv_new = _dot(attn, do.astype(dt), _TN) + dout * k_ds
+    v_new = u_ref[...].astype(F32) - dot(w, s_op)
+    k_ds = dot(k, ds_op)
+    dv_new = dot(attn, do.astype(dt), TN) + dout * k_ds
     dv_new_op = dv_new.astype(dt)
     dq_in = (din * do_f).astype(dt)   # d (Q S)
 
-    dattn_ref[...] = _dot(do.astype(dt), v_new.astype(dt), _NT).astype(dattn_ref.dtype)
-    dq_ref[...] = _dot(dq_in, s_op, _NT)
-    dk_ref[...] = _dot((dout * v_new).astype(dt), ds_op, _NT)
+    dattn_ref[...] = dot(do.astype(dt), v_new.astype(dt), NT).astype(dattn_ref.dtype)
+    dq_ref[...] = dot(dq_in, s_op, NT)
+    dk_ref[...] = dot((dout * v_new).astype(dt), ds_op, NT)
     du_ref[...] = dv_new.astype(du_ref.dtype)
-    dw_ref[...] = (-_dot(dv_new_op, s_op, _NT)).astype(dw_ref.dtype)
+    dw_ref[...] = (-dot(dv_new_op, s_op, NT)).astype(dw_ref.dtype)
     # decay_in's last entry also scales the state: its gradient takes sum(S * dS') on top.
     last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     state_decay_grad = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)
-    ddin = jnp.sum(do_f * _dot(q, s_op), axis=1, keepdims=True) + jnp.where(last, state_decay_grad, 0.0)
+    ddin = jnp.sum(do_f * dot(q, s_op), axis=1, keepdims=True) + jnp.where(last, state_decay_grad, 0.0)
     dgates_ref[pl.ds(chunk, 1), pl.ds(0, c)] = _row(ddin)
     dgates_ref[pl.ds(chunk, 1), pl.ds(c, c)] = _row(jnp.sum(v_new * k_ds, axis=1, keepdims=True))
 
-    ds_prev = state_decay * ds + _dot(q, dq_in, _TN) - _dot(w, dv_new_op, _TN)
+    ds_prev = state_decay * ds + dot(q, dq_in, TN) - dot(w, dv_new_op, TN)
     dstate_ref[...] = ds_prev
 
     @pl.when(n == pl.num_programs(2) - 1)
@@ -185,10 +172,10 @@ def _forward_call(q, k, w, u, attn, gates, s0, *, out_dtype, emit_output, emit_s
     qk, per_head, per_chunk_state, state, gates_spec = _specs(q, w)
     out_shape, out_specs = [], []
     if emit_output:
-        out_shape += [jax.ShapeDtypeStruct(u.shape, out_dtype), jax.ShapeDtypeStruct(s0.shape, _F32)]
+        out_shape += [jax.ShapeDtypeStruct(u.shape, out_dtype), jax.ShapeDtypeStruct(s0.shape, F32)]
         out_specs += [per_head(dv), state(dv)]
     if emit_states:
-        out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), _F32))
+        out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), F32))
         out_specs.append(per_chunk_state(dv))
     kernel = functools.partial(_state_pass_forward_kernel, emit_output=emit_output, emit_states=emit_states)
     return pl.pallas_call(
@@ -196,8 +183,8 @@ def _forward_call(q, k, w, u, attn, gates, s0, *, out_dtype, emit_output, emit_s
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(b, hv, n),
             in_specs=[qk, qk, per_head(dk), per_head(dv), per_head(c), gates_spec, state(dv)],
-            out_specs=out_specs, scratch_shapes=[pltpu.VMEM((dk, dv), _F32)]),
-        compiler_params=_SEMANTICS, interpret=_interpret(interpret),
+            out_specs=out_specs, scratch_shapes=[pltpu.VMEM((dk, dv), F32)]),
+        compiler_params=_SEMANTICS, interpret=interpret_params(interpret),
     )(q, k, w, u, attn, gates, s0)
 
 
@@ -208,7 +195,7 @@ def _backward_call(q, k, w, u, attn, gates, states, do, dfinal, *, interpret):
     per_value_head = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
     return pl.pallas_call(
         _state_pass_backward_kernel,
-        out_shape=[jax.ShapeDtypeStruct(w.shape, _F32), jax.ShapeDtypeStruct(w.shape, _F32),  # dq, dk per HV
+        out_shape=[jax.ShapeDtypeStruct(w.shape, F32), jax.ShapeDtypeStruct(w.shape, F32),  # dq, dk per HV
                    per_value_head(w), per_value_head(u), per_value_head(attn), per_value_head(gates),
                    per_value_head(dfinal)],
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -217,8 +204,8 @@ def _backward_call(q, k, w, u, attn, gates, states, do, dfinal, *, interpret):
                       per_head(dv), state(dv)],
             out_specs=[per_head(dk), per_head(dk), per_head(dk), per_head(dv), per_head(c), gates_spec,
                        state(dv)],
-            scratch_shapes=[pltpu.VMEM((dk, dv), _F32)]),
-        compiler_params=_SEMANTICS, interpret=_interpret(interpret),
+            scratch_shapes=[pltpu.VMEM((dk, dv), F32)]),
+        compiler_params=_SEMANTICS, interpret=interpret_params(interpret),
     )(q, k, w, u, attn, gates, states, do, dfinal)
 
 
@@ -240,7 +227,7 @@ def _state_pass_bwd(out_dtype, save_states, interpret, residuals, cotangents):
     if states is None:
         (states,) = _forward_call(q, k, w, u, attn, gates, s0, out_dtype=out_dtype, emit_output=False,
                                   emit_states=True, interpret=interpret)
-    dq, dk, dw, du, dattn, dgates, ds0 = _backward_call(q, k, w, u, attn, gates, states, do, dfinal.astype(_F32),
+    dq, dk, dw, du, dattn, dgates, ds0 = _backward_call(q, k, w, u, attn, gates, states, do, dfinal.astype(F32),
                                                         interpret=interpret)
     # Value heads that share a q/k head: their gradients add up.
     group_sum = lambda x: x.reshape(q.shape[:2] + (-1,) + x.shape[2:]).sum(axis=2).astype(q.dtype)
@@ -253,7 +240,7 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 def gated_delta_rule_chunked_tpu(q, k, v, g, beta, *, chunk_size=64, scale=None, initial_state=None,
                                  segment_ids=None, use_qk_l2norm=True, interpret=False, save_states=None):
     """The chunked gated delta rule with the state pass as a Mosaic kernel; same contract as
-    `reference.gated_delta_rule_chunked` (o [B, T, HV, V] in v's dtype, fp32 final state [B, HV, K, V]).
+    `xla.gated_delta_rule_chunked` (o [B, T, HV, V] in v's dtype, fp32 final state [B, HV, K, V]).
 
     Args (beyond the reference's):
       interpret: run the kernels in Pallas' TPU interpreter (for tests off TPU).
@@ -263,7 +250,7 @@ def gated_delta_rule_chunked_tpu(q, k, v, g, beta, *, chunk_size=64, scale=None,
     x, t = chunk_quantities(q, k, v, g, beta, chunk_size=chunk_size, scale=scale, segment_ids=segment_ids,
                             use_qk_l2norm=use_qk_l2norm)
     state0 = check_initial_state(initial_state, k, v)
-    operand = jnp.bfloat16 if v.dtype == jnp.bfloat16 else _F32
+    operand = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
     cast = lambda a: a.astype(operand)
     gates = jnp.concatenate([x.decay_in, x.decay_out], axis=-1)  # [B, HV, N, 2C]
     o, final_state = _state_pass(cast(x.q), cast(x.k), cast(x.w), cast(x.u), cast(x.attn), gates, state0,
@@ -279,16 +266,16 @@ def gated_delta_rule_chunked_tpu(q, k, v, g, beta, *, chunk_size=64, scale=None,
 def _step_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_state_ref, *, scale,
                  use_qk_l2norm):
     # q, k are columns [K, 1]; v, o rows [1, V]; g, beta [1, 1]; the state [K, V].
-    q, k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)
+    q, k = q_ref[...].astype(F32), k_ref[...].astype(F32)
     if use_qk_l2norm:
-        q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=0, keepdims=True) + _L2NORM_EPS)
-        k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + _L2NORM_EPS)
+        q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=0, keepdims=True) + L2NORM_EPS)
+        k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + L2NORM_EPS)
     q = q * scale
     decay = jnp.exp(g_ref[...])
     s = state_ref[...]
     state_k = jnp.sum(k * s, axis=0, keepdims=True)  # S^T k, [1, V]
     state_q = jnp.sum(q * s, axis=0, keepdims=True)
-    delta = (v_ref[...].astype(_F32) - decay * state_k) * beta_ref[...]
+    delta = (v_ref[...].astype(F32) - decay * state_k) * beta_ref[...]
     new_state_ref[...] = decay * s + k * delta
     o = decay * state_q + jnp.sum(k * q, axis=0, keepdims=True) * delta
     o_ref[...] = o.astype(o_ref.dtype)
@@ -296,7 +283,7 @@ def _step_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_sta
 
 def gated_delta_rule_step_tpu(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None,
                               use_qk_l2norm=True, interpret=False):
-    """One token (T == 1) as one fused kernel; same contract as `reference.gated_delta_rule_step`.
+    """One token (T == 1) as one fused kernel; same contract as `xla.gated_delta_rule_step`.
 
     The state is read once and written once, in place when the caller donates it.
     """
@@ -315,7 +302,7 @@ def gated_delta_rule_step_tpu(q, k, v, g, beta, *, scale=None, initial_state=Non
     state = check_initial_state(initial_state, k, v)
     ratio = hv // hk
     column = lambda x: jnp.moveaxis(x, 1, -1)                      # [B, 1, H, D] -> [B, H, D, 1]
-    scalar = lambda x: x.astype(_F32).reshape(b, hv, 1, 1)
+    scalar = lambda x: x.astype(F32).reshape(b, hv, 1, 1)
     qk_spec = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, _div(h, ratio), 0, 0))
     row_spec = pl.BlockSpec((None, None, 1, dv), lambda bi, h: (bi, h, 0, 0))
     scalar_spec = pl.BlockSpec((None, None, 1, 1), lambda bi, h: (bi, h, 0, 0))
@@ -324,12 +311,12 @@ def gated_delta_rule_step_tpu(q, k, v, g, beta, *, scale=None, initial_state=Non
                                use_qk_l2norm=use_qk_l2norm)
     o, new_state = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype), jax.ShapeDtypeStruct(state.shape, _F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype), jax.ShapeDtypeStruct(state.shape, F32)],
         grid=(b, hv),
         in_specs=[qk_spec, qk_spec, row_spec, scalar_spec, scalar_spec, state_spec],
         out_specs=[row_spec, state_spec],
         input_output_aliases={5: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=_interpret(interpret),
+        interpret=interpret_params(interpret),
     )(column(q), column(k), jnp.swapaxes(v, 1, 2), scalar(g), scalar(beta), state)
     return jnp.swapaxes(o, 1, 2), new_state

@@ -1,7 +1,6 @@
-"""Pure-JAX oracles for the grouped matmul: one masked dense product per group, summed (no ragged primitive).
+"""The grouped matmul's oracles: one masked dense product per group, summed (no ragged primitive).
 
-Rows are sorted by group: group g owns rows [ends[g] - sizes[g], ends[g]) with ends = cumsum(sizes); rows past
-sum(sizes) belong to no group. O(G·M·N·K) work: for tests, never for speed.
+O(G·M·N·K) work: for tests, never for speed. The contract is in `base.py`.
 """
 
 from __future__ import annotations
@@ -9,11 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul.base import group_of_rows
 
-def group_of_rows(group_sizes: jax.Array, m: int) -> jax.Array:
-    """[M] int32: the group of each row, or G for rows past sum(group_sizes)."""
-    ends = jnp.cumsum(group_sizes)
-    return jnp.searchsorted(ends, jnp.arange(m), side="right").astype(jnp.int32)
+__all__ = ["grouped_matmul_reference", "grouped_matmul_transposed_reference"]
 
 
 def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:

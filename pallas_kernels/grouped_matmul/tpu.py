@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.tpu_common import F32, NN, NT, TN, dot, interpret_params
+
 __all__ = ["grouped_matmul_tpu", "Tiling", "group_metadata"]
 
-_F32 = jnp.float32
-_NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))  # a b, a bᵀ, aᵀ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +67,6 @@ def group_metadata(group_sizes: jax.Array, m: int, tm: int, *, visit_empty_group
     return GroupMetadata(group, tile, starts, ends, total[None])
 
 
-def _dot(a, b, dims):
-    precision = jax.lax.Precision.HIGHEST if a.dtype == _F32 else None
-    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=_F32)
-
-
 def _rows_of_group(meta_refs, i, tm):
     """[tm, 1] bool: which rows of visit i's row tile belong to its group."""
     group_ids, m_tile_ids, starts, ends, _ = meta_refs
@@ -91,7 +86,7 @@ def _gmm_kernel(*refs, transpose_rhs, tm):
 
     @pl.when(real)
     def _():
-        acc_ref[...] += _dot(lhs_ref[...], rhs_ref[...], _NT if transpose_rhs else _NN)
+        acc_ref[...] += dot(lhs_ref[...], rhs_ref[...], NT if transpose_rhs else NN)
 
     @pl.when(real & (k == pl.num_programs(2) - 1))
     def _():
@@ -114,7 +109,7 @@ def _tgmm_kernel(*refs, tm):
     @pl.when(real)
     def _():
         lhs = jnp.where(_rows_of_group(meta_refs, i, tm), lhs_ref[...], 0)
-        acc_ref[...] += _dot(lhs, rhs_ref[...], _TN)
+        acc_ref[...] += dot(lhs, rhs_ref[...], TN)
 
     @pl.when(real & last)
     def _():
@@ -134,11 +129,7 @@ def _pad(x, shape):
     return x if not any(p for _, p in pads) else jnp.pad(x, pads)
 
 
-def _interpret(interpret: bool):
-    return pltpu.InterpretParams() if interpret else False
-
-
-def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, interpret: bool, out_dtype=_F32):
+def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, interpret: bool, out_dtype=F32):
     """[M, N] = per-row rhs[g] products; rhs [G, N, K] (transpose_rhs) or [G, K, N]. Accumulated in fp32."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -155,19 +146,19 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, interpre
         grid=(np_ // tn, meta.group_ids.shape[0], kp // tk),
         in_specs=[pl.BlockSpec((tm, tk), lambda j, i, kk, gid, mt, *_: (mt[i], kk)), rhs_spec],
         out_specs=pl.BlockSpec((tm, tn), lambda j, i, kk, gid, mt, *_: (mt[i], j)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), _F32)])
+        scratch_shapes=[pltpu.VMEM((tm, tn), F32)])
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, transpose_rhs=transpose_rhs, tm=tm),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=_interpret(interpret),
+        interpret=interpret_params(interpret),
     )(*meta, lhs, rhs)[:m, :n]
     # rows of no group (past the groups, or in tiles no visit touched) hold whatever the buffers held
     return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes), out, jnp.zeros((), out_dtype))
 
 
-def _tgmm(lhs, rhs, group_sizes, *, tiling: Tiling, interpret: bool, out_dtype=_F32):
+def _tgmm(lhs, rhs, group_sizes, *, tiling: Tiling, interpret: bool, out_dtype=F32):
     """[G, N, K], out[g] = Σ_{m in g} lhs[m]ᵀ rhs[m] for lhs [M, N], rhs [M, K]. Accumulated in fp32."""
     m, n = lhs.shape
     k = rhs.shape[1]
@@ -180,13 +171,13 @@ def _tgmm(lhs, rhs, group_sizes, *, tiling: Tiling, interpret: bool, out_dtype=_
         in_specs=[pl.BlockSpec((tm, tn), lambda j, kk, i, gid, mt, *_: (mt[i], j)),
                   pl.BlockSpec((tm, tk), lambda j, kk, i, gid, mt, *_: (mt[i], kk))],
         out_specs=pl.BlockSpec((None, tn, tk), lambda j, kk, i, gid, *_: (gid[i], j, kk)),
-        scratch_shapes=[pltpu.VMEM((tn, tk), _F32)])
+        scratch_shapes=[pltpu.VMEM((tn, tk), F32)])
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
         out_shape=jax.ShapeDtypeStruct((group_sizes.shape[0], np_, kp), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=_interpret(interpret),
+        interpret=interpret_params(interpret),
     )(*meta, lhs, rhs)
     return out[:, :n, :k]
 

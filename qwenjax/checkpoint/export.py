@@ -1,11 +1,11 @@
 """Export to a Hugging Face checkpoint directory: the inverse of `load_params`.
 
 Every parameter goes back under the key it was loaded from (the source's layout: `model.language_model.*` or
-`model.*`; MoE experts stacked or one tensor per expert), in the dtype the source stored it in. Tensors qwenjax
-keeps aside (`model.visual.*`, `mtp.*`) are copied from the source files byte for byte. The side files a user
-needs to run the result (config, tokenizer, chat template, generation config, processor configs) are copied too.
-Large checkpoints are sharded with an index, as `save_pretrained` does. The directory appears complete or not at all: it is written under a temporary name
-beside the target and renamed at the end.
+`model.*`; MoE experts stacked or one tensor per expert), in the dtype the source stored it in (or one dtype given
+for all). Tensors qwenjax keeps aside (`model.visual.*`, `mtp.*`) are copied from the source files byte for byte.
+The side files a user needs to run the result (config, tokenizer, chat template, generation config, processor
+configs) are copied too. Large checkpoints are sharded with an index, as `save_pretrained` does. The directory
+appears complete or not at all: it is written under a temporary name beside the target and renamed at the end.
 
 Across hosts (a mesh over several processes) every process calls `export_hf`: each parameter is gathered from
 all of them, one at a time, and process 0 alone writes, so `out_dir` must be on a filesystem it can reach; the
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from qwenjax import _compat
-from qwenjax.checkpoint.hf import CheckpointIndex, _text_prefix, hf_key, per_expert_parts, stored_per_expert
+from qwenjax.checkpoint.hf import CheckpointIndex, hf_key, per_expert_parts, stored_per_expert, text_prefix
 from qwenjax.checkpoint.safetensors_io import DTYPES, save_file
 from qwenjax.config import config_to_hf_dict
 
@@ -35,9 +35,10 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt",
               "preprocessor_config.json", "video_preprocessor_config.json")
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3  # save_pretrained's default max_shard_size ("5GB")
+STORAGE_DTYPES = {d.name: d for d in (DTYPES["F32"], DTYPES["BF16"], DTYPES["F16"])}
 
 
-def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
+def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None, dtype: str | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> str:
     """Writes model `m` (or `params` in its architecture: trained, LoRA-merged) as a HF checkpoint directory.
 
@@ -45,13 +46,19 @@ def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
     tensors and side files come from it; without one (`from_config`), the layout is what transformers'
     `save_pretrained` writes for `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` (experts one tensor each), and
     only config.json is written.
+
+    `dtype` ("float32", "bfloat16", "float16") is the storage dtype of every parameter tensor written; default:
+    the source checkpoint's dtype per tensor, or the parameter's own without a source. config.json's `dtype`
+    says what was written. Tensors kept aside are copied byte for byte regardless.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
     params = m.params if params is None else params
     if jax.process_index() == 0:
-        _write(m, out_dir, params, max_shard_bytes)
+        _write(m, out_dir, params, None if dtype is None else STORAGE_DTYPES[dtype], max_shard_bytes)
     else:
         for _ in _param_tensors(params, "", None):  # take part in every gather process 0 makes
             pass
@@ -60,7 +67,7 @@ def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
     return out_dir
 
 
-def _write(m, out_dir: str, params: nnx.State, max_shard_bytes: int) -> None:
+def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_shard_bytes: int) -> None:
     source = CheckpointIndex.open(m.source) if m.source else None
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -69,21 +76,23 @@ def _write(m, out_dir: str, params: nnx.State, max_shard_bytes: int) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished directory private
     try:
-        prefix = _text_prefix(source.where) if source else "model."
-        tensors = itertools.chain(_param_tensors(params, prefix, source),
+        prefix = text_prefix(source.where) if source else "model."
+        tensors = itertools.chain(_param_tensors(params, prefix, source, storage),
                                   ((name, source.get(name)) for name in m.aside))  # the source's bytes, untouched
         weight_map, total = _write_shards(tmp, tensors, max_shard_bytes)
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
         for name in SIDE_FILES:
             if m.source and os.path.isfile(os.path.join(m.source, name)):
                 shutil.copy2(os.path.join(m.source, name), os.path.join(tmp, name))
-        if not os.path.isfile(os.path.join(tmp, "config.json")):
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                arch = "Qwen3_5MoeForCausalLM" if m.config.is_moe else "Qwen3_5ForCausalLM"
-                json.dump({"architectures": [arch], **config_to_hf_dict(m.config)}, f, indent=2)
+        config_file = os.path.join(tmp, "config.json")
+        if not os.path.isfile(config_file):  # as save_pretrained writes it, with the dtype of the weights
+            arch = "Qwen3_5MoeForCausalLM" if m.config.is_moe else "Qwen3_5ForCausalLM"
+            stored = storage if storage is not None else _compat.variable_value(params["embed_tokens"]["weight"]).dtype
+            _write_json(config_file, {"architectures": [arch], **config_to_hf_dict(m.config), "dtype": stored.name})
+        elif storage is not None:
+            _set_config_dtype(config_file, storage.name)
         if os.path.exists(out_dir):  # overwrite: move the old one away first, so a failure leaves one of them
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "d"))
@@ -98,9 +107,28 @@ def _write(m, out_dir: str, params: nnx.State, max_shard_bytes: int) -> None:
             shutil.rmtree(tmp)
 
 
-def _param_tensors(params: nnx.State, prefix: str,
-                   source: CheckpointIndex | None) -> Iterator[tuple[str, np.ndarray]]:
-    """(checkpoint key, whole host array) for every parameter, one at a time."""
+def _set_config_dtype(config_file: str, name: str) -> None:
+    """Makes a copied config.json name the dtype the weights were written in (its `dtype`, or the older
+    `torch_dtype`, at the top level and in `text_config`), so that transformers loads them as stored."""
+    with open(config_file) as f:
+        config = json.load(f)
+    for section in (config, config.get("text_config")):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section, dict) and key in section:
+                section[key] = name
+    config.setdefault("dtype", name)
+    _write_json(config_file, config)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _param_tensors(params: nnx.State, prefix: str, source: CheckpointIndex | None,
+                   storage: np.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint key, whole host array in `storage`, else the source's dtype, else its own) for every
+    parameter, one at a time."""
     for path, var in _compat.variable_items(params):
         key = hf_key(path, prefix)
         value = _compat.variable_value(var)
@@ -110,7 +138,9 @@ def _param_tensors(params: nnx.State, prefix: str,
         parts = per_expert_parts(key, value.shape) if source is None else stored_per_expert(key, value.shape,
                                                                                                 source.where)
         for name, piece in ((key, value),) if not parts else ((p, value[e, rows]) for p, e, rows in parts):
-            if source is not None and name in source.where:
+            if storage is not None:
+                piece = piece.astype(storage)
+            elif source is not None and name in source.where:
                 piece = piece.astype(DTYPES[source.info(name).dtype])  # the source's storage dtype
             yield name, np.ascontiguousarray(piece)
 

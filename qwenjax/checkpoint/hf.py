@@ -89,7 +89,9 @@ def _open(path: str) -> SafetensorsFile:
         raise CheckpointError(str(e)) from None
 
 
-def _text_prefix(keys) -> str:
+def text_prefix(keys) -> str:
+    """The key prefix of the text model's tensors ("model.language_model.", "model.", ""), found by the
+    embedding among a checkpoint's tensor names `keys`."""
     for p in TEXT_PREFIXES:
         if f"{p}embed_tokens.weight" in keys:
             return p
@@ -138,7 +140,7 @@ def load_params(path: str | os.PathLike, cfg: Qwen35Config, abstract_state: nnx.
     """Reads a checkpoint directory into a State shaped like `abstract_state` (dtypes taken from it)."""
     index = CheckpointIndex.open(path)
     try:
-        prefix = _text_prefix(index.where)
+        prefix = text_prefix(index.where)
         plan, problems, expected = {}, [], set()
         for var_path, var in _compat.variable_items(abstract_state):
             k = hf_key(var_path, prefix)

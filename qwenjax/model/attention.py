@@ -10,13 +10,15 @@ from qwenjax.config import Qwen35Config
 from qwenjax.model.cache import AttentionCache
 from qwenjax.model.layers import Linear, RMSNorm, apply_rope
 from qwenjax.ops.attention import dot_product_attention
+from qwenjax.ops.kernels import Kernels
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
+                 dtype=None):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.attention_bias)
+        kw = dict(rngs=rngs, kernels=kernels, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.attention_bias)
         # q_proj rows are per head [query (hd) | gate (hd)], i.e. query and gate interleaved head by head.
         self.q_proj = Linear(d, h * hd * 2, ("q_heads", "embed"), **kw)
         self.k_proj = Linear(d, kv * hd, ("kv_heads", "embed"), **kw)
@@ -48,5 +50,6 @@ class Attention(nnx.Module):
                                        v=cache.v.at[rows, write_index].set(v.astype(cache.v.dtype), mode="drop"))
             if attend_cache:
                 k, v = new_cache.k.astype(k.dtype), new_cache.v.astype(v.dtype)
-        o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=not attend_cache)
+        with jax.named_scope("dot_product_attention"):
+            o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=not attend_cache)
         return self.o_proj(o.reshape(b, t, h * hd) * jax.nn.sigmoid(gate)), new_cache

@@ -10,6 +10,7 @@ from qwenjax.config import Qwen35Config
 from qwenjax.model.cache import GatedDeltaNetCache
 from qwenjax.model.layers import GatedRMSNorm, Linear
 from qwenjax.ops.gated_delta_rule import gated_delta_rule
+from qwenjax.ops.kernels import Kernels
 
 
 class DepthwiseCausalConv1d(nnx.Module):
@@ -51,11 +52,13 @@ class DepthwiseCausalConv1d(nnx.Module):
 
 
 class GatedDeltaNet(nnx.Module):
-    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
+                 dtype=None):
         d = cfg.hidden_size
         self.cfg = cfg
         self.dtype = dtype
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.kernels = kernels
+        kw = dict(rngs=rngs, kernels=kernels, param_dtype=param_dtype, dtype=dtype)
         hv = cfg.linear_num_value_heads
         self.in_proj_qkv = Linear(d, cfg.linear_conv_dim, ("gdn_qkv", "embed"), **kw)
         self.in_proj_z = Linear(d, cfg.linear_value_dim, ("gdn_v", "embed"), **kw)
@@ -103,8 +106,10 @@ class GatedDeltaNet(nnx.Module):
         k = qkv[..., kd:2 * kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         v = qkv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
 
-        o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
-                                    initial_state=None if cache is None else cache.state)
+        with jax.named_scope("gated_delta_rule"):
+            o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
+                                        initial_state=None if cache is None else cache.state,
+                                        implementation=self.kernels.gated_delta_rule)
         o = self.norm(o, z).reshape(b, t, cfg.linear_value_dim)
         new_cache = None if cache is None else GatedDeltaNetCache(conv=window, state=state)
         return self.out_proj(o), new_cache

@@ -6,37 +6,19 @@ are copies, never transposes. Each parameter carries its logical axis names for 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import Qwen35Config
-from qwenjax.ops import cpu_matvec
+from qwenjax.ops.kernels import Kernels
+from qwenjax.ops.matmul import matmul_wt
 
 Axes = tuple[str | None, ...]
 
 
 def normal_init(std: float = 0.02):
     return jax.nn.initializers.normal(std)
-
-
-def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] · w[out, in]ᵀ with fp32 accumulation (fp32 result).
-
-    On the CPU a bf16 or fp32 product of 1-4 rows (a decode step) goes to a C++ kernel that streams the weights
-    at memory bandwidth (qwenjax/ops/cpu_matvec.py). Without it, XLA:CPU sends a one-row bf16 matmul to a scalar
-    loop at ~1 GB/s of weights; with two rows it takes the GEMM path at 7-13 GB/s, so one row is padded to two.
-    """
-    if cpu_matvec.applies(x, w):
-        return cpu_matvec.matvec(x, w)
-    rows = math.prod(x.shape[:-1])
-    if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
-        y = jnp.einsum("ri,oi->ro", x2, w, preferred_element_type=jnp.float32)[:1]
-        return y.reshape(*x.shape[:-1], w.shape[0])
-    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
 
 
 class LoRAParam(nnx.Param):
@@ -59,11 +41,12 @@ class LoRA(nnx.Module):
         self.scale = alpha / rank
         self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout else None)
 
-    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    def __call__(self, x: jax.Array, dtype, matmul: str) -> jax.Array:
+        """The update for x in `dtype`, fp32; `matmul` is the implementation of `matmul_wt` to use."""
         if self.dropout is not None:
             x = self.dropout(x)
-        h = matmul_wt(x, self.a[...].astype(dtype)).astype(dtype)
-        return matmul_wt(h, self.b[...].astype(dtype)) * self.scale
+        h = matmul_wt(x, self.a[...].astype(dtype), implementation=matmul).astype(dtype)
+        return matmul_wt(h, self.b[...].astype(dtype), implementation=matmul) * self.scale
 
     def delta(self) -> jax.Array:
         """ΔW [out, in] in fp32: what merging adds to the weight."""
@@ -72,34 +55,37 @@ class LoRA(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x · Wᵀ (+ b) with W of shape [out, in], computed in `dtype` with fp32 accumulation; plus a LoRA
-    update when `qwenjax.train.lora.add_lora` attached one."""
+    """y = x · Wᵀ (+ b) with W of shape [out, in], computed in `dtype` with fp32 accumulation (`kernels.cpu_matvec`
+    picks the implementation); plus a LoRA update when `qwenjax.train.lora.add_lora` attached one."""
 
-    def __init__(self, in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs, kernels: Kernels,
                  param_dtype=jnp.float32, dtype=None, use_bias: bool = False):
         self.weight = nnx.Param(normal_init()(rngs.params(), (out_features, in_features), param_dtype),
                                 logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=axes[:1]) if use_bias else None
         self.dtype = dtype
         self.axes = axes
+        self.kernels = kernels
         self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         w = self.weight[...].astype(dtype)
-        y = matmul_wt(x.astype(dtype), w)
+        y = matmul_wt(x.astype(dtype), w, implementation=self.kernels.cpu_matvec)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         if self.lora is not None:
-            y = y + self.lora(x.astype(dtype), dtype)
+            y = y + self.lora(x.astype(dtype), dtype, self.kernels.cpu_matvec)
         return y.astype(dtype)
 
 
 class Embed(nnx.Module):
-    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, kernels: Kernels,
+                 param_dtype=jnp.float32, dtype=None):
         self.weight = nnx.Param(normal_init()(rngs.params(), (num_embeddings, features), param_dtype),
                                 logical_axes=("vocab", "embed"))
         self.dtype = dtype
+        self.kernels = kernels
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype or self.weight.dtype)
@@ -107,7 +93,8 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied LM head: logits = x · Eᵀ."""
         dtype = self.dtype or x.dtype
-        return matmul_wt(x.astype(dtype), self.weight[...].astype(dtype)).astype(dtype)
+        return matmul_wt(x.astype(dtype), self.weight[...].astype(dtype),
+                         implementation=self.kernels.cpu_matvec).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -144,8 +131,9 @@ class GatedRMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
+                 dtype=None):
+        kw = dict(rngs=rngs, kernels=kernels, param_dtype=param_dtype, dtype=dtype)
         self.gate_proj = Linear(hidden, intermediate, ("mlp", "embed"), **kw)
         self.up_proj = Linear(hidden, intermediate, ("mlp", "embed"), **kw)
         self.down_proj = Linear(intermediate, hidden, ("embed", "mlp"), **kw)

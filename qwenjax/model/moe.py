@@ -16,6 +16,7 @@ from flax import nnx
 
 from qwenjax.config import Qwen35Config
 from qwenjax.model.layers import MLP, Linear, normal_init
+from qwenjax.ops.kernels import Kernels
 from qwenjax.ops.moe import Routing, moe_experts, route
 
 
@@ -55,7 +56,8 @@ class TopKRouter(nnx.Module):
 
 
 class Experts(nnx.Module):
-    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
+                 dtype=None):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         init = normal_init()
         # The fused gate|up rows stay whole on a device (a split would part gate from up): "expert_mlp".
@@ -64,18 +66,22 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype),
                                    logical_axes=("experts", "embed", "expert_mlp"))
         self.dtype = dtype
+        self.kernels = kernels
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         dtype = self.dtype or x.dtype
-        return moe_experts(x.astype(dtype), routing, self.gate_up_proj[...].astype(dtype),
-                           self.down_proj[...].astype(dtype))
+        with jax.named_scope("moe_dispatch"):
+            return moe_experts(x.astype(dtype), routing, self.gate_up_proj[...].astype(dtype),
+                               self.down_proj[...].astype(dtype), implementation=self.kernels.grouped_matmul,
+                               expert_parallel=self.kernels.expert_parallel)
 
 
 class SparseMoeBlock(nnx.Module):
     """y = Σ_topk w_e · expert_e(x) + sigmoid(shared_expert_gate(x)) · shared_expert(x)."""
 
-    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
+                 dtype=None):
+        kw = dict(rngs=rngs, kernels=kernels, param_dtype=param_dtype, dtype=dtype)
         self.gate = TopKRouter(cfg, rngs=rngs, param_dtype=param_dtype)
         self.experts = Experts(cfg, **kw)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, **kw)

@@ -26,6 +26,7 @@ from qwenjax.model.cache import AttentionCache, Cache, GatedDeltaNetCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet
 from qwenjax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
 from qwenjax.model.moe import RouterStats, SparseMoeBlock
+from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -66,8 +67,9 @@ def documents_and_positions(segment_ids: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen35Config, layer_type: str, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    def __init__(self, cfg: Qwen35Config, layer_type: str, *, rngs: nnx.Rngs, kernels: Kernels,
+                 param_dtype=jnp.float32, dtype=None):
+        kw = dict(rngs=rngs, kernels=kernels, param_dtype=param_dtype, dtype=dtype)
         self.is_linear = layer_type == LINEAR_ATTENTION
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if self.is_linear:
@@ -83,24 +85,33 @@ class DecoderLayer(nnx.Module):
         """(x after the layer, the updated cache, the MoE routing's stats or None for a dense layer)."""
         h = self.input_layernorm(x)
         if self.is_linear:
-            h, cache = self.linear_attn(h, valid=inputs.valid, documents=inputs.documents, cache=cache)
+            with jax.named_scope("gated_deltanet"):
+                h, cache = self.linear_attn(h, valid=inputs.valid, documents=inputs.documents, cache=cache)
         else:
-            h, cache = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask, cache=cache,
-                                      write_index=inputs.write_index, attend_cache=inputs.attend_cache)
+            with jax.named_scope("attention"):
+                h, cache = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask, cache=cache,
+                                          write_index=inputs.write_index, attend_cache=inputs.attend_cache)
         x = x + h
         h = self.post_attention_layernorm(x)
         stats = None
         if self.is_moe:
-            h, stats = self.mlp(h, inputs.valid)
+            with jax.named_scope("moe"):
+                h, stats = self.mlp(h, inputs.valid)
         else:
-            h = self.mlp(h)
+            with jax.named_scope("mlp"):
+                h = self.mlp(h)
         return constrain(x + h, ("batch", "seq", "act_embed")), cache, stats
 
 
 class Qwen35ForCausalLM(nnx.Module):
-    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
+                 kernels: Kernels | None = None):
+        """`kernels`: the ops' implementations, resolved here for the default backend unless already resolved
+        (`from_pretrained` and `from_config` resolve them for the mesh's devices)."""
         self.config = cfg
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.kernels = kernels if kernels is not None and kernels.resolved else resolve_kernels(
+            kernels, jax.default_backend())
+        kw = dict(rngs=rngs, kernels=self.kernels, param_dtype=param_dtype, dtype=dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(cfg, t, **kw) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -109,8 +120,13 @@ class Qwen35ForCausalLM(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head (tied to the embedding when the config says so)."""
-        x = self.norm(x)
-        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        with jax.named_scope("lm_head"):
+            x = self.norm(x)
+            return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        with jax.named_scope("embedding"):
+            return constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None, remat: str = "none",
@@ -145,7 +161,7 @@ class Qwen35ForCausalLM(nnx.Module):
 
         if router_stats and not self.config.is_moe:
             raise ValueError("router_stats=True: this is a dense model (config has num_experts = 0)")
-        x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
+        x = self.embed(input_ids)
         x, stats = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -209,7 +225,7 @@ class Qwen35ForCausalLM(nnx.Module):
         inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=positions,
                              attend_cache=not fresh)
 
-        x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
+        x = self.embed(input_ids)
         new_layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache, _ = layer(x, inputs, layer_cache)

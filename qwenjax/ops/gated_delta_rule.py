@@ -6,8 +6,7 @@ An implementation is a pair: the function for sequences, and the one for a singl
   with a custom VJP, and a fused decode step;
 - "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests);
 - "recurrent": the token-by-token `lax.scan` oracle for both (slow; for checking).
-"auto" (the default) takes "pallas_tpu" on TPU and "xla" elsewhere. `QWENJAX_GATED_DELTA_RULE=<name>` or the
-`implementation` argument forces one; the choice is made when a function is traced.
+The choice is the model's `Kernels.gated_delta_rule` ("auto": pallas_tpu on TPU, xla elsewhere).
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ import functools
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.gated_delta_rule import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
-                                             gated_delta_rule_step)
+from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
 from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
+from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_chunked, gated_delta_rule_step
 from qwenjax import _compat, sharding
-from qwenjax.ops._choice import resolve_choice
 
 IMPLEMENTATIONS = {  # name: (sequence, single token)
     "xla": (gated_delta_rule_chunked, gated_delta_rule_step),
@@ -30,26 +28,25 @@ IMPLEMENTATIONS = {  # name: (sequence, single token)
                              functools.partial(gated_delta_rule_step_tpu, interpret=True)),
     "recurrent": (gated_delta_rule_recurrent, gated_delta_rule_recurrent),
 }
-ENV = "QWENJAX_GATED_DELTA_RULE"
 
 
-def resolve(name: str | None = None) -> str:
-    """The implementation `name` (default: $QWENJAX_GATED_DELTA_RULE, else "auto") stands for on this backend."""
-    return resolve_choice(name, env=ENV, choices=IMPLEMENTATIONS, what="gated delta rule implementation",
-                          auto=lambda: "pallas_tpu" if jax.default_backend() == "tpu" else "xla")
+def auto(platform: str) -> str:
+    return "pallas_tpu" if platform == "tpu" else "xla"
 
 
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
                      initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                     implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+                     implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
     """o, final_state for q,k [B,T,HK,K], v [B,T,HV,V], g, beta [B,T,HV]; q/k are l2-normalised inside.
 
-    `implementation`: see the module docstring. A single token (T == 1, a decode step) takes the
-    implementation's step function: the chunked form would pad it to a whole chunk.
+    `implementation`: a name of IMPLEMENTATIONS ("auto" picks by the default backend). A single token (T == 1,
+    a decode step) takes the implementation's step function: the chunked form would pad it to a whole chunk.
 
     Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V].
     """
-    sequence, single_token = IMPLEMENTATIONS[resolve(implementation)]
+    if implementation == "auto":
+        implementation = auto(jax.default_backend())
+    sequence, single_token = IMPLEMENTATIONS[implementation]
     impl = single_token if q.shape[1] == 1 else sequence
 
     def local(q, k, v, g, beta, initial_state, segment_ids):

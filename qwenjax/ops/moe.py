@@ -5,7 +5,7 @@ sorted by expert, so each expert's inputs are one contiguous run of rows, and tw
 fused, then down) run over the runs. The permutations have a custom VJP: the backward of "copy token t to its k
 slots" is a gather of the k slot gradients and a sum, not the scatter-add autodiff would write.
 
-Expert parallelism (the `expert` mesh axis), two ways (`QWENJAX_EXPERT_PARALLEL` or `expert_parallel=`):
+Expert parallelism (the `expert` mesh axis), two ways (the model's `Kernels.expert_parallel`):
 - "ragged_all_to_all" (auto on TPU and GPU): each shard sends every token copy to the shard holding its expert,
   laid out there already grouped by expert, and the results come back the same way: only routed copies move.
 - "allgather" (auto elsewhere): each shard gathers the tokens of its expert group, runs its experts on the pairs
@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax import _compat, sharding
-from qwenjax.ops._choice import resolve_choice
 from qwenjax.ops.grouped_matmul import grouped_matmul
 
 
@@ -110,7 +109,7 @@ combine_tokens.defvjp(_combine_tokens_fwd, _combine_tokens_bwd)
 
 # ---- the expert computation --------------------------------------------------------------------------------------
 def expert_ffn(xs: jax.Array, gate_up: jax.Array, down: jax.Array, group_sizes: jax.Array,
-               implementation: str | None = None) -> jax.Array:
+               implementation: str = "auto") -> jax.Array:
     """SwiGLU experts over sorted rows xs [M, H]: gate_up [G, 2I, H] (gate rows, then up rows), down [G, H, I].
     Rows past sum(group_sizes) belong to no expert and come out zero. Returns [M, H] fp32."""
     h = grouped_matmul(xs, gate_up, group_sizes, implementation=implementation)  # [M, 2I] fp32
@@ -173,18 +172,18 @@ def _exchanged_experts(x, weights, experts, gate_up, down, *, axes, num_shards, 
 
 
 EXPERT_PARALLEL = ("allgather", "ragged_all_to_all", "ragged_all_to_all_emulated")
-EXPERT_PARALLEL_ENV = "QWENJAX_EXPERT_PARALLEL"
 
 
-def resolve_expert_parallel(name: str | None = None) -> str:
-    """The expert-parallel method `name` (default $QWENJAX_EXPERT_PARALLEL, else "auto") stands for here."""
-    return resolve_choice(name, env=EXPERT_PARALLEL_ENV, choices=EXPERT_PARALLEL, what="expert parallelism",
-                          auto=lambda: "ragged_all_to_all" if jax.default_backend() in ("tpu", "gpu") else "allgather")
+def auto_expert_parallel(platform: str) -> str:
+    return "ragged_all_to_all" if platform in ("tpu", "gpu") else "allgather"
 
 
 def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Array, *,
-                implementation: str | None = None, expert_parallel: str | None = None) -> jax.Array:
+                implementation: str = "auto", expert_parallel: str = "auto") -> jax.Array:
     """The routed experts' weighted sum for tokens x [N, H] (fp32 [N, H]).
+
+    `implementation`: the grouped matmul's; `expert_parallel`: a name of EXPERT_PARALLEL ("auto" for either
+    picks by the default backend).
 
     Under `qwenjax.sharding.activation_sharding`, runs inside `shard_map`: tokens split like the batch, experts
     over the `expert` mesh axis. When the expert axis also splits the tokens (the default rules: it is a batch
@@ -198,7 +197,7 @@ def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Ar
     expert_axes = sharding.mesh_axes_for("experts", gate_up.shape[0])
     token_axes = sharding.mesh_axes_for("batch", x.shape[0])
     gathered = tuple(a for a in token_axes if a in expert_axes)
-    method = resolve_expert_parallel(expert_parallel)
+    method = auto_expert_parallel(jax.default_backend()) if expert_parallel == "auto" else expert_parallel
     ragged = method != "allgather" and gathered and gathered == expert_axes
     num_shards = math.prod(mesh.shape[a] for a in expert_axes)
 

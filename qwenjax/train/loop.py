@@ -1,4 +1,4 @@
-"""The fine-tuning run: checkpoint directory + JSONL → train steps → Orbax checkpoints, metrics log, HF export.
+"""The fine-tuning run: model + tokenizer + JSONL → train steps → Orbax checkpoints, metrics log, HF export.
 
     out_dir/checkpoints/<step>/   Orbax: the TrainState (params, optimizer state, step) and the data position
     out_dir/metrics.jsonl         one line per step: step, loss, tokens, tokens_per_s, grad_norm, learning_rate
@@ -19,10 +19,10 @@ from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
 
 from qwenjax.checkpoint.export import export_hf
 from qwenjax.inference.tokenizer import Tokenizer
+from qwenjax.pretrained import Qwen35
 from qwenjax.train.data import PackedBatches, read_jsonl
 from qwenjax.train.lora import LoRAConfig, add_lora, merge_lora
 from qwenjax.train.step import TrainConfig, TrainState, init_state, jit_train_step
@@ -44,27 +44,25 @@ class RunConfig:
             raise ValueError("RunConfig: " + "; ".join(bad))
 
 
-def finetune(model_dir: str, data_path: str, out_dir: str, *, train: TrainConfig, run: RunConfig = RunConfig(),
-             lora: LoRAConfig | None = None, dtype: str = "bfloat16", mesh: Mesh | str | None = None,
+def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+             train: TrainConfig, run: RunConfig = RunConfig(), lora: LoRAConfig | None = None,
              resume: bool = False, progress: bool = True,
              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Runs `train.total_steps` steps (or the rest of them, resuming); returns the metrics of the steps run.
+    """Trains `model` on the JSONL file `data_path` for `train.total_steps` steps (or the rest of them, resuming);
+    returns the metrics of the steps run.
 
-    `mesh` ("data=2,fsdp=4", a `jax.sharding.Mesh`; default one device) spreads the weights, optimizer state and
-    batch rows over devices (`jit_train_step`); checkpoints are written and restored in that layout.
+    The model's dtype and mesh are the run's: the mesh spreads the weights, optimizer state and batch rows over
+    its devices (`jit_train_step`); checkpoints are written and restored in that layout. The export (with a
+    source checkpoint, `from_pretrained`) takes its layout, dtypes and side files from that checkpoint.
 
     `on_step(step, metrics)` is called after each step (a test can raise there to simulate a kill).
     """
-    import qwenjax
-
     os.makedirs(out_dir, exist_ok=True)
     primary = jax.process_index() == 0  # across hosts, process 0 alone writes the metrics log and shows progress
-    base = qwenjax.from_pretrained(model_dir, dtype=dtype, mesh=mesh)
-    tokenizer = Tokenizer(model_dir)
-    eos = base.generation_config.get("eos_token_id", base.config.eos_token_id)
+    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     samples, _ = read_jsonl(data_path, tokenizer, max_len=run.pack_len, eos_id=eos, strict=run.strict_data)
-    m = add_lora(base, lora) if lora is not None else base
+    m = add_lora(model, lora) if lora is not None else model
     step_fn = jit_train_step(m.graphdef, train, m.mesh, m.rules)
     state = init_state(m.params, train)
     position = {"epoch": 0, "row": 0}
@@ -107,9 +105,8 @@ def finetune(model_dir: str, data_path: str, out_dir: str, *, train: TrainConfig
         bar.close()
     manager.close()
     if run.export:
-        trained = qwenjax.Qwen35(m.config, m.graphdef, state.all_params(), m.mesh, m.rules, aside=m.aside,
-                                 source=m.source, generation_config=m.generation_config)
-        export_hf(base, os.path.join(out_dir, "export"), overwrite=True,
+        trained = m.replace(params=state.all_params())
+        export_hf(model, os.path.join(out_dir, "export"), overwrite=True,
                   params=(merge_lora(trained) if lora is not None else trained).params)
     return history
 

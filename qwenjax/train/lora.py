@@ -56,8 +56,6 @@ def _module_copy(m):
 
 def add_lora(m, cfg: LoRAConfig):
     """A copy of model `m` (a `qwenjax.Qwen35`) with adapters on every Linear whose name is in cfg.targets."""
-    from qwenjax.pretrained import Qwen35
-
     model = _module_copy(m)
     rngs = nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1)
     count = 0
@@ -70,16 +68,12 @@ def add_lora(m, cfg: LoRAConfig):
     if not count:
         raise ValueError(f"LoRA targets {cfg.targets} match no linear layer of this model")
     graphdef, params = nnx.split(model)
-    params = jax.device_put(params, param_shardings(params, m.mesh, m.rules))
-    return Qwen35(m.config, graphdef, params, m.mesh, m.rules, aside=m.aside, source=m.source,
-                  generation_config=m.generation_config)
+    return m.replace(graphdef=graphdef, params=jax.device_put(params, param_shardings(params, m.mesh, m.rules)))
 
 
 def merge_lora(m):
     """Model `m` with every adapter folded into its weight (W + (alpha/rank) B A, rounded once to W's dtype) and
     removed: the base architecture again, ready for `export_hf`."""
-    from qwenjax.pretrained import Qwen35
-
     model = _module_copy(m)
     for _, linear in _linears(model):
         if linear.lora is not None:
@@ -87,5 +81,4 @@ def merge_lora(m):
             linear.weight[...] = (w.astype(jax.numpy.float32) + linear.lora.delta()).astype(w.dtype)
             linear.lora = nnx.data(None)
     graphdef, params = nnx.split(model)
-    return Qwen35(m.config, graphdef, params, m.mesh, m.rules, aside=m.aside, source=m.source,
-                  generation_config=m.generation_config)
+    return m.replace(graphdef=graphdef, params=params)

@@ -7,7 +7,7 @@
 // from all cores of XLA's own intra-op thread pool. Accumulation is fp32, as in the XLA path; only the
 // summation order differs.
 //
-// Built at first use by qwenjax/ops/cpu_matvec.py with the host compiler (-O3 -march=native); GCC/Clang vector
+// Built at first use by pallas_kernels/matmul/cpu.py with the host compiler (-O3 -march=native); GCC/Clang vector
 // extensions, so the same source vectorises for AVX2, AVX-512 and NEON.
 
 #include <algorithm>

@@ -1,11 +1,12 @@
-"""Matrix-vector products on the CPU through a small C++ kernel (cpu_matvec.cc) called as an XLA FFI target.
+"""`x · Wᵀ` on the CPU: products of 1-4 rows through a small C++ kernel (cpu_matvec.cc) called as an XLA FFI
+target, the rest through XLA (`xla.py`).
 
 Decoding at batch 1-4 reads every weight once per step. XLA:CPU's bf16 dot reads them at 1-9 GB/s, so a bf16
 decode step ran at a third of the memory bandwidth; the kernel streams them at the bandwidth. With fp32 weights
 XLA's dot is as fast for one row but half as fast for 2-4, so the kernel serves fp32 from two rows up. It is compiled
 once per machine at first use with the host's C++ compiler (`$CXX`, else g++/c++) into the cache directory
-(`$QWENJAX_CACHE`, else ~/.cache/qwenjax) and registered with XLA. Where that fails (no compiler, no headers)
-the XLA dot is used and a warning says why. `QWENJAX_CPU_KERNELS=0` turns the kernel off.
+(`$QWENJAX_CACHE`, else ~/.cache/qwenjax) and registered with XLA. Where that fails (no compiler, no headers),
+`available()` is False and says why in a warning; `qwenjax.Kernels(cpu_matvec="auto")` then picks XLA.
 
 Gradients are the XLA dot's (custom VJP), so the kernel can sit inside a differentiated model.
 """
@@ -16,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -24,6 +26,10 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.matmul.xla import matmul_xla
+
+__all__ = ["matmul_cpu", "matvec", "available", "require", "applies", "MAX_ROWS", "TARGETS"]
 
 log = logging.getLogger(__name__)
 
@@ -79,43 +85,50 @@ def _build(cxx: str) -> str:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel is built and registered (building it on the first call)."""
-    if os.environ.get("QWENJAX_CPU_KERNELS", "1") == "0":
-        return False
+def _build_and_register() -> str | None:
+    """Builds and registers the kernel once per process; None, or why it cannot be had (also in a warning)."""
     cxx = _compiler()
-    if cxx is None:
-        log.warning("qwenjax: no C++ compiler found ($CXX, g++, c++, clang++); CPU decoding uses XLA's "
-                    "slower dot")
-        return False
     try:
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found ($CXX, g++, c++, clang++)")
         lib = ctypes.cdll.LoadLibrary(_build(cxx))
         for target, symbol in TARGETS.values():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path, and say why
-        log.warning("qwenjax: the CPU matvec kernel is unavailable, using XLA's dot: %s", e)
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - any failure means: no kernel, and say why
+        log.warning("qwenjax: the CPU matvec kernel is unavailable, CPU decoding uses XLA's slower dot: %s", e)
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (building it on the first call)."""
+    return _build_and_register() is None
+
+
+def require() -> None:
+    """Raises, saying why, unless the kernel is available."""
+    why = _build_and_register()
+    if why is not None:
+        raise RuntimeError(f"the CPU matvec kernel is unavailable: {why}")
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `matvec(x, w)` should serve x [..., in] · w[out, in]ᵀ here: bf16 or fp32, both the same."""
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= d
+    """Whether `matvec(x, w)` serves x [..., in] · w[out, in]ᵀ: 1-4 rows (fp32: 2-4), bf16 or fp32, both the same."""
+    rows = math.prod(x.shape[:-1])
     # One fp32 row is the exception: XLA's fp32 dot already streams it as fast (BENCHMARKS.md).
     min_rows = 2 if w.dtype == jnp.float32 else 1
-    return (x.dtype == w.dtype and w.dtype in TARGETS and w.ndim == 2 and min_rows <= rows <= MAX_ROWS
-            and jax.default_backend() == "cpu" and available())
+    return x.dtype == w.dtype and w.dtype in TARGETS and w.ndim == 2 and min_rows <= rows <= MAX_ROWS
 
 
-def _xla(x, w):
-    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
+def matmul_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] · w[out, in]ᵀ → [..., out] fp32: the kernel where it `applies`, XLA's dot elsewhere."""
+    return matvec(x, w) if applies(x, w) else matmul_xla(x, w)
 
 
 @jax.custom_vjp
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] (at most MAX_ROWS rows) · w[out, in]ᵀ, bf16 or fp32 in, fp32 out; see `applies`."""
+    require()  # registers the FFI target in this process before the call is traced
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32)
     y = jax.ffi.ffi_call(TARGETS[jnp.dtype(w.dtype)][0], out, vmap_method="sequential")(x2, w)
@@ -127,7 +140,7 @@ def _fwd(x, w):
 
 
 def _bwd(res, g):
-    return jax.vjp(_xla, *res)[1](g)
+    return jax.vjp(matmul_xla, *res)[1](g)
 
 
 matvec.defvjp(_fwd, _bwd)

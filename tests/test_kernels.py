@@ -1,0 +1,247 @@
+"""Every implementation of every hot op against its oracle (the battery of tests/kernel_test_base.py).
+
+A new backend of an op adds its name to the op's IMPLEMENTATIONS line below and gets the whole battery: forward
+and backward, fp32 and bf16, ragged and edge shapes. The TPU kernels run in Pallas' TPU interpreter here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernel_test_base import KernelVsOracle
+from pallas_kernels.attention.reference import attention_reference
+from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
+from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
+from pallas_kernels.grouped_matmul.tpu import Tiling
+from pallas_kernels.matmul import cpu
+from pallas_kernels.matmul.reference import matmul_reference
+from qwenjax.ops import attention, gated_delta_rule, grouped_matmul, matmul
+from test_gated_delta_rule import make_inputs
+
+SHORT = {"float32": "f32", "bfloat16": "bf16"}
+# fp32: what is left is summation order; bf16: matmul operands (and some gradients) rounded to bf16, where the
+# oracle computes in fp32 from the same bf16 inputs: about one bf16 ulp of the largest value.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+# ---- the gated delta rule ------------------------------------------------------------------------------------------
+class GdrCase(NamedTuple):
+    dtype: str
+    ratio: int          # value heads per q/k head (GVA)
+    t: int
+    initial_state: bool
+    segments: bool      # packed documents
+    g_value: float | None = None  # every gate this log-decay (None: realistic random gates)
+
+
+def _segments(batch, t):
+    """Row 0: documents start at 37 (inside chunk 0), 64 (a chunk boundary) and 90; row 1: at 5."""
+    seg = np.zeros((batch, t), np.int32)
+    for start in (37, 64, 90):
+        seg[0, start:] += 1
+    seg[1, 5:] = 7
+    return seg
+
+
+def _gdr_inputs(case: GdrCase, seed: int):
+    q, k, v, g, beta, state = make_inputs(seed, t=case.t, ratio=case.ratio, g_value=case.g_value,
+                                          with_state=case.initial_state)
+    if case.g_value is not None:
+        g[:, ::7] = -0.05  # a few mild gates so that some state survives between tokens
+    q, k, v = (jnp.asarray(x, case.dtype) for x in (q, k, v))
+    args = (q, k, v, jnp.asarray(g), jnp.asarray(beta)) + ((jnp.asarray(state),) if case.initial_state else ())
+    kwargs = {"segment_ids": jnp.asarray(_segments(q.shape[0], case.t)) if case.segments else None}
+    return args, kwargs
+
+
+def _with_state(fn):
+    """fn(q, k, v, g, beta[, initial_state], **kwargs), the state positional so that it is differentiated."""
+    return lambda q, k, v, g, beta, *state, **kw: fn(q, k, v, g, beta, initial_state=(state or [None])[0], **kw)
+
+
+class TestGatedDeltaRule(KernelVsOracle):
+    """The sequence form (prefill, training) against the token-by-token recurrence."""
+
+    IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret")
+    CASES = {  # every GVA ratio, dtype and option meets the others; T off and on the chunk size (64)
+        "f32-gva1-t64": GdrCase("float32", 1, 64, False, False),
+        "f32-gva2-t100-state": GdrCase("float32", 2, 100, True, False),
+        "f32-gva3-t130-segments": GdrCase("float32", 3, 130, False, True),
+        "f32-gva2-t70-state-segments": GdrCase("float32", 2, 70, True, True),
+        "f32-gva1-t1": GdrCase("float32", 1, 1, True, False),
+        # per-chunk cumsums reach ~-1280: exp underflows to 0, and the masked upper-triangle exponents would be
+        # +1280 without masking
+        "f32-gva1-t70-gates-20": GdrCase("float32", 1, 70, True, False, g_value=-20.0),
+        "bf16-gva1-t100-state": GdrCase("bfloat16", 1, 100, True, False),
+        "bf16-gva3-t130-segments": GdrCase("bfloat16", 3, 130, False, True),
+        "bf16-gva2-t63-state-segments": GdrCase("bfloat16", 2, 63, True, True),
+    }
+
+    def inputs(self, case):
+        return _gdr_inputs(case, seed=case.ratio * 10 + case.t)
+
+    def run(self, name, case):
+        return _with_state(gated_delta_rule.IMPLEMENTATIONS[name][0])
+
+    def oracle(self, case):
+        return _with_state(gated_delta_rule_recurrent)
+
+    def tolerance(self, case):
+        return TOLERANCE[case.dtype], TOLERANCE[case.dtype]
+
+
+class TestGatedDeltaRuleStep(KernelVsOracle):
+    """The single-token form (a decode step) against the recurrence; inference only."""
+
+    IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret")
+    CASES = {f"{SHORT[dtype]}-gva{ratio}": GdrCase(dtype, ratio, 1, True, False)
+             for dtype in ("float32", "bfloat16") for ratio in (1, 2, 3)}
+    BACKWARD = False
+
+    def inputs(self, case):
+        (q, k, v, g, beta, state), kwargs = _gdr_inputs(case, seed=case.ratio)
+        beta = beta.at[0, 0, 0].set(0.0)  # a padded row: no write, pure decay
+        return (q, k, v, g, beta, state), kwargs
+
+    def run(self, name, case):
+        return _with_state(gated_delta_rule.IMPLEMENTATIONS[name][1])
+
+    def oracle(self, case):
+        return _with_state(gated_delta_rule_recurrent)
+
+    def tolerance(self, case):
+        # Both compute in fp32 (a kernel on the vector unit); bf16 o is one rounding of nearly equal values.
+        return TOLERANCE[case.dtype], 0.0
+
+
+# ---- the grouped matmul --------------------------------------------------------------------------------------------
+class GmmCase(NamedTuple):
+    dtype: str
+    group_sizes: tuple[int, ...]  # rows past their sum (3 here) belong to no group
+    tiling: Tiling                # the Mosaic kernels' tiles (tm, tk, tn): small ones cross tile edges
+
+
+_GROUPS = {
+    "empty-groups-ragged-tiles": ((5, 0, 13, 2, 0, 7), Tiling(8, 16, 16)),  # sizes off the row tile, K, N padded
+    "leading-empty-groups": ((0, 0, 30, 1), Tiling(16, 8, 8)),               # one group over several tiles
+    "one-tile": ((3, 4), Tiling(512, 512, 512)),
+    "no-rows-routed": ((0, 0, 0), Tiling(8, 8, 8)),
+    "fewer-rows-than-groups": ((1, 0, 2, 0, 0, 0, 1, 0, 0, 0), Tiling(8, 8, 8)),  # decode: XLA gathers rows
+}
+
+
+class TestGroupedMatmul(KernelVsOracle):
+    IMPLEMENTATIONS = ("ragged_dot", "pallas_tpu_interpret")
+    EXACT_ZEROS = True
+    CASES = {f"{SHORT[dtype]}-{name}": GmmCase(dtype, sizes, tiling)
+             for dtype in ("float32", "bfloat16") for name, (sizes, tiling) in _GROUPS.items()}
+
+    def inputs(self, case):
+        m, k, n = sum(case.group_sizes) + 3, 24, 40
+        keys = jax.random.split(jax.random.key(len(case.group_sizes)), 2)
+        x = jax.random.normal(keys[0], (m, k)).astype(case.dtype)
+        w = jax.random.normal(keys[1], (len(case.group_sizes), n, k)).astype(case.dtype)
+        return (x, w), {"group_sizes": jnp.array(case.group_sizes, jnp.int32)}
+
+    def run(self, name, case):
+        fn = grouped_matmul.IMPLEMENTATIONS[name]
+        return functools.partial(fn, tiling=case.tiling) if name.startswith("pallas") else fn
+
+    def oracle(self, case):
+        return grouped_matmul_reference
+
+    def tolerance(self, case):
+        return TOLERANCE["float32"], TOLERANCE[case.dtype]  # the forward accumulates in fp32 either way
+
+
+# ---- x · Wᵀ ---------------------------------------------------------------------------------------------------------
+class MatmulCase(NamedTuple):
+    dtype: str
+    rows: int
+    out_features: int
+    in_features: int
+
+
+class TestMatmul(KernelVsOracle):
+    """The CPU kernel serves 1-4 rows (fp32: 2-4); other shapes take XLA's dot inside the same implementation."""
+
+    IMPLEMENTATIONS = ("xla",) + (("kernel",) if cpu.available() else ())
+    CASES = {f"{SHORT[dtype]}-{rows}x{o}x{i}": MatmulCase(dtype, rows, o, i)
+             for dtype in ("float32", "bfloat16") for rows in (1, 2, 4, 5) for o, i in ((37, 1001), (2051, 16))}
+
+    def inputs(self, case):
+        kx, kw = jax.random.split(jax.random.key(case.rows))
+        x = jax.random.normal(kx, (case.rows, case.in_features), case.dtype)
+        w = jax.random.normal(kw, (case.out_features, case.in_features), case.dtype)
+        return (x, w), {}
+
+    def run(self, name, case):
+        return matmul.IMPLEMENTATIONS[name]
+
+    def oracle(self, case):
+        return matmul_reference
+
+    def tolerance(self, case):
+        return TOLERANCE["float32"], TOLERANCE[case.dtype]  # products of bf16 are exact in fp32
+
+
+# ---- attention ------------------------------------------------------------------------------------------------------
+class AttentionCase(NamedTuple):
+    dtype: str
+    t: int                 # queries
+    s: int                 # keys
+    heads: tuple[int, int]  # query heads, key/value heads
+    mask: str              # "causal" (with right padding), "cache" (decode over a buffer) or "none"
+
+
+class TestAttention(KernelVsOracle):
+    IMPLEMENTATIONS = ("xla",)
+    CASES = {
+        "f32-causal-blocks-256": AttentionCase("float32", 256, 256, (4, 2), "causal"),
+        "f32-causal-ragged-blocks-300": AttentionCase("float32", 300, 300, (4, 2), "causal"),
+        "f32-gqa3-unmasked": AttentionCase("float32", 5, 5, (6, 2), "none"),
+        "f32-decode-over-cache": AttentionCase("float32", 1, 64, (4, 1), "cache"),
+        "bf16-causal-blocks-256": AttentionCase("bfloat16", 256, 256, (4, 2), "causal"),
+    }
+
+    def inputs(self, case):
+        (h, kv), d = case.heads, 32
+        ks = jax.random.split(jax.random.key(case.t), 3)
+        q = jax.random.normal(ks[0], (2, case.t, h, d), case.dtype)
+        k = jax.random.normal(ks[1], (2, case.s, kv, d), case.dtype)
+        v = jax.random.normal(ks[2], (2, case.s, kv, d), case.dtype)
+        if case.mask == "causal":  # row 1 has 37 padding tokens at the end
+            valid = jnp.arange(case.s)[None, :] < jnp.array([[case.s], [case.s - 37]])
+            mask = jnp.tril(jnp.ones((case.t, case.s), bool))[None] & valid[:, None, :]
+        elif case.mask == "cache":  # rows hold 40 and 7 tokens of the buffer
+            mask = jnp.arange(case.s)[None, None, :] < jnp.array([40, 7])[:, None, None]
+        else:
+            mask = None
+        return (q, k, v), {"mask": mask, "causal": case.mask == "causal"}
+
+    def run(self, name, case):
+        fn = attention.IMPLEMENTATIONS[name]
+        return lambda q, k, v, mask, causal: fn(q, k, v, mask, 0.2, causal=causal)
+
+    def oracle(self, case):
+        return lambda q, k, v, mask, causal: attention_reference(q, k, v, mask, 0.2).astype(q.dtype)
+
+    def tolerance(self, case):
+        return TOLERANCE[case.dtype], TOLERANCE[case.dtype]
+
+
+def test_every_dispatch_table_entry_is_in_a_battery_or_named_here():
+    """An implementation added to a dispatch table without a battery line fails here, not silently."""
+    on_tpu_only = {"pallas_tpu"}  # compiled for TPU topologies (libtpu, compile-only) in the ops' own tests
+    for table, battery in ((gated_delta_rule.IMPLEMENTATIONS, TestGatedDeltaRule),
+                           (gated_delta_rule.IMPLEMENTATIONS, TestGatedDeltaRuleStep),
+                           (grouped_matmul.IMPLEMENTATIONS, TestGroupedMatmul),
+                           (attention.IMPLEMENTATIONS, TestAttention)):
+        untested = set(table) - set(battery.IMPLEMENTATIONS) - on_tpu_only - {"recurrent"}  # recurrent: the oracle
+        assert not untested, f"{battery.__name__}: no battery line for {sorted(untested)}"
+    assert set(matmul.IMPLEMENTATIONS) - set(TestMatmul.IMPLEMENTATIONS) <= (set() if cpu.available() else {"kernel"})
