@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,8 @@ class KernelVsOracle:
 
         (ours, our_grads), (want, want_grads) = jax.jit(outputs_and_grads)(*args)
         forward_tol, backward_tol = self.tolerance(case)
-        assert jax.tree.structure(ours) == jax.tree.structure(want)
+        chex.assert_trees_all_equal_shapes_and_dtypes(ours, want)
+        chex.assert_trees_all_equal_shapes_and_dtypes(our_grads, want_grads)
         for i, (a, b) in enumerate(zip(jax.tree.leaves(ours), jax.tree.leaves(want))):
             assert_matches(a, b, forward_tol, f"{implementation}: output {i}", self.EXACT_ZEROS)
         for i, (a, b) in enumerate(zip(our_grads, want_grads)):

@@ -6,6 +6,7 @@ compile-only devices), alone and inside a full model's forward + backward.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +31,7 @@ def test_saved_states_give_the_same_gradients_as_recomputed():
     grads = {save: jax.jit(jax.grad(_loss(functools.partial(gated_delta_rule_chunked_tpu, interpret=True,
                                                              save_states=save)), argnums=tuple(range(6))))(*args)
              for save in (False, True)}
-    for a, b in zip(grads[False], grads[True]):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(grads[False], grads[True])
 
 
 def test_step_kernel_without_state_starts_from_zero():

@@ -142,3 +142,40 @@ def test_no_module_imports_another_modules_private_name():
     _, private_imports = _graph()
     assert not private_imports, ("private names imported from another module (make them public, or keep them "
                                  "where they are used):\n" + "\n".join(private_imports))
+
+
+def _environment_writes(path: Path) -> list[str]:
+    """`os.environ[...] = / del`, `os.environ.update/setdefault/pop/clear`, `os.putenv/unsetenv` in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        target = None
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            target = next((t for t in targets if isinstance(t, ast.Subscript) and ast.unparse(t.value).endswith(
+                "environ")), None)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name = ast.unparse(node.func)
+            if (name.endswith(("environ.update", "environ.setdefault", "environ.pop", "environ.clear",
+                               "environ.popitem")) or name in ("os.putenv", "os.unsetenv")):
+                target = node
+        if target is not None:
+            found.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}: {ast.unparse(node).splitlines()[0]}")
+    return found
+
+
+def test_nothing_in_the_library_writes_the_environment():
+    """Settings are passed explicitly (a model's `Kernels`); the environment is only read, once, as a fallback."""
+    writes = [w for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+              for w in _environment_writes(path)]
+    assert not writes, "the library writes the process environment:\n" + "\n".join(writes)
+    assert _environment_writes(ROOT / "tests" / "conftest.py"), "the scan finds nothing: it is broken"
+
+
+def test_tests_choose_kernels_through_the_setting():
+    """Only the tests of the environment-variable fallback itself set a kernel's variable."""
+    fallback_tests = {"test_model_object.py", "test_cpu_matvec.py"}
+    names = ("QWENJAX_GATED_DELTA_RULE", "QWENJAX_GROUPED_MATMUL", "QWENJAX_EXPERT_PARALLEL", "QWENJAX_CPU_MATVEC")
+    offenders = [f"{path.name}: {line.strip()}" for path in sorted((ROOT / "tests").glob("*.py"))
+                 if path.name not in fallback_tests and path.name != "test_imports.py"
+                 for line in path.read_text().splitlines() if "setenv" in line and any(n in line for n in names)]
+    assert not offenders, "tests that choose a kernel through the environment:\n" + "\n".join(offenders)

@@ -42,6 +42,7 @@ __all__ = ["gated_delta_rule_chunked_tpu", "gated_delta_rule_step_tpu", "SAVE_ST
 # forward state pass). Recompute: see the module docstring.
 SAVE_STATES = False
 
+
 def _div(h, ratio):
     # Truncating division: `//` on traced ints lowers through `sign`, whose Mosaic rule asks the default
     # backend for its TPU generation (and fails when compiling for a TPU from a CPU host).

@@ -42,16 +42,18 @@ def token_losses(logits: jax.Array, input_ids: jax.Array, *, attention_mask: jax
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, **masks) -> tuple[jax.Array, jax.Array]:
     """(sum of the counted losses, number of counted tokens): divide after summing over micro-batches, so that
     gradient accumulation weighs every token alike."""
-    nll, weight = token_losses(logits, input_ids, **masks)
-    return jnp.sum(nll * weight), jnp.sum(weight)
+    with jax.named_scope("loss"):
+        nll, weight = token_losses(logits, input_ids, **masks)
+        return jnp.sum(nll * weight), jnp.sum(weight)
 
 
 def load_balancing_loss(stats: RouterStats) -> jax.Array:
     """The Switch Transformer balance loss as transformers' `load_balancing_loss_func` computes it:
     E · Σ_e f_e · P_e, where f_e is expert e's share of the top-k selections (Σ_e f_e = k) and P_e its mean router
     probability, both over every token of every layer (`stats` summed over the layers)."""
-    tokens = jnp.maximum(stats.tokens, 1.0)
-    return stats.counts.shape[0] * jnp.sum((stats.counts / tokens) * (stats.probs / tokens))
+    with jax.named_scope("load_balancing_loss"):
+        tokens = jnp.maximum(stats.tokens, 1.0)
+        return stats.counts.shape[0] * jnp.sum((stats.counts / tokens) * (stats.probs / tokens))
 
 
 def router_z_loss(stats: RouterStats) -> jax.Array:
