@@ -68,8 +68,7 @@ class TestGatedDeltaRule(KernelVsOracle):
     """The sequence form (prefill, training) against the token-by-token recurrence."""
 
     IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret")
-    CASES = {  # every GVA ratio, dtype and option meets the others; T off and on the chunk size (64)
-        "f32-gva1-t64": GdrCase("float32", 1, 64, False, False),
+    CASES = {  # every GVA ratio, dtype and option meets the others; T off the chunk size (64), documents on it
         "f32-gva2-t100-state": GdrCase("float32", 2, 100, True, False),
         "f32-gva3-t130-segments": GdrCase("float32", 3, 130, False, True),
         "f32-gva2-t70-state-segments": GdrCase("float32", 2, 70, True, True),

