@@ -48,20 +48,18 @@ class CheckpointIndex:
         idx = cls(path)
         index_file = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index_file):
-            with open(index_file) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_file}: no `weight_map` object")
+            weight_map = _read_weight_map(index_file)
             for fname in sorted(set(weight_map.values())):
-                full = os.path.join(path, fname)
-                if not os.path.isfile(full):
+                _check_inside(path, fname, f"{index_file} lists shard")
+                if not os.path.isfile(os.path.join(path, fname)):
                     raise CheckpointError(f"{index_file} lists shard {fname!r}, which does not exist")
-                idx.files[fname] = _open(full)
+                idx.files[fname] = _open(os.path.join(path, fname))
             for name, fname in weight_map.items():
                 if name not in idx.files[fname].keys():
                     raise CheckpointError(f"{index_file} puts {name!r} in {fname!r}, which does not contain it")
                 idx.where[name] = fname
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            _check_inside(path, "model.safetensors", "the checkpoint file")
             idx.files["model.safetensors"] = _open(os.path.join(path, "model.safetensors"))
             idx.where = {k: "model.safetensors" for k in idx.files["model.safetensors"].keys()}
         else:
@@ -80,6 +78,35 @@ class CheckpointIndex:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def _check_inside(directory: str, name: str, what: str) -> None:
+    """Refuses file `name` of a checkpoint directory unless it lies inside the directory, links resolved. A Hugging
+    Face hub cache snapshot (`models--*/snapshots/<rev>/`) links its files to the repository's `blobs/`, which
+    counts as inside."""
+    root = os.path.realpath(directory)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    full = os.path.realpath(os.path.join(root, name))
+    if not any(full != base and os.path.commonpath([base, full]) == base for base in allowed):
+        raise CheckpointError(f"{what} {name!r}, which is outside the checkpoint directory {root}: refused")
+
+
+def _read_weight_map(index_file: str) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index: tensor name -> shard file name, both strings."""
+    try:
+        with open(index_file, "rb") as f:
+            index = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index_file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_file}: no `weight_map` object")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{index_file}: `weight_map` entry {bad[0]!r} is {bad[1]!r}, not a file name")
+    return weight_map
 
 
 def _open(path: str) -> SafetensorsFile:

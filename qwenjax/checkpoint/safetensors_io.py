@@ -10,6 +10,7 @@ Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, sha
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -30,6 +31,61 @@ class SafetensorsError(ValueError):
     """A safetensors file that is truncated, corrupt or holds an unsupported dtype."""
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's bound
+
+
+def _read_header(path: str, size: int) -> tuple[int, dict]:
+    """(header length N, the header: a JSON object)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: truncated ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise SafetensorsError(f"{path}: header length {n} is over the format's bound of {MAX_HEADER_BYTES}")
+        if 8 + n > size:
+            raise SafetensorsError(f"{path}: truncated header (needs {8 + n} bytes, file has {size})")
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise SafetensorsError(f"{path}: corrupt header (not a JSON object)")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: corrupt header ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt header (a JSON {type(header).__name__}, not an object)")
+    return n, header
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_info(path: str, name: str, entry, base: int, size: int) -> "TensorInfo":
+    """One header entry, checked: its dtype, shape and offsets, and that its bytes lie in the file."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise SafetensorsError(f"{where}: the entry is a JSON {type(entry).__name__}, not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise SafetensorsError(f"{where}: the entry has no {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"{where} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+    start, end = base + offsets[0], base + offsets[1]
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - start != nbytes:
+        raise SafetensorsError(f"{where} spans {end - start} bytes, but {dtype}{shape} needs {nbytes}")
+    if end > size:
+        raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {end}, file has {size} bytes")
+    return TensorInfo(name, dtype, tuple(shape), start, end)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -40,38 +96,36 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """Lazily readable safetensors file: `keys()`, `info(name)`, `get(name)` -> read-only numpy view."""
+    """Lazily readable safetensors file: `keys()`, `info(name)`, `get(name)` -> read-only numpy view.
+
+    Opening checks what the format promises before anything is read: a bounded header that is a JSON object of
+    tensor entries (dtype, shape, data_offsets); offsets that are non-negative, ordered, non-overlapping and
+    contiguous over the whole data section; each tensor's size equal to its dtype × shape. A file breaking any of
+    these raises `SafetensorsError`, as the `safetensors` library refuses it.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SafetensorsError(f"{self.path}: truncated ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if 8 + n > size:
-                raise SafetensorsError(f"{self.path}: truncated header (needs {8 + n} bytes, file has {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SafetensorsError(f"{self.path}: corrupt header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._infos: dict[str, TensorInfo] = {}
+        n, header = _read_header(self.path, size)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict)
+                                         and all(isinstance(v, str) for v in metadata.values())):
+            raise SafetensorsError(f"{self.path}: __metadata__ must be an object of strings")
+        self.metadata = metadata or {}
         base = 8 + n
-        for name, h in header.items():
-            start, end = (base + o for o in h["data_offsets"])
-            info = TensorInfo(name, h["dtype"], tuple(h["shape"]), start, end)
-            if info.dtype not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {info.dtype}")
-            nbytes = int(np.prod(info.shape, dtype=np.int64)) * DTYPES[info.dtype].itemsize
-            if end - start != nbytes:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} spans {end - start} bytes, "
-                                       f"but {info.dtype}{list(info.shape)} needs {nbytes}")
-            if end > size:
-                raise SafetensorsError(f"{self.path}: truncated: tensor {name!r} ends at byte {end}, "
-                                       f"file has {size} bytes")
-            self._infos[name] = info
+        self._infos = {name: _tensor_info(self.path, name, entry, base, size) for name, entry in header.items()}
+        # The data section is the tensors back to back, in offset order: none overlaps another, none is missing.
+        position = base
+        for info in sorted(self._infos.values(), key=lambda i: (i.start, i.end)):
+            if info.start != position:
+                raise SafetensorsError(f"{self.path}: tensor {info.name!r} starts at data offset {info.start - base}"
+                                       f", not at {position - base} where the tensors before it end (tensors must "
+                                       "not overlap or leave gaps)")
+            position = info.end
+        if position != size:
+            raise SafetensorsError(f"{self.path}: the tensors end at data offset {position - base}, but the data "
+                                   f"section holds {size - base} bytes")
         self._mmap: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
