@@ -16,6 +16,10 @@ import sys
 import time
 
 from qwenjax.config import resolve_config
+from qwenjax.validate import flag, text_arg
+
+POSITIVE_INT = flag(int, minimum=1)
+SEED = flag(int, minimum=0, maximum=2 ** 63 - 1)
 
 DEFAULT_CONFIG = "qwen3.5-0.8b"
 DEFAULT_CHAT_PROMPT = "Give me a short introduction to large language models."
@@ -99,14 +103,18 @@ def _load(args):
 
 def _sampling(args, m) -> dict:
     """Sampling settings: the flags, else the checkpoint's generation_config.json, else greedy."""
-    gen = m.generation_config
-    sample_default = bool(gen.get("do_sample", False))
-    out = dict(temperature=args.temperature if args.temperature is not None
-               else (float(gen.get("temperature", 1.0)) if sample_default else 0.0),
-               top_k=args.top_k if args.top_k is not None else (int(gen.get("top_k", 0)) if sample_default else 0),
-               top_p=args.top_p if args.top_p is not None else (float(gen.get("top_p", 1.0)) if sample_default else 1.0),
-               min_p=args.min_p if args.min_p is not None else 0.0)
-    return dict(out, seed=args.seed, max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
+    gen = m.generation_config  # its fields' types and ranges were checked when the model was loaded
+    sample = gen.get("do_sample", False)
+
+    def pick(flag_value, field: str, checkpoint_default, off):
+        if flag_value is not None:
+            return flag_value
+        value = gen.get(field)
+        return (checkpoint_default if value is None else value) if sample else off
+
+    return dict(temperature=pick(args.temperature, "temperature", 1.0, 0.0), top_k=pick(args.top_k, "top_k", 0, 0),
+                top_p=pick(args.top_p, "top_p", 1.0, 1.0), min_p=pick(args.min_p, "min_p", 0.0, 0.0),
+                seed=args.seed, max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
                 max_cache_len=args.max_cache_len)
 
 
@@ -157,7 +165,33 @@ def _prompt_ids(tokenizer, messages, args) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=not args.no_thinking))
 
 
+def _check_text_flags(args) -> None:
+    """Prompt, system message and stop strings must be UTF-8 (undecodable argv bytes arrive as surrogates)."""
+    for name in ("prompt", "system"):
+        if getattr(args, name, None) is not None:
+            text_arg(getattr(args, name), f"--{name}")
+    for i, stop in enumerate(args.stop):
+        text_arg(stop, f"--stop #{i + 1}")
+        if not stop:
+            raise ValueError(f"--stop #{i + 1} is empty: it would stop after the first token")
+
+
+def _input_lines():
+    """The lines typed on stdin, decoded as UTF-8; a line that is not UTF-8 is reported and skipped (None)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    for n, line in enumerate(raw if raw is not None else sys.stdin, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                print(f"[input line {n} is not UTF-8 text (byte 0x{line[e.start]:02x} at offset {e.start}); "
+                      "ignored, the conversation is kept]", file=sys.stderr, flush=True)
+                continue
+        yield line
+
+
 def cmd_generate(args) -> int:
+    _check_text_flags(args)
     m, tokenizer = _load(args)
     sampling = _sampling(args, m)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -172,12 +206,15 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from qwenjax.inference.tokenizer import split_thinking
 
+    _check_text_flags(args)
+    if sys.stdin is None or sys.stdin.closed:
+        raise ValueError("chat reads its messages from standard input, which is closed")
     m, tokenizer = _load(args)
     sampling = _sampling(args, m)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("chat: type a message; /reset clears the history, /exit (or end of input) quits.", file=sys.stderr)
-    for line in sys.stdin:
+    for line in _input_lines():
         line = line.strip()
         if not line:
             continue
@@ -201,14 +238,16 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--system", help="system message")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt text as is")
     p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, help="0 is greedy (default: generation_config.json, else 0)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256)
+    p.add_argument("--temperature", type=flag(float, minimum=0),
+                   help="0 is greedy (default: generation_config.json, else 0)")
+    p.add_argument("--top-k", type=flag(int, minimum=0))
+    p.add_argument("--top-p", type=flag(float, above=0, maximum=1))
+    p.add_argument("--min-p", type=flag(float, minimum=0, maximum=1))
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--max-cache-len", type=int, help="cache capacity in tokens (default: fitted to the request)")
+    p.add_argument("--max-cache-len", type=POSITIVE_INT,
+                   help="cache capacity in tokens (default: fitted to the request)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=4,tensor=2 (default: one device)")
 
@@ -232,7 +271,8 @@ def cmd_finetune(args) -> int:
                           dropout=args.lora_dropout, targets=targets, seed=args.seed)
     tokenizer = Tokenizer(args.model)  # before the weights: a checkpoint without one fails at once
     model = qwenjax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
-    history = finetune(model, tokenizer, args.data, args.out, train=train, run=run, lora=lora, resume=args.resume)
+    history = finetune(model, tokenizer, args.data, args.out, train=train, run=run, lora=lora, resume=args.resume,
+                       overwrite=args.overwrite)
     if history:
         print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; metrics in "
               f"{os.path.join(args.out, 'metrics.jsonl')}, model in {os.path.join(args.out, 'export')}")
@@ -246,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     src = f.add_mutually_exclusive_group()
     src.add_argument("--model", help="local Hugging Face checkpoint directory")
     src.add_argument("--config", default=DEFAULT_CONFIG, help="config file or configs/ name (random weights)")
-    f.add_argument("--seq", type=int, default=512)
-    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--seq", type=POSITIVE_INT, default=512)
+    f.add_argument("--batch", type=POSITIVE_INT, default=1)
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     f.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=4,tensor=2 (default: one device)")
-    f.add_argument("--repeats", type=int, default=3)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--repeats", type=POSITIVE_INT, default=3)
+    f.add_argument("--seed", type=SEED, default=0)
     f.set_defaults(fn=cmd_forward)
     g = sub.add_parser("generate", help="generate a reply to one prompt, streamed as it comes")
     g.add_argument("--prompt", help=f"default: {DEFAULT_CHAT_PROMPT!r} ({DEFAULT_COMPLETION_PROMPT!r} to complete, "
@@ -265,26 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with tokenizer)")
     t.add_argument("--data", required=True, help='JSONL: {"text": ...} or {"messages": [...]} per line')
     t.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, export/")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--clip-norm", type=float, default=1.0)
-    t.add_argument("--pack-len", type=int, default=1024, help="tokens per packed row")
-    t.add_argument("--rows", type=int, default=8, help="rows per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (default: refuse)")
+    t.add_argument("--steps", type=POSITIVE_INT, default=1000)
+    t.add_argument("--lr", type=flag(float, above=0), default=1e-4)
+    t.add_argument("--warmup", type=flag(int, minimum=0), default=None, help="warmup steps (default: 5%% of --steps)")
+    t.add_argument("--weight-decay", type=flag(float, minimum=0), default=0.1)
+    t.add_argument("--clip-norm", type=flag(float, minimum=0), default=1.0, help="0 turns clipping off")
+    t.add_argument("--pack-len", type=flag(int, minimum=2), default=1024, help="tokens per packed row")
+    t.add_argument("--rows", type=POSITIVE_INT, default=8, help="rows per micro-batch")
+    t.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
     t.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     t.add_argument("--master-fp32", action="store_true", help="keep fp32 master weights")
-    t.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full fine-tune)")
-    t.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
-    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-rank", type=flag(int, minimum=0), default=0,
+                   help="train LoRA adapters of this rank (0: full fine-tune)")
+    t.add_argument("--lora-alpha", type=flag(float, above=0), default=None, help="default: 2 x rank")
+    t.add_argument("--lora-dropout", type=flag(float, minimum=0, below=1), default=0.0)
     t.add_argument("--lora-targets", default=None, help="comma-separated layer names (default: every linear)")
-    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--save-every", type=POSITIVE_INT, default=100)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--strict-data", action="store_true", help="stop at the first bad data line")
     t.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     t.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (rows over data x fsdp; default: one device)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=SEED, default=0)
     t.set_defaults(fn=cmd_finetune)
     args = p.parse_args(argv)
     if getattr(args, "warmup", 0) is None:

@@ -11,9 +11,10 @@ Every check names the offending field, so a bad config fails at load time, not d
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from qwenjax.validate import InputError, check, check_fields, check_range, read_json_object
 
 # The configs/ files shipped with the package (qwenjax/configs links the repository's configs/ in a checkout).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -23,7 +24,7 @@ FULL_ATTENTION = "full_attention"
 _LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json (or a field passed in code) that cannot describe a Qwen3.5 model."""
 
 
@@ -74,12 +75,8 @@ class Qwen35Config:
     vision_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
-        if not self.layer_types:
+        if not self.layer_types and isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0:
             object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -122,11 +119,18 @@ class Qwen35Config:
             if not cond:
                 raise ConfigError(f"config field `{field}`: {msg}")
 
+        # Types first (a string where a number belongs is an error, never coerced), then values.
+        check_fields(self, "config field", ConfigError,
+                     field_name=lambda f: f"`rope_parameters.{f}`" if f in _ROPE_FIELDS else f"`{f}`")
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                  "linear_value_head_dim", "linear_conv_kernel_dim"):
+                  "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings"):
             v = getattr(self, f)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, f"must be a positive integer, got {v!r}")
+            need(v > 0, f, f"must be a positive integer, got {v!r}")
+        for f in ("bos_token_id", "pad_token_id"):
+            need(getattr(self, f) is None or getattr(self, f) >= 0, f, f"must be a token id >= 0, got {getattr(self, f)}")
+        eos = (self.eos_token_id,) if isinstance(self.eos_token_id, int) else self.eos_token_id or ()
+        need(all(i >= 0 for i in eos), "eos_token_id", f"must be token ids >= 0, got {self.eos_token_id}")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"num_attention_heads={self.num_attention_heads} is not a multiple of "
              f"num_key_value_heads={self.num_key_value_heads}")
@@ -140,12 +144,13 @@ class Qwen35Config:
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is used by Qwen3.5, got {self.hidden_act!r}")
         need(self.rope_type == "default", "rope_parameters.rope_type",
              f"{self.rope_type!r} is not supported yet (only 'default'); refusing rather than ignoring it")
+        need(self.rope_theta > 0, "rope_parameters.rope_theta", f"must be positive, got {self.rope_theta}")
         need(0.0 < self.partial_rotary_factor <= 1.0, "rope_parameters.partial_rotary_factor",
              f"must be in (0, 1], got {self.partial_rotary_factor}")
         need(self.rotary_dim % 2 == 0, "rope_parameters.partial_rotary_factor",
              f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
-        need(len(self.mrope_section) == 3 and all(isinstance(s, int) and s >= 0 for s in self.mrope_section),
-             "rope_parameters.mrope_section", f"{list(self.mrope_section)} must be 3 non-negative ints")
+        need(all(s >= 0 for s in self.mrope_section), "rope_parameters.mrope_section",
+             f"{list(self.mrope_section)} must be 3 non-negative ints")
         need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         if self.is_moe:
             need(0 < self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
@@ -167,6 +172,7 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> tu
                  for i in range(num_layers))
 
 
+_ROPE_FIELDS = ("rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
 _FIELDS = {f.name for f in dataclasses.fields(Qwen35Config)}
 _REQUIRED = {f.name for f in dataclasses.fields(Qwen35Config)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -177,14 +183,15 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
     """Builds a config from a parsed config.json (either layout)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-    archs = d.get("architectures") or []
+    archs = check(d.get("architectures") or [], list[str], "config field `architectures`", ConfigError)
     multimodal = "text_config" in d or any(a in _MULTIMODAL_ARCHS for a in archs)
     if multimodal:
         text = d.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError("config field `text_config`: required for a multimodal Qwen3.5 config")
         # The top-level flag is what transformers ties by for the composite model.
-        tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        tie = check(d["tie_word_embeddings"], bool, "config field `tie_word_embeddings`", ConfigError) \
+            if "tie_word_embeddings" in d else text.get("tie_word_embeddings", False)
         field_prefix = "text_config."
     else:
         text = d
@@ -192,7 +199,7 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
         field_prefix = ""
 
     kw: dict[str, Any] = {k: v for k, v in text.items() if k in _FIELDS}
-    kw["tie_word_embeddings"] = bool(tie)
+    kw["tie_word_embeddings"] = tie
     kw["layout"] = "multimodal" if multimodal else "text"
     kw["model_type"] = d.get("model_type", text.get("model_type", "qwen3_5_text"))
     kw["vision_config"] = d.get("vision_config") if multimodal else None
@@ -201,16 +208,21 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
     if not isinstance(rope, dict):
         raise ConfigError(f"config field `{field_prefix}rope_parameters`: must be an object, got {rope!r}")
     kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-    kw["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)))
-    kw["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
-    kw["mrope_section"] = tuple(rope.get("mrope_section", (11, 11, 10)))
-    kw["mrope_interleaved"] = bool(rope.get("mrope_interleaved", True))
+    kw["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 10_000_000.0))
+    kw["partial_rotary_factor"] = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    kw["mrope_section"] = rope.get("mrope_section", (11, 11, 10))
+    kw["mrope_interleaved"] = rope.get("mrope_interleaved", True)
     if "layer_types" not in text or text["layer_types"] is None:
         n = text.get("num_hidden_layers")
-        if isinstance(n, int):
-            kw["layer_types"] = default_layer_types(n, int(text.get("full_attention_interval", 4)))
-    if "head_dim" not in text and isinstance(text.get("hidden_size"), int) and text.get("num_attention_heads"):
-        kw["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+        interval = check(text.get("full_attention_interval", 4), int,
+                         f"config field `{field_prefix}full_attention_interval`", ConfigError)
+        if interval < 1:
+            raise ConfigError(f"config field `{field_prefix}full_attention_interval`: must be >= 1, got {interval}")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            kw["layer_types"] = default_layer_types(n, interval)
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    if "head_dim" not in text and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)):
+        kw["head_dim"] = hidden // heads
     # MoE checkpoints have no dense FFN width; keep the field meaningful for dense ones only.
     if "intermediate_size" not in kw and kw.get("num_experts"):
         kw["intermediate_size"] = 0
@@ -245,12 +257,11 @@ def load_config(path: str | os.PathLike) -> Qwen35Config:
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json at {file!r}")
+    d = read_json_object(file, ConfigError)
     try:
-        with open(file) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    return config_from_dict(d)
+        return config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def config_to_hf_dict(cfg: Qwen35Config) -> dict[str, Any]:
@@ -281,3 +292,31 @@ def config_to_hf_dict(cfg: Qwen35Config) -> dict[str, Any]:
     if cfg.mtp_num_hidden_layers:
         text["mtp_num_hidden_layers"] = cfg.mtp_num_hidden_layers
     return text
+
+
+# generation_config.json: the fields qwenjax reads, with their types and ranges; the others pass through unread.
+GENERATION_FIELDS: dict[str, tuple[Any, dict]] = {
+    "do_sample": (bool, {}),
+    "temperature": (float, {"minimum": 0}),
+    "top_k": (int, {"minimum": 0}),
+    "top_p": (float, {"above": 0, "maximum": 1}),
+    "min_p": (float | None, {"minimum": 0, "maximum": 1}),
+    "max_new_tokens": (int | None, {"minimum": 1}),
+    "eos_token_id": (int | list[int] | None, {}),
+    "bos_token_id": (int | None, {}),
+    "pad_token_id": (int | None, {}),
+}
+
+
+def load_generation_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint directory's generation_config.json ({} without one), its known fields type-checked."""
+    file = os.path.join(os.fspath(path), "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    gen = read_json_object(file, ConfigError)
+    for name, (kind, bounds) in GENERATION_FIELDS.items():
+        if name in gen:
+            gen[name] = check(gen[name], kind, f"{file} field `{name}`", ConfigError)
+            if gen[name] is not None and bounds:
+                check_range(gen[name], f"{file} field `{name}`", error=ConfigError, **bounds)
+    return gen

@@ -38,8 +38,10 @@ def token_batch(input_ids, attention_mask=None, *, vocab_size: int) -> tuple[np.
             mask = mask[None] if mask.ndim == 1 else mask
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
-            if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+            off = np.argwhere(~np.isin(mask, (0, 1)))
+            if off.size:
+                r, c = off[0]
+                raise ValueError(f"attention_mask[{r}, {c}] = {mask[r, c]}: must be 0 (padding) or 1 (token)")
     if ids.shape[0] == 0:
         raise ValueError("input_ids has no rows")
     if ids.shape[1] == 0:

@@ -9,7 +9,6 @@ it runs the forward under `jax.jit` with explicit shardings (compiled once per i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Hashable, Mapping
 
@@ -19,8 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qwenjax.checkpoint.hf import load_params
-from qwenjax.config import Qwen35Config, load_config
+from qwenjax.config import Qwen35Config, load_config, load_generation_config
+from qwenjax import _compat
 from qwenjax.inputs import token_batch
+from qwenjax.memory import check_fits
 from qwenjax.model.qwen35 import Qwen35ForCausalLM
 from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
@@ -120,6 +121,12 @@ def abstract_model(cfg: Qwen35Config, param_dtype: Any, dtype: Any,
                                                               dtype=as_dtype(dtype), kernels=kernels)))
 
 
+def _check_params_fit(abstract: nnx.State, mesh: Mesh, rules: ShardingRules) -> None:
+    shardings = jax.tree.leaves(param_shardings(abstract, mesh, rules))
+    check_fits("the parameters", ((".".join(map(str, path)), _compat.variable_value(v), s)
+                                  for (path, v), s in zip(_compat.variable_items(abstract), shardings)), mesh)
+
+
 def _platform(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
@@ -147,17 +154,14 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, param
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    cfg = load_config(path)
+    cfg, generation_config = load_config(path), load_generation_config(path)  # both checked before any weight
     dtype = as_dtype(dtype)
     mesh, rules, kernels = _resolve(mesh, rules, kernels)
     graphdef, abstract = abstract_model(cfg, dtype if param_dtype is None else param_dtype, dtype, kernels)
+    _check_params_fit(abstract, mesh, rules)
     loaded = load_params(path, cfg, abstract, mesh, rules)
-    gen_file = os.path.join(path, "generation_config.json")
-    gen = {}
-    if os.path.isfile(gen_file):
-        with open(gen_file) as f:
-            gen = json.load(f)
-    return Qwen35(cfg, graphdef, loaded.params, mesh, rules, aside=loaded.aside, source=path, generation_config=gen)
+    return Qwen35(cfg, graphdef, loaded.params, mesh, rules, aside=loaded.aside, source=path,
+                  generation_config=generation_config)
 
 
 def from_config(cfg: Qwen35Config, dtype: Any = jnp.float32, *, param_dtype: Any = None, seed: int = 0,
@@ -168,6 +172,7 @@ def from_config(cfg: Qwen35Config, dtype: Any = jnp.float32, *, param_dtype: Any
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
     mesh, rules, kernels = _resolve(mesh, rules, kernels)
     graphdef, abstract = abstract_model(cfg, param_dtype, dtype, kernels)
+    _check_params_fit(abstract, mesh, rules)
     init = jax.jit(lambda: nnx.state(Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
                                                        dtype=dtype, kernels=kernels)),
                    out_shardings=param_shardings(abstract, mesh, rules))

@@ -174,7 +174,7 @@ def main() -> None:
                         final_lr_ratio=0.05, weight_decay=0.1, seed=args.seed)
     run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=max(1, min(500, args.steps)))
     history = finetune(qwenjax.from_pretrained(init, dtype="float32"), Tokenizer(init), data, os.path.join(work, "run"),
-                       train=train, run=run)
+                       train=train, run=run, overwrite=True)  # a scratch directory: a rerun starts over
     export = os.path.join(work, "run", "export")
     loss = heldout_loss(export, heldout, args.pack_len)
     train_loss = sum(h["loss"] for h in history[-20:]) / len(history[-20:])

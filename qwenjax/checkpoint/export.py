@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from qwenjax import _compat
 from qwenjax.checkpoint.hf import CheckpointIndex, hf_key, per_expert_parts, stored_per_expert, text_prefix
 from qwenjax.checkpoint.safetensors_io import DTYPES, save_file
 from qwenjax.config import config_to_hf_dict
+from qwenjax.validate import check, check_range
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -52,8 +54,11 @@ def export_hf(m, out_dir: str | os.PathLike, *, params: nnx.State | None = None,
     says what was written. Tensors kept aside are copied byte for byte regardless.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file, not a checkpoint directory: refusing to replace it")
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    check_range(check(max_shard_bytes, int, "max_shard_bytes"), "max_shard_bytes", minimum=1)
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
     params = m.params if params is None else params
@@ -71,7 +76,9 @@ def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_sha
     source = CheckpointIndex.open(m.source) if m.source else None
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    _remove_abandoned(parent, os.path.basename(out_dir))
+    # the pid in the name tells a later export whether the process writing it is still alive
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished directory private
@@ -94,7 +101,7 @@ def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_sha
         elif storage is not None:
             _set_config_dtype(config_file, storage.name)
         if os.path.exists(out_dir):  # overwrite: move the old one away first, so a failure leaves one of them
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-{os.getpid()}-", dir=parent)
             os.rename(out_dir, os.path.join(old, "d"))
             os.rename(tmp, out_dir)
             shutil.rmtree(old)
@@ -105,6 +112,31 @@ def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_sha
             source.close()
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+def _remove_abandoned(parent: str, name: str) -> None:
+    """Removes the `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>-*` directories that an export killed midway left
+    beside its target (their process is gone); those of a live process are its work in progress."""
+    for entry in os.listdir(parent):
+        kind, _, rest = entry.removeprefix(f".{name}.").partition("-")
+        if not entry.startswith(f".{name}.") or kind not in ("tmp", "old"):
+            continue
+        pid = rest.split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        logging.getLogger(__name__).warning("removing %s, left by an export that was killed",
+                                            os.path.join(parent, entry))
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _set_config_dtype(config_file: str, name: str) -> None:

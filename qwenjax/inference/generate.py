@@ -17,19 +17,24 @@ from flax import nnx
 
 from qwenjax.inference.sampling import SamplingParams, sample
 from qwenjax.inputs import token_rows
+from qwenjax.memory import check_fits
 from qwenjax.model.cache import Cache, cache_shardings, init_cache
 from qwenjax.sharding import activation_sharding, param_shardings
+from qwenjax.validate import InputError, check, check_range
 
 PROMPT_BUCKET = 64   # prompt lengths round up to this (one compiled prefill per bucket)
 CACHE_BUCKET = 256   # default cache capacity rounds up to this
+MAX_SEED = 2 ** 63 - 1
 
 
 def _eos_ids(m, eos_token_ids) -> frozenset[int]:
-    if eos_token_ids is None:
+    if eos_token_ids is None:  # both were type-checked when the model was loaded
         eos_token_ids = m.generation_config.get("eos_token_id", m.config.eos_token_id)
+    else:
+        eos_token_ids = check(eos_token_ids, int | tuple[int, ...], "eos_token_ids")
     if eos_token_ids is None:
         return frozenset()
-    return frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
+    return frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
 
 
 def _compiled(m, kind: str, sampling: SamplingParams):
@@ -63,8 +68,11 @@ def _compiled(m, kind: str, sampling: SamplingParams):
 def new_cache(m, batch_size: int, max_len: int) -> Cache:
     """An empty cache for model `m`, laid out over its mesh."""
     abstract = jax.eval_shape(lambda: init_cache(m.config, batch_size, max_len, m.dtype))
-    make = jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype),
-                   out_shardings=cache_shardings(abstract, m.mesh, m.rules))
+    shardings = cache_shardings(abstract, m.mesh, m.rules)
+    check_fits(f"a cache of {max_len:,} tokens x {batch_size} row(s)",
+               ((jax.tree_util.keystr(path), a, s) for (path, a), s in
+                zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings))), m.mesh)
+    make = jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype), out_shardings=shardings)
     return make()
 
 
@@ -74,8 +82,15 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
            max_cache_len: int | None = None) -> Iterator[list[int | None]]:
     """Like `generate`, but yields after every step a list with each row's new token (None once it stopped)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
+    check_range(check(max_new_tokens, int, "max_new_tokens"), "max_new_tokens", minimum=1)
+    check_range(check(seed, int, "seed"), "seed", minimum=0, maximum=MAX_SEED)
+    if max_cache_len is not None:
+        check_range(check(max_cache_len, int, "max_cache_len"), "max_cache_len", minimum=1)
+    stop_strings = (stop_strings,) if isinstance(stop_strings, str) else check(stop_strings, tuple[str, ...],
+                                                                                "stop_strings")
+    empty = [i for i, s in enumerate(stop_strings) if not s]
+    if empty:
+        raise InputError(f"stop_strings[{empty[0]}] is empty: it would stop every row after its first token")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to read the generated text (pass tokenizer=...)")
     prompts = token_rows(input_ids, attention_mask, vocab_size=m.config.vocab_size)
@@ -84,7 +99,12 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         raise ValueError(f"prompt row {empty} is empty: generation needs at least one prompt token")
     lengths = np.array([len(p) for p in prompts])
     batch, longest = len(prompts), int(lengths.max())
-    capacity = max_cache_len or CACHE_BUCKET * math.ceil((longest + max_new_tokens) / CACHE_BUCKET)
+    limit = m.config.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        r = int(lengths.argmax())
+        raise InputError(f"prompt row {r} has {longest} tokens; with max_new_tokens={max_new_tokens} it would reach "
+                         f"position {longest + max_new_tokens}, past the model's max_position_embeddings={limit}")
+    capacity = max_cache_len or min(limit, CACHE_BUCKET * math.ceil((longest + max_new_tokens) / CACHE_BUCKET))
     too_long = np.flatnonzero(lengths + max_new_tokens > capacity)
     if too_long.size:
         r = int(too_long[0])
@@ -140,7 +160,8 @@ def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]
       temperature, top_k, top_p, min_p: sampling (temperature 0 is greedy); `seed` makes it reproducible.
       eos_token_ids: a row stops after any of these (default: generation_config.json's `eos_token_id`, else
         the config's); the stopping token is included, as transformers does.
-      stop_strings: a row also stops once its text contains one of these (needs `tokenizer`).
+      stop_strings: a row also stops once its text contains one of these (a str is one stop string; needs
+        `tokenizer`).
       max_cache_len: cache capacity per row (default: longest prompt + max_new_tokens, rounded up to 256).
     """
     rows: list[list[int]] | None = None

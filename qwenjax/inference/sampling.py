@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qwenjax.validate import InputError, check_fields
+
 _NEG = -jnp.inf
 
 
@@ -22,14 +24,15 @@ class SamplingParams:
     min_p: float = 0.0        # 0: off
 
     def __post_init__(self):
+        check_fields(self, "sampling argument")  # 1.7 is not a top_k, "0.5" not a temperature
         if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: must be a non-negative integer (0 turns it off)")
+            raise InputError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise InputError(f"top_k={self.top_k}: must be a non-negative integer (0 turns it off)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 turns it off)")
+            raise InputError(f"top_p={self.top_p}: must be in (0, 1] (1 turns it off)")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p={self.min_p}: must be in [0, 1] (0 turns it off)")
+            raise InputError(f"min_p={self.min_p}: must be in [0, 1] (0 turns it off)")
 
     @property
     def greedy(self) -> bool:
@@ -38,7 +41,10 @@ class SamplingParams:
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """fp32 logits [B, V] scaled by temperature, with filtered-out tokens at -inf."""
-    x = logits.astype(jnp.float32) / params.temperature
+    x = logits.astype(jnp.float32)
+    # Shifted so the largest is 0 before dividing: a tiny temperature then sends the rest to -inf, not the
+    # largest to +inf (inf - inf is NaN, and categorical over NaN always draws token 0).
+    x = (x - x.max(axis=-1, keepdims=True)) / params.temperature
     if params.top_k and params.top_k < x.shape[-1]:
         kth = jax.lax.top_k(x, params.top_k)[0][:, -1:]
         x = jnp.where(x < kth, _NEG, x)

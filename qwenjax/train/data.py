@@ -77,11 +77,17 @@ def read_jsonl(path: str | os.PathLike, tokenizer, *, max_len: int, eos_id: int 
                strict: bool = False) -> tuple[list[Sample], list[str]]:
     """The usable samples of a JSONL file, and a message per skipped line (`strict`: raise on the first)."""
     samples, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    if os.path.isdir(path):
+        raise DataError(f"{os.fspath(path)}: is a directory; the training data is one JSONL file")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:

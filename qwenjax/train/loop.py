@@ -1,31 +1,42 @@
 """The fine-tuning run: model + tokenizer + JSONL → train steps → Orbax checkpoints, metrics log, HF export.
 
+    out_dir/run.json              the settings that shape the run (model, dtype, optimizer, packing, LoRA)
     out_dir/checkpoints/<step>/   Orbax: the TrainState (params, optimizer state, step) and the data position
     out_dir/metrics.jsonl         one line per step: step, loss, tokens, tokens_per_s, grad_norm, learning_rate
     out_dir/export/               the trained model as a Hugging Face directory (LoRA merged), at the end
 
 Orbax writes each checkpoint under a temporary name and renames it when complete, so a killed run leaves only
 whole checkpoints; `resume=True` continues from the newest one with the same data position, and the metrics log
-is cut back to that step, so the loss curve of a resumed run is the uninterrupted run's.
+is cut back to that step, so the loss curve of a resumed run is the uninterrupted run's. A run directory holds
+one run: a new run into a used one is refused unless asked to overwrite it, and a resume with other settings is
+refused, naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
+import shutil
 import time
 from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from qwenjax.checkpoint.export import export_hf
+from qwenjax.config import config_to_hf_dict
 from qwenjax.inference.tokenizer import Tokenizer
 from qwenjax.pretrained import Qwen35
 from qwenjax.train.data import PackedBatches, read_jsonl
 from qwenjax.train.lora import LoRAConfig, add_lora, merge_lora
 from qwenjax.train.step import TrainConfig, TrainState, init_state, jit_train_step
+from qwenjax.validate import InputError, check, check_fields, read_json_object
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +49,37 @@ class RunConfig:
     export: bool = True
 
     def __post_init__(self):
+        check_fields(self, "RunConfig")
         bad = [f"{name}={getattr(self, name)} must be >= 1"
                for name in ("pack_len", "rows", "save_every", "keep_checkpoints") if getattr(self, name) < 1]
         if bad:
             raise ValueError("RunConfig: " + "; ".join(bad))
 
 
+class RunDirectoryError(InputError):
+    """A run directory that cannot take this run: it holds another run, or its recorded settings differ."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss or gradient norm became non-finite; the message names the step."""
+
+
+RUN_RECORD = "run.json"          # the settings that shape the run, written when it starts, checked on resume
+_RUN_ENTRIES = (RUN_RECORD, "checkpoints", "metrics.jsonl", "export")
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still being written
+
+
 def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
              train: TrainConfig, run: RunConfig = RunConfig(), lora: LoRAConfig | None = None,
-             resume: bool = False, progress: bool = True,
+             resume: bool = False, overwrite: bool = False, progress: bool = True,
              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Trains `model` on the JSONL file `data_path` for `train.total_steps` steps (or the rest of them, resuming);
     returns the metrics of the steps run.
+
+    `out_dir` must be new or empty, unless `resume` (continue the run it holds: the settings that shape the run
+    must be the ones it recorded) or `overwrite` (replace the run it holds). Nothing is written before the data
+    has been read and the training state built, so a run that fails to start leaves the directory as it was.
+    A run stops with `TrainingDiverged` at the first step whose loss or gradient norm is not finite.
 
     The model's dtype and mesh are the run's: the mesh spreads the weights, optimizer state and batch rows over
     its devices (`jit_train_step`); checkpoints are written and restored in that layout. The export (with a
@@ -57,28 +87,45 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
 
     `on_step(step, metrics)` is called after each step (a test can raise there to simulate a kill).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    _check_writable_dir(out_dir)
     primary = jax.process_index() == 0  # across hosts, process 0 alone writes the metrics log and shows progress
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     samples, _ = read_jsonl(data_path, tokenizer, max_len=run.pack_len, eos_id=eos, strict=run.strict_data)
+    record = _run_record(model, train, run, lora)
+    resuming = resume and _holds_run(out_dir)
+    if resuming:
+        _check_same_run(out_dir, record)
+    elif _entries(out_dir) and not overwrite:
+        raise RunDirectoryError(f"{out_dir} is not empty ({', '.join(_entries(out_dir)[:4])}): pass resume to continue "
+                                "the run it holds, overwrite to replace it, or choose a new directory")
     m = add_lora(model, lora) if lora is not None else model
     step_fn = jit_train_step(m.graphdef, train, m.mesh, m.rules)
     state = init_state(m.params, train)
     position = {"epoch": 0, "row": 0}
+    if jax.process_count() > 1:  # every process has checked the directory before process 0 changes it
+        multihost_utils.sync_global_devices(f"qwenjax finetune {out_dir}")
+    if primary and not resuming:
+        for name in _RUN_ENTRIES:  # overwrite: only what a run writes; anything else in the directory stays
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        os.makedirs(out_dir, exist_ok=True)
+        _write_atomic(os.path.join(out_dir, RUN_RECORD), (json.dumps(record, indent=2) + "\n").encode())
 
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(out_dir), "checkpoints"),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints))
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    if primary:
+        _remove_unfinished_checkpoints(checkpoints)
+    manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(
+        max_to_keep=run.keep_checkpoints))
     metrics_file = os.path.join(out_dir, "metrics.jsonl")
-    if resume and manager.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
-        state, position = restored.state, restored.position
+    if resuming:
+        state, position = _restore_newest(manager, state, position)
         if primary:
             _truncate_metrics(metrics_file, int(state.step))
-    elif primary and os.path.exists(metrics_file):
-        os.remove(metrics_file)
 
     batches = PackedBatches(samples, run.pack_len, run.rows, train.grad_accum, train.seed).from_position(position)
     first, last = int(state.step), train.total_steps
@@ -94,6 +141,13 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             history.append(metrics)
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                newest = manager.latest_step()
+                raise TrainingDiverged(
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} (not finite); "
+                    f"stopped without saving it. The newest checkpoint is "
+                    f"{'step ' + str(newest) if newest is not None else 'none'}; a lower learning rate "
+                    f"(now {metrics['learning_rate']:.3g}) or clipping may help")
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -111,6 +165,94 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
     return history
 
 
+# ---- the run directory -------------------------------------------------------------------------------------------
+def _check_writable_dir(path: str) -> None:
+    """`path` is a directory or can become one: neither it nor a parent is a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirectoryError(f"{path} is a file, not a run directory")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise RunDirectoryError(f"{path} cannot be created: {parent} is a file")
+
+
+def _entries(out_dir: str) -> list[str]:
+    return sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+
+
+def _holds_run(out_dir: str) -> bool:
+    return any(name in _RUN_ENTRIES for name in _entries(out_dir))
+
+
+def _run_record(model: Qwen35, train: TrainConfig, run: RunConfig, lora: LoRAConfig | None) -> dict:
+    """What decides the run's trajectory: a resumed run must match it to continue the same curve."""
+    return {"model": {"source": model.source, "config": config_to_hf_dict(model.config)},
+            "dtype": jax.numpy.dtype(model.dtype).name,
+            "train": dataclasses.asdict(train),
+            "data": {"pack_len": run.pack_len, "rows": run.rows},
+            "lora": None if lora is None else dataclasses.asdict(lora)}
+
+
+def _differences(recorded, now, path: str = "") -> list[str]:
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(recorded) | set(now), key=str)
+                for d in _differences(recorded.get(k), now.get(k), f"{path}.{k}" if path else str(k))]
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # JSON has lists where the dataclasses have tuples
+    return [] if norm(recorded) == norm(now) else [f"{path}: recorded {recorded!r}, now {now!r}"]
+
+
+def _check_same_run(out_dir: str, record: dict) -> None:
+    file = os.path.join(out_dir, RUN_RECORD)
+    if not os.path.isfile(file):
+        log.warning("%s has no %s (written by an older qwenjax): resuming without checking the settings",
+                    out_dir, RUN_RECORD)
+        return
+    recorded = read_json_object(file, RunDirectoryError)
+    # the same model may have moved: its config must match, its path need not
+    if recorded.get("model", {}).get("source") != record["model"]["source"]:
+        log.warning("resuming %s: the model was %s, now %s", out_dir, recorded.get("model", {}).get("source"),
+                    record["model"]["source"])
+    recorded = {**recorded, "model": {**recorded.get("model", {}), "source": record["model"]["source"]}}
+    diff = _differences(json.loads(json.dumps(recorded)), json.loads(json.dumps(record)))
+    if diff:
+        raise RunDirectoryError(f"cannot resume {out_dir}: its run had other settings ({'; '.join(diff[:6])}"
+                                f"{'; ...' if len(diff) > 6 else ''}); use the same settings, or a new directory")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _remove_unfinished_checkpoints(checkpoints: str) -> None:
+    """Orbax writes a checkpoint under a temporary name and renames it when complete; one still under that name
+    was cut off by a kill. Said, then removed."""
+    for name in _entries(checkpoints):
+        if _ORBAX_TMP in name:
+            log.warning("skipping the unfinished checkpoint %s (its save was interrupted); removed",
+                        os.path.join(checkpoints, name))
+            shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
+
+
+def _restore_newest(manager: ocp.CheckpointManager, state: TrainState, position: dict) -> tuple[TrainState, dict]:
+    """The newest checkpoint that restores (an unreadable one is named and skipped); none: step 0, said."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure to read it means: use an older one
+            log.warning("skipping checkpoint step %d in %s: it cannot be restored (%s: %s)", step,
+                        manager.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            continue
+        return restored.state, restored.position
+    log.warning("no complete checkpoint in %s: the run restarts from step 0", manager.directory)
+    return state, position
+
+
 def _save(manager: ocp.CheckpointManager, state: TrainState, position: dict) -> None:
     manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                           position=ocp.args.JsonSave(position)))
@@ -118,13 +260,31 @@ def _save(manager: ocp.CheckpointManager, state: TrainState, position: dict) -> 
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drops the log lines of steps after `step` (run after that checkpoint, then lost with the kill)."""
+    """Keeps the log lines of steps up to `step` (the checkpoint resumed from); later ones ran after it and are
+    run again. A torn last line (a kill mid-write) is named and dropped; a bad line elsewhere is an error."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    kept, dropped = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            at = check(entry.get("step") if isinstance(entry, dict) else None, int, f"{path}:{n} `step`")
+        except (ValueError, UnicodeDecodeError) as e:
+            if n < len(lines) - 1:  # not the last line (the file ends with "\n", so the last piece is empty)
+                raise RunDirectoryError(f"{path}:{n}: not a metrics line ({e})") from None
+            log.warning("%s:%d is torn (a kill cut it off mid-write): dropped", path, n)
+            continue
+        if at <= step:
+            kept.append(line + b"\n")
+        else:
+            dropped += 1
+    if dropped and step == 0:
+        log.warning("%s: dropping the %d logged step(s) of the run that had no checkpoint", path, dropped)
+    _write_atomic(path, b"".join(kept))
 
 
 def _progress(first: int, total: int):

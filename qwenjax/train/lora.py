@@ -14,6 +14,7 @@ from flax import nnx
 
 from qwenjax.model.layers import Linear, LoRA
 from qwenjax.sharding import param_shardings
+from qwenjax.validate import check_fields
 
 # Every linear layer of the dense text model, by attribute name.
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -31,7 +32,10 @@ class LoRAConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, "LoRAConfig")
         problems = []
+        if not self.alpha > 0:
+            problems.append(f"alpha={self.alpha} must be > 0")
         if self.rank < 1:
             problems.append(f"rank={self.rank} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:

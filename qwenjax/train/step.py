@@ -27,6 +27,7 @@ from qwenjax.model.layers import LoRAParam
 from qwenjax.model.qwen35 import REMAT_POLICIES
 from qwenjax.sharding import ShardingRules, activation_sharding
 from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss
+from qwenjax.validate import check_fields
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
 
@@ -52,9 +53,20 @@ class TrainConfig:
     router_z_loss_coef: float = 0.0
 
     def __post_init__(self):
+        check_fields(self, "TrainConfig")  # also: every float finite (a NaN learning rate trains NaN weights)
         problems = []
         if self.learning_rate <= 0:
             problems.append(f"learning_rate={self.learning_rate} must be > 0")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.clip_norm < 0:  # a negative norm bound flips the gradient: ascent
+            problems.append(f"clip_norm={self.clip_norm} must be >= 0 (0 turns clipping off)")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1) or self.eps <= 0:
+            problems.append(f"need 0 <= b1, b2 < 1 and eps > 0; got b1={self.b1}, b2={self.b2}, eps={self.eps}")
+        if not 0 <= self.final_lr_ratio <= 1:
+            problems.append(f"final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+        if min(self.router_z_loss_coef, self.router_aux_loss_coef or 0.0) < 0:
+            problems.append("router loss coefficients must be >= 0")
         if not 0 <= self.warmup_steps <= self.total_steps or self.total_steps < 1:
             problems.append(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), "
                             "total_steps >= 1")
