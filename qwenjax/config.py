@@ -2,7 +2,7 @@
 
 Both checkpoint layouts are accepted:
 - multimodal (`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`): text settings live under
-  `text_config`, vision settings under `vision_config` (kept raw until the vision issue uses them);
+  `text_config`, vision settings under `vision_config` (`Qwen35Config.vision`, a `VisionConfig`);
 - text-only (`Qwen3_5ForCausalLM`, `Qwen3_5MoeForCausalLM`): text settings at the top level.
 
 Every check names the offending field, so a bad config fails at load time, not deep inside a traced forward.
@@ -11,6 +11,7 @@ Every check names the offending field, so a bad config fails at load time, not d
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -26,6 +27,27 @@ _LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
 
 class ConfigError(InputError):
     """A config.json (or a field passed in code) that cannot describe a Qwen3.5 model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+    """YaRN context extension (`rope_parameters.rope_type: "yarn"`): Qwen3.5's documented way past its trained
+    length. Field names and defaults are transformers' (`_compute_yarn_parameters`)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # None: from factor (and mscale / mscale_all_dim when both are set)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        check_fields(self, "config field", ConfigError, field_name=lambda f: f"`rope_parameters.{f}`")
+        for f in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"config field `rope_parameters.{f}`: must be positive, got {getattr(self, f)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +74,8 @@ class Qwen35Config:
     max_position_embeddings: int = 262144
     # RoPE: partial rotary over the first `head_dim * partial_rotary_factor` dims, frequencies interleaved
     # between the temporal/height/width position streams by `mrope_section` (text uses one stream for all three).
-    rope_type: str = "default"
+    rope_type: str = "default"            # "default" or "yarn" (then `yarn` holds its settings)
+    yarn: YarnScaling | None = None
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, int, int] = (11, 11, 10)
@@ -72,7 +95,12 @@ class Qwen35Config:
     # Where the config came from: "multimodal" (text under text_config) or "text". Exports write the same layout.
     layout: str = "text"
     model_type: str = "qwen3_5_text"
-    vision_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+    # The vision tower and the placeholder token ids of a multimodal checkpoint (None: text only).
+    vision: VisionConfig | None = None
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
 
     def __post_init__(self):
         if not self.layer_types and isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0:
@@ -142,8 +170,10 @@ class Qwen35Config:
         for i, t in enumerate(self.layer_types):
             need(t in _LAYER_TYPES, f"layer_types[{i}]", f"{t!r} is not one of {_LAYER_TYPES}")
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is used by Qwen3.5, got {self.hidden_act!r}")
-        need(self.rope_type == "default", "rope_parameters.rope_type",
-             f"{self.rope_type!r} is not supported yet (only 'default'); refusing rather than ignoring it")
+        need(self.rope_type in ("default", "yarn"), "rope_parameters.rope_type",
+             f"{self.rope_type!r} is not supported (only 'default' and 'yarn'); refusing rather than ignoring it")
+        need((self.rope_type == "yarn") == (self.yarn is not None), "rope_parameters",
+             f"rope_type {self.rope_type!r} with yarn settings {self.yarn}")
         need(self.rope_theta > 0, "rope_parameters.rope_theta", f"must be positive, got {self.rope_theta}")
         need(0.0 < self.partial_rotary_factor <= 1.0, "rope_parameters.partial_rotary_factor",
              f"must be in (0, 1], got {self.partial_rotary_factor}")
@@ -172,7 +202,7 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> tu
                  for i in range(num_layers))
 
 
-_ROPE_FIELDS = ("rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
+_ROPE_FIELDS = ("rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved", "yarn")
 _FIELDS = {f.name for f in dataclasses.fields(Qwen35Config)}
 _REQUIRED = {f.name for f in dataclasses.fields(Qwen35Config)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -202,12 +232,17 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
     kw["tie_word_embeddings"] = tie
     kw["layout"] = "multimodal" if multimodal else "text"
     kw["model_type"] = d.get("model_type", text.get("model_type", "qwen3_5_text"))
-    kw["vision_config"] = d.get("vision_config") if multimodal else None
+    if multimodal:
+        kw["vision"] = vision_config_from_dict(d.get("vision_config") or {})
+        kw.update({k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                     "vision_end_token_id") if k in d})
 
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ConfigError(f"config field `{field_prefix}rope_parameters`: must be an object, got {rope!r}")
     kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    if kw["rope_type"] == "yarn":
+        kw["yarn"] = _yarn_from_dict(rope, text.get("max_position_embeddings"), field_prefix)
     kw["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 10_000_000.0))
     kw["partial_rotary_factor"] = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     kw["mrope_section"] = rope.get("mrope_section", (11, 11, 10))
@@ -236,6 +271,25 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
         if field_prefix:
             raise ConfigError(str(e).replace("config field `", f"config field `{field_prefix}", 1)) from None
         raise
+
+
+def _yarn_from_dict(rope: dict, max_position_embeddings: Any, field_prefix: str) -> YarnScaling:
+    """The YaRN settings of a `rope_parameters` object, with transformers' fallbacks: a missing factor is
+    max_position_embeddings / original_max_position_embeddings; a missing (or 0) beta is 32 / 1."""
+    kw = {f.name: rope[f.name] for f in dataclasses.fields(YarnScaling) if rope.get(f.name) is not None}
+    if "original_max_position_embeddings" not in kw:
+        raise ConfigError(f"config field `{field_prefix}rope_parameters.original_max_position_embeddings`: "
+                          "required for rope_type 'yarn'")
+    if "factor" not in kw and isinstance(max_position_embeddings, int):
+        kw["factor"] = max_position_embeddings / kw["original_max_position_embeddings"]
+    kw.update({b: d for b, d in (("beta_fast", 32.0), ("beta_slow", 1.0)) if not rope.get(b)})
+    try:
+        return YarnScaling(**kw)
+    except TypeError:
+        raise ConfigError(f"config field `{field_prefix}rope_parameters.factor`: required for rope_type 'yarn'") \
+            from None
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config field `", f"config field `{field_prefix}", 1)) from None
 
 
 def resolve_config(name: str | os.PathLike) -> str:
@@ -268,7 +322,8 @@ def config_to_hf_dict(cfg: Qwen35Config) -> dict[str, Any]:
     """The text config as transformers writes it (used for configs/ files, tests and exports)."""
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
             "partial_rotary_factor": cfg.partial_rotary_factor,
-            "mrope_section": list(cfg.mrope_section), "mrope_interleaved": cfg.mrope_interleaved}
+            "mrope_section": list(cfg.mrope_section), "mrope_interleaved": cfg.mrope_interleaved,
+            **({} if cfg.yarn is None else {k: v for k, v in dataclasses.asdict(cfg.yarn).items() if v is not None})}
     text = {
         "model_type": "qwen3_5_moe_text" if cfg.is_moe else "qwen3_5_text",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
@@ -292,6 +347,121 @@ def config_to_hf_dict(cfg: Qwen35Config) -> dict[str, Any]:
     if cfg.mtp_num_hidden_layers:
         text["mtp_num_hidden_layers"] = cfg.mtp_num_hidden_layers
     return text
+
+
+def hf_config_file(cfg: Qwen35Config, dtype: str) -> dict[str, Any]:
+    """config.json as transformers' `save_pretrained` writes it for this model: the composite
+    `Qwen3_5(Moe)ForConditionalGeneration` with a vision tower, else `Qwen3_5(Moe)ForCausalLM`."""
+    kind = "Qwen3_5Moe" if cfg.is_moe else "Qwen3_5"
+    text = config_to_hf_dict(cfg)
+    if cfg.vision is None:
+        return {"architectures": [f"{kind}ForCausalLM"], **text, "dtype": dtype}
+    v = dataclasses.asdict(cfg.vision)
+    vision = {"model_type": "qwen3_5_moe_vision" if cfg.is_moe else "qwen3_5_vision",
+              **{k: x for k, x in v.items() if k not in _VISION_ROPE_FIELDS},
+              "rope_parameters": {"rope_type": cfg.vision.rope_type, "rope_theta": cfg.vision.rope_theta}}
+    return {"architectures": [f"{kind}ForConditionalGeneration"],
+            "model_type": "qwen3_5_moe" if cfg.is_moe else "qwen3_5", "text_config": text, "vision_config": vision,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "image_token_id": cfg.image_token_id,
+            "video_token_id": cfg.video_token_id, "vision_start_token_id": cfg.vision_start_token_id,
+            "vision_end_token_id": cfg.vision_end_token_id, "dtype": dtype}
+
+
+# ---- vision tower --------------------------------------------------------------------------------------------------
+# The block MLP activations the vision tower implements (`qwenjax.model.vision.ACTIVATIONS`), by transformers' name.
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
+_VISION_ROPE_FIELDS = ("rope_type", "rope_theta")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's settings (`vision_config` of a multimodal checkpoint); defaults as transformers'
+    `Qwen3_5VisionConfig`. Only what changes the computation is kept (not `initializer_range`)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304  # a square table: 48 x 48 learned positions
+    # 2-D ("axial") rotary of the attention; transformers keeps these in `rope_parameters`.
+    rope_type: str = "axial"
+    rope_theta: float = 10_000.0
+
+    def __post_init__(self):
+        check_fields(self, "config field", ConfigError,
+                     field_name=lambda f: f"`vision_config.rope_parameters.{f}`" if f in _VISION_ROPE_FIELDS
+                     else f"`vision_config.{f}`")
+
+        def need(cond: bool, field: str, msg: str):
+            if not cond:
+                raise ConfigError(f"config field `vision_config.{field}`: {msg}")
+
+        for f in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                  "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"):
+            v = getattr(self, f)
+            need(v > 0, f, f"must be a positive integer, got {v!r}")
+        need(self.hidden_size % self.num_heads == 0, "num_heads",
+             f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        # The rotary splits each head in two halves (rotate-half), each half in an h part and a w part.
+        need(self.head_dim % 4 == 0, "num_heads",
+             f"head_dim = hidden_size / num_heads = {self.head_dim} must be a multiple of 4 (2-D rotary)")
+        need(self.num_grid_per_side ** 2 == self.num_position_embeddings, "num_position_embeddings",
+             f"must be a perfect square (a square grid of learned positions), got {self.num_position_embeddings}")
+        need(self.hidden_act in VISION_ACTIVATIONS, "hidden_act",
+             f"{self.hidden_act!r} is not one of {VISION_ACTIVATIONS}")
+        need(self.rope_type == "axial", "rope_parameters.rope_type",
+             f"only 'axial' (2-D) rotary is used by the vision tower, got {self.rope_type!r}")
+        need(self.rope_theta > 0, "rope_parameters.rope_theta", f"must be positive, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_grid_per_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x temporal patch x patch x patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merged_hidden_size(self) -> int:
+        """The merger's input: the spatial_merge_size^2 patches of one merge block, concatenated."""
+        return self.hidden_size * self.spatial_merge_size ** 2
+
+
+_VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)}
+
+
+def vision_config_from_dict(d: dict[str, Any]) -> VisionConfig:
+    """The vision tower's config from the raw `vision_config` dict of a config.json (fields it lacks take
+    transformers' defaults; fields that do not change the computation are ignored)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config field `vision_config`: must be an object, got {type(d).__name__}")
+    kw: dict[str, Any] = {k: v for k, v in d.items() if k in _VISION_FIELDS}
+    # As transformers reads them: `rope_parameters` (or the older `rope_scaling`) first, then a top-level
+    # `rope_theta`; rope_type "default" means the model's default, axial.
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config field `vision_config.rope_parameters`: must be an object, got {rope!r}")
+    kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10_000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    kw["rope_type"] = "axial" if rope_type == "default" else rope_type
+    cfg = VisionConfig(**kw)
+    # transformers sizes the rotary by a `head_dim` attribute when one is present, the attention always by
+    # hidden_size / num_heads: the two must agree.
+    if d.get("head_dim") not in (None, cfg.head_dim):
+        raise ConfigError(f"config field `vision_config.head_dim`: must equal hidden_size / num_heads = "
+                          f"{cfg.head_dim}, got {d['head_dim']!r}")
+    return cfg
 
 
 # generation_config.json: the fields qwenjax reads, with their types and ranges; the others pass through unread.

@@ -1,9 +1,13 @@
-"""Token ids at the public entry points (`m(...)`, `generate`, `stream`): one validator, errors that locate the
-culprit."""
+"""Token ids and images at the public entry points (`m(...)`, `generate`, `stream`): one validator, errors that
+locate the culprit."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
+
+from qwenjax.model.positions import multimodal_positions
 
 
 def token_batch(input_ids, attention_mask=None, *, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,3 +62,62 @@ def token_rows(input_ids, attention_mask=None, *, vocab_size: int) -> list[np.nd
     """Each row's tokens (where the mask is 1, in order) as int32 arrays; inputs as `token_batch` takes them."""
     ids, mask = token_batch(input_ids, attention_mask, vocab_size=vocab_size)
     return [row[m == 1] for row, m in zip(ids, mask)]
+
+
+class VisionInputs(NamedTuple):
+    """Pixels in transformers' flattened-patch layout [patches, C·T·P·P] with their grids [n, 3] (t, h, w in
+    patches; host integers, static under jit)."""
+    pixel_values: Any = None
+    image_grid_thw: np.ndarray | None = None
+    pixel_values_videos: Any = None
+    video_grid_thw: np.ndarray | None = None
+
+
+def vision_inputs(cfg, ids: np.ndarray, mask: np.ndarray, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None) -> VisionInputs | None:
+    """The images and videos of a batch (`token_batch`'s ids and mask), checked against the model's config and
+    the prompt's pad tokens; None without any."""
+    given = {"pixel_values": (pixel_values, image_grid_thw), "pixel_values_videos": (pixel_values_videos,
+                                                                                     video_grid_thw)}
+    if all(p is None and g is None for p, g in given.values()) and cfg.vision is None:
+        return None
+    if cfg.vision is None:
+        raise ValueError("images or videos given to a text-only model: its config.json has no vision_config")
+    grids = {}
+    merge = cfg.vision.spatial_merge_size
+    for (name, (pixels, grid)), grid_name, token_id in zip(given.items(), ("image_grid_thw", "video_grid_thw"),
+                                                           (cfg.image_token_id, cfg.video_token_id)):
+        if (pixels is None) != (grid is None):
+            raise ValueError(f"{name} and {grid_name} go together: one was given without the other")
+        pads = int(((ids == token_id) & (mask == 1)).sum())
+        if pixels is None:
+            if pads:
+                raise ValueError(f"the prompt holds {pads} {'image' if token_id == cfg.image_token_id else 'video'} "
+                                 f"pad token(s) (id {token_id}) but no {name} were given")
+            grids[grid_name] = None
+            continue
+        grid = np.asarray(grid)
+        if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer) or (grid <= 0).any():
+            raise ValueError(f"{grid_name} must be positive integers of shape [n, 3] (t, h, w), got "
+                             f"{grid.dtype} {list(grid.shape)}")
+        bad = np.flatnonzero((grid[:, 1:] % merge).any(axis=1))
+        if bad.size:
+            raise ValueError(f"{grid_name}[{bad[0]}] = {grid[bad[0]].tolist()}: h and w must be multiples of "
+                             f"spatial_merge_size={merge}")
+        features = int(np.prod(grid, axis=1).sum()) // merge ** 2
+        if pads != features:
+            raise ValueError(f"the prompt holds {pads} pad token(s) of id {token_id} but {grid_name} gives "
+                             f"{features} feature(s) (t·h·w / {merge}² summed): they must match")
+        grids[grid_name] = grid.astype(np.int64)
+    if pixel_values is None and pixel_values_videos is None:
+        return None
+    return VisionInputs(pixel_values, grids["image_grid_thw"], pixel_values_videos, grids["video_grid_thw"])
+
+
+def vision_positions(cfg, ids: np.ndarray, mask: np.ndarray, vision: VisionInputs) -> tuple[np.ndarray, np.ndarray]:
+    """The [3, B, T] rotary positions of a batch with images or videos and each row's rope delta [B]
+    (transformers' `get_rope_index`)."""
+    return multimodal_positions(
+        ids, mask, image_grid_thw=vision.image_grid_thw, video_grid_thw=vision.video_grid_thw,
+        spatial_merge_size=cfg.vision.spatial_merge_size, image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id)

@@ -20,11 +20,12 @@ from jax.sharding import Mesh
 from qwenjax.checkpoint.hf import load_params
 from qwenjax.config import Qwen35Config, load_config, load_generation_config
 from qwenjax import _compat
-from qwenjax.inputs import token_batch
+from qwenjax.inputs import VisionInputs, token_batch, vision_inputs, vision_positions
 from qwenjax.memory import check_fits
 from qwenjax.model.qwen35 import Qwen35ForCausalLM
 from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
+from qwenjax.validate import check, check_range
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -91,18 +92,36 @@ class Qwen35:
             self._compile_cache[key] = build()
         return self._compile_cache[key]
 
-    def __call__(self, input_ids, attention_mask=None, *, logits_to_keep: int = 0) -> jax.Array:
-        """Logits [batch, seq, vocab] (or [batch, logits_to_keep, vocab]) in the compute dtype."""
+    def __call__(self, input_ids, attention_mask=None, *, logits_to_keep: int = 0, pixel_values=None,
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> jax.Array:
+        """Logits [batch, seq, vocab] (or [batch, logits_to_keep, vocab]) in the compute dtype.
+
+        Images and videos come as transformers' processor gives them: `pixel_values` [patches, C·T·P·P] with
+        `image_grid_thw` [images, 3] (t, h, w in patches), likewise `pixel_values_videos` / `video_grid_thw`; the
+        prompt holds each one's pad tokens (t·h·w / merge² of them) between vision start and end tokens."""
         ids, mask = token_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size)
+        check_range(check(logits_to_keep, int, "logits_to_keep"), "logits_to_keep (0 keeps all)", minimum=0)
+        vision = vision_inputs(self.config, ids, mask, pixel_values, image_grid_thw, pixel_values_videos,
+                               video_grid_thw)
+        grids = None if vision is None else (vision.image_grid_thw, vision.video_grid_thw)
+        positions = None if vision is None else vision_positions(self.config, ids, mask, vision)[0]
 
         def build():
             data = self.rules.sharding(self.mesh, ("batch", "seq"), ids.shape)
-            return jax.jit(lambda p, i, m: forward(self.graphdef, p, i, m, logits_to_keep=logits_to_keep),
-                           in_shardings=(param_shardings(self.params, self.mesh, self.rules), data, data))
 
-        fn = self.compiled(("forward", ids.shape, logits_to_keep), build)
+            def run(p, i, m, pos, pixels, video_pixels):
+                v = None if grids is None else VisionInputs(pixels, grids[0], video_pixels, grids[1])
+                return forward(self.graphdef, p, i, m, logits_to_keep=logits_to_keep, positions=pos, vision=v)
+
+            return jax.jit(run, in_shardings=(param_shardings(self.params, self.mesh, self.rules), data, data,
+                                              None, None, None))
+
+        key = ("forward", ids.shape, logits_to_keep, None if grids is None else tuple(
+            None if g is None else g.tobytes() for g in grids))
+        fn = self.compiled(key, build)
+        pixels = (None, None) if vision is None else (vision.pixel_values, vision.pixel_values_videos)
         with activation_sharding(self.mesh, self.rules):
-            return fn(self.params, ids, mask)
+            return fn(self.params, ids, mask, positions, *pixels)
 
 
 def with_kernels(graphdef: nnx.GraphDef, params: nnx.State, kernels: Kernels) -> nnx.GraphDef:

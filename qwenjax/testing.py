@@ -60,11 +60,14 @@ def randomize_(model, seed: int = 0) -> None:
 
 def make_hf_checkpoint(path: str | os.PathLike, *, multimodal: bool = False, dtype: str = "float32",
                        seed: int = 0, randomize: bool = True, max_shard_size: str | None = None,
-                       fused_experts: bool = False, **text_overrides: Any):
+                       fused_experts: bool = False, vision_token_ids: dict[str, int] | None = None,
+                       **text_overrides: Any):
     """Writes a random Qwen3.5 checkpoint with `save_pretrained` and returns the transformers model (eval mode).
 
     `num_experts` among the overrides makes it a Qwen3.5-MoE model (`TINY_MOE` fills the other MoE fields).
-    `save_pretrained` stores experts one tensor each; `fused_experts` rewrites them in the stacked layout
+    `vision_token_ids` (multimodal) sets `image_token_id`, `video_token_id`, `vision_start_token_id`,
+    `vision_end_token_id` (transformers' defaults lie outside a tiny vocabulary). `save_pretrained` stores experts one
+    tensor each; `fused_experts` rewrites them in the stacked layout
     (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) that checkpoints also use.
     """
     import torch
@@ -79,7 +82,8 @@ def make_hf_checkpoint(path: str | os.PathLike, *, multimodal: bool = False, dty
     kind = "Qwen3_5Moe" if moe else "Qwen3_5"
     if multimodal:
         tie = text.pop("tie_word_embeddings", False)
-        config = getattr(tf, f"{kind}Config")(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=tie)
+        config = getattr(tf, f"{kind}Config")(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=tie,
+                                              **(vision_token_ids or {}))
         model = getattr(tf, f"{kind}ForConditionalGeneration")(config)
     else:
         model = getattr(tf, f"{kind}ForCausalLM")(getattr(tf, f"{kind}TextConfig")(**text))

@@ -11,6 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import qwenjax  # noqa: E402
+from qwenjax import _compat  # noqa: E402
 from qwenjax.checkpoint.hf import CheckpointError  # noqa: E402
 from qwenjax.checkpoint.safetensors_io import SafetensorsFile  # noqa: E402
 from qwenjax.testing import hf_logits, make_hf_checkpoint  # noqa: E402
@@ -51,14 +52,29 @@ def test_reader_matches_safetensors_package(multimodal_ckpt):
     f.close()
 
 
-def test_visual_and_mtp_tensors_are_kept_aside(multimodal_ckpt, tmp_path):
+def test_the_vision_tower_loads_and_mtp_tensors_are_kept_aside(multimodal_ckpt, tmp_path):
     import torch
 
     path = _copy(multimodal_ckpt[0], tmp_path / "with_mtp")
     _rewrite(path, lambda t: t.update({"mtp.fc.weight": torch.ones(4, 8)}))
     m = qwenjax.from_pretrained(path, dtype="float32")
-    assert "mtp.fc.weight" in m.aside
-    assert any(k.startswith("model.visual.") for k in m.aside)
+    assert list(m.aside) == ["mtp.fc.weight"]
+    visual = {f"model.visual.{k}": v.numpy() for k, v in multimodal_ckpt[1].model.visual.state_dict().items()}
+    loaded = {"model.visual." + ".".join(map(str, p[1:])): np.asarray(_compat.variable_value(v))
+              for p, v in _compat.variable_items(m.params) if p[0] == "visual"}
+    assert sorted(loaded) == sorted(visual)
+    for k, v in visual.items():
+        np.testing.assert_array_equal(loaded[k], v, err_msg=k)
+
+
+def test_vision_tensors_that_do_not_fit_vision_config_are_named(multimodal_ckpt, tmp_path):
+    import torch
+
+    path = _copy(multimodal_ckpt[0], tmp_path / "bad_visual")
+    _rewrite(path, lambda t: t.update({"model.visual.merger.linear_fc2.weight": torch.ones(64, 100)}))
+    with pytest.raises(CheckpointError, match=r"model.visual.merger.linear_fc2.weight' has shape \[64, 100\], "
+                                              r"expected \[64, 128\]"):
+        qwenjax.from_pretrained(path, dtype="float32")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

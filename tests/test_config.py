@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qwenjax.config import ConfigError, config_from_dict, load_config
+from qwenjax.config import ConfigError, VisionConfig, config_from_dict, load_config
 
 RELEASED = {  # name: (layers, hidden, attn heads, kv heads, gdn k heads, gdn v heads, experts, tied)
     "qwen3.5-0.8b": (24, 1024, 8, 2, 16, 16, 0, True),
@@ -59,7 +59,8 @@ def test_text_and_multimodal_layouts_agree():
     a, b = config_from_dict(text), config_from_dict(mm)
     assert a.layout == "text" and b.layout == "multimodal"
     assert b.tie_word_embeddings and not a.tie_word_embeddings  # the top-level flag wins for composite models
-    assert a.replace(tie_word_embeddings=True, layout="multimodal", model_type="qwen3_5") == b
+    assert a.vision is None and b.vision == VisionConfig()  # no vision_config: transformers' default tower
+    assert a.replace(tie_word_embeddings=True, layout="multimodal", model_type="qwen3_5", vision=b.vision) == b
 
 
 def test_layer_types_default_from_interval():
@@ -78,7 +79,12 @@ def test_layer_types_default_from_interval():
     ({"hidden_size": 0}, "hidden_size"),
     ({"layer_types": ["linear_attention"] * 3}, "layer_types"),
     ({"layer_types": ["linear_attention"] * 3 + ["sliding_attention"]}, "layer_types[3]"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, "rope_parameters.rope_type"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.original_max_position_embeddings"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": "4", "original_max_position_embeddings": 64}},
+     "rope_parameters.factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": -2.0, "original_max_position_embeddings": 64}},
+     "rope_parameters.factor"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_impossible_configs_name_the_field(edit, field):

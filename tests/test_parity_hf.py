@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import qwenjax  # noqa: E402
-from qwenjax.testing import hf_logits, make_hf_checkpoint  # noqa: E402
+from qwenjax.testing import TINY_TEXT, hf_logits, make_hf_checkpoint  # noqa: E402
 
 TOL = 1e-4  # max abs on logits of magnitude ~5-10; measured error ~2e-5 (the reference's own fp32 noise)
 
@@ -36,6 +36,10 @@ CASES = {
     "moe-e8-top4-gva1-tied-multimodal": dict(num_experts=8, num_experts_per_tok=4, linear_num_key_heads=2,
                                              linear_num_value_heads=2, tie_word_embeddings=True, multimodal=True,
                                              seq=130),
+    # YaRN (factor 4 over an original length of 64) on partial interleaved mRoPE, prompts well past 64; T=200
+    "yarn-factor4-orig64": dict(rope_parameters={**TINY_TEXT["rope_parameters"], "rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 64},
+                                max_position_embeddings=256, seq=200),
 }
 
 

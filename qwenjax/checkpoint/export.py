@@ -28,9 +28,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from qwenjax import _compat
-from qwenjax.checkpoint.hf import CheckpointIndex, hf_key, per_expert_parts, stored_per_expert, text_prefix
+from qwenjax.checkpoint.hf import LAYOUT_PREFIXES, CheckpointIndex, hf_key, per_expert_parts, stored_per_expert, text_prefix
 from qwenjax.checkpoint.safetensors_io import DTYPES, save_file
-from qwenjax.config import config_to_hf_dict
+from qwenjax.config import hf_config_file
 from qwenjax.validate import check, check_range
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -83,7 +83,7 @@ def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_sha
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished directory private
     try:
-        prefix = text_prefix(source.where) if source else "model."
+        prefix = text_prefix(source.where) if source else LAYOUT_PREFIXES[m.config.layout]
         tensors = itertools.chain(_param_tensors(params, prefix, source, storage),
                                   ((name, source.get(name)) for name in m.aside))  # the source's bytes, untouched
         weight_map, total = _write_shards(tmp, tensors, max_shard_bytes)
@@ -95,9 +95,8 @@ def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_sha
                 shutil.copy2(os.path.join(m.source, name), os.path.join(tmp, name))
         config_file = os.path.join(tmp, "config.json")
         if not os.path.isfile(config_file):  # as save_pretrained writes it, with the dtype of the weights
-            arch = "Qwen3_5MoeForCausalLM" if m.config.is_moe else "Qwen3_5ForCausalLM"
             stored = storage if storage is not None else _compat.variable_value(params["embed_tokens"]["weight"]).dtype
-            _write_json(config_file, {"architectures": [arch], **config_to_hf_dict(m.config), "dtype": stored.name})
+            _write_json(config_file, hf_config_file(m.config, stored.name))
         elif storage is not None:
             _set_config_dtype(config_file, storage.name)
         if os.path.exists(out_dir):  # overwrite: move the old one away first, so a failure leaves one of them

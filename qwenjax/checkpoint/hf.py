@@ -25,8 +25,10 @@ from qwenjax.config import Qwen35Config
 from qwenjax.sharding import ShardingRules, param_shardings
 
 TEXT_PREFIXES = ("model.language_model.", "model.", "")
+LAYOUT_PREFIXES = {"multimodal": "model.language_model.", "text": "model."}  # what save_pretrained writes
+VISUAL_PREFIX = "model.visual."  # the vision tower's tensors (module path `visual.*`)
 # Tensors of parts not modelled yet: kept (by reference) for export, never silently dropped.
-ASIDE_PREFIXES = ("model.visual.", "mtp.")
+ASIDE_PREFIXES = (VISUAL_PREFIX, "mtp.")
 LOADABLE_DTYPES = ("BF16", "F16", "F32")
 
 
@@ -130,6 +132,8 @@ def hf_key(path: tuple, prefix: str) -> str:
     """The checkpoint key of the parameter at this module path, e.g. ("layers", 3, "mlp", "up_proj", "weight")."""
     if path[0] == "lm_head":
         return "lm_head." + ".".join(map(str, path[1:]))
+    if path[0] == "visual":
+        return VISUAL_PREFIX + ".".join(map(str, path[1:]))
     return prefix + ".".join(map(str, path))
 
 

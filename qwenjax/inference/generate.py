@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax.inference.sampling import SamplingParams, sample
-from qwenjax.inputs import token_rows
+from qwenjax.inputs import VisionInputs, token_rows, vision_inputs, vision_positions
 from qwenjax.memory import check_fits
 from qwenjax.model.cache import Cache, cache_shardings, init_cache
 from qwenjax.sharding import activation_sharding, param_shardings
@@ -37,8 +37,9 @@ def _eos_ids(m, eos_token_ids) -> frozenset[int]:
     return frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
 
 
-def _compiled(m, kind: str, sampling: SamplingParams):
-    """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself).
+def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None):
+    """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself; a prefill with
+    images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes).
 
     They take the parameters as a flat list of arrays (`jax.tree.leaves(m.params)`): flattening the nnx State
     on every call took host time per decode step from 3.9 to 6.1 ms at the 0.8B shape; on a 2-core CPU that
@@ -52,17 +53,24 @@ def _compiled(m, kind: str, sampling: SamplingParams):
             return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
         if kind == "prefill":
-            def fn(leaves, cache: Cache, ids, mask, rng):
-                logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True)
+            def fn(leaves, cache: Cache, ids, mask, rng, vision=None):
+                kw = {}
+                if vision is not None:  # (positions, rope deltas, pixels, video pixels)
+                    positions, deltas, pixels, video_pixels = vision
+                    kw = dict(positions=positions, rope_deltas=deltas,
+                              vision=VisionInputs(pixels, grids[0], video_pixels, grids[1]))
+                logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True, **kw)
                 return sample(logits, jax.random.fold_in(rng, 0), sampling), cache
         else:
             def fn(leaves, cache: Cache, tokens, rng, step):
                 logits, cache = model(leaves).extend(tokens[:, None], cache)
                 return sample(logits, jax.random.fold_in(rng, step), sampling), cache
 
-        return jax.jit(fn, in_shardings=(p_shard, None, None, None, None), donate_argnums=1)
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * (4 if kind == "step" or grids is None else 5)),
+                       donate_argnums=1)
 
-    return m.compiled(("generate", kind, sampling), build)
+    key = None if grids is None else tuple(None if g is None else g.tobytes() for g in grids)
+    return m.compiled(("generate", kind, sampling, key), build)
 
 
 def new_cache(m, batch_size: int, max_len: int) -> Cache:
@@ -79,7 +87,8 @@ def new_cache(m, batch_size: int, max_len: int) -> Cache:
 def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
            eos_token_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
-           max_cache_len: int | None = None) -> Iterator[list[int | None]]:
+           max_cache_len: int | None = None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+           video_grid_thw=None) -> Iterator[list[int | None]]:
     """Like `generate`, but yields after every step a list with each row's new token (None once it stopped)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     check_range(check(max_new_tokens, int, "max_new_tokens"), "max_new_tokens", minimum=1)
@@ -119,13 +128,21 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
     for r, p in enumerate(prompts):
         ids[r, :len(p)], mask[r, :len(p)] = p, 1
 
+    vision = vision_inputs(m.config, ids, mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    prefill_args = ()
+    if vision is not None:
+        positions, deltas = vision_positions(m.config, ids, mask, vision)
+        prefill_args = ((positions, deltas, vision.pixel_values, vision.pixel_values_videos),)
+
     rng = jax.random.key(seed)
-    prefill, step = _compiled(m, "prefill", sampling), _compiled(m, "step", sampling)
+    prefill = _compiled(m, "prefill", sampling, None if vision is None else (vision.image_grid_thw,
+                                                                               vision.video_grid_thw))
+    step = _compiled(m, "step", sampling)
     done = np.zeros(batch, bool)
     generated: list[list[int]] = [[] for _ in range(batch)]
     params = jax.tree.leaves(m.params)
     with activation_sharding(m.mesh, m.rules):
-        tokens, cache = prefill(params, new_cache(m, batch, capacity), ids, mask, rng)
+        tokens, cache = prefill(params, new_cache(m, batch, capacity), ids, mask, rng, *prefill_args)
         for i in range(max_new_tokens):
             if i + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
                 next_tokens, cache = step(params, cache, tokens, rng, np.int32(i + 1))
@@ -163,6 +180,8 @@ def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]
       stop_strings: a row also stops once its text contains one of these (a str is one stop string; needs
         `tokenizer`).
       max_cache_len: cache capacity per row (default: longest prompt + max_new_tokens, rounded up to 256).
+      pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: images and videos in the prompts, as
+        `m(...)` takes them (in the order of their pad tokens, row by row).
     """
     rows: list[list[int]] | None = None
     for out in stream(m, input_ids, attention_mask, **kwargs):

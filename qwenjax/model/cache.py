@@ -34,6 +34,9 @@ class GatedDeltaNetCache:
 class Cache:
     layers: tuple[AttentionCache | GatedDeltaNetCache, ...]  # one per decoder layer
     lengths: jax.Array                                       # [B] int32: tokens held by each row
+    # [B] int32: a row's next rotary position minus its length. 0 for text; a prompt with images or videos
+    # advances positions by less than its token count (`qwenjax.model.positions`), and decoding continues there.
+    rope_deltas: jax.Array
 
     @property
     def batch_size(self) -> int:
@@ -59,7 +62,8 @@ def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloa
         else:
             shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
             layers.append(AttentionCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
-    return Cache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32))
+    return Cache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32),
+                 rope_deltas=jnp.zeros((batch_size,), jnp.int32))
 
 
 _CACHE_AXES = {
@@ -75,4 +79,5 @@ def cache_shardings(cache: Cache, mesh, rules) -> Cache:
                           for name, axes in _CACHE_AXES[type(c)].items()})
 
     return Cache(layers=tuple(layer(c) for c in cache.layers),
-                 lengths=rules.sharding(mesh, ("batch",), cache.lengths.shape))
+                 lengths=rules.sharding(mesh, ("batch",), cache.lengths.shape),
+                 rope_deltas=rules.sharding(mesh, ("batch",), cache.rope_deltas.shape))

@@ -6,6 +6,8 @@ are copies, never transposes. Each parameter carries its logical axis names for 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -151,7 +153,7 @@ def rope_cos_sin(cfg: Qwen35Config, positions: jax.Array) -> tuple[jax.Array, ja
     i < 3*mrope_section[2], else the temporal stream; the table is then duplicated (rotate-half convention).
     """
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [dim/2]
+    inv_freq, scale = rope_frequencies(cfg)
     if positions.ndim == 2:
         positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, dim/2]
@@ -160,7 +162,42 @@ def rope_cos_sin(cfg: Qwen35Config, positions: jax.Array) -> tuple[jax.Array, ja
     stream = jnp.where((i % 3 == 1) & (i < 3 * sec_h), 1, jnp.where((i % 3 == 2) & (i < 3 * sec_w), 2, 0))
     freqs = jnp.where(stream == 1, freqs[1], jnp.where(stream == 2, freqs[2], freqs[0]))  # [B, T, dim/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if scale == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def rope_frequencies(cfg: Qwen35Config) -> tuple[jax.Array, float]:
+    """(inverse frequencies [rotary_dim/2] fp32, the factor on cos and sin). YaRN (Peng et al. 2023) keeps the
+    fast frequencies, divides the slow ones by `factor`, ramps linearly between them and scales cos/sin by the
+    attention factor; each step in transformers' order and precision (`_compute_yarn_parameters`)."""
+    dim, base = cfg.rotary_dim, cfg.rope_theta
+    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    if cfg.yarn is None:
+        return 1.0 / pos_freqs, 1.0
+    y = cfg.yarn
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = y.attention_factor
+    if attention_factor is None:
+        attention_factor = (mscale(y.factor, y.mscale) / mscale(y.factor, y.mscale_all_dim)
+                            if y.mscale and y.mscale_all_dim else mscale(y.factor))
+
+    def correction_dim(rotations):  # the dimension that turns `rotations` times over the original length
+        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # the share of the original (fast) frequency
+    inv_freq = (1.0 / (y.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

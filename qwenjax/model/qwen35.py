@@ -21,11 +21,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
+from qwenjax.inputs import VisionInputs
 from qwenjax.model.attention import Attention
 from qwenjax.model.cache import AttentionCache, Cache, GatedDeltaNetCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet
 from qwenjax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
 from qwenjax.model.moe import RouterStats, SparseMoeBlock
+from qwenjax.model.vision import VisionTower
 from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.sharding import constrain
 
@@ -117,6 +119,7 @@ class Qwen35ForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("vocab", "embed"), **kw)
+        self.visual = None if cfg.vision is None else VisionTower(cfg.vision, **kw)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head (tied to the embedding when the config says so)."""
@@ -124,13 +127,27 @@ class Qwen35ForCausalLM(nnx.Module):
             x = self.norm(x)
             return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
+    def embed(self, input_ids: jax.Array, vision: VisionInputs | None = None) -> jax.Array:
+        """Token embeddings [B, T, D]; with `vision`, each image (video) pad token's embedding replaced by the
+        next vision feature, in order (the caller has checked that the counts match)."""
         with jax.named_scope("embedding"):
-            return constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
+            x = self.embed_tokens(input_ids)
+            if vision is not None:
+                if self.visual is None:
+                    raise ValueError("images or videos given to a text-only model (its config has no vision_config)")
+                for pixels, grid, token_id in ((vision.pixel_values, vision.image_grid_thw, self.config.image_token_id),
+                                               (vision.pixel_values_videos, vision.video_grid_thw,
+                                                self.config.video_token_id)):
+                    if pixels is not None:
+                        with jax.named_scope("vision"):
+                            features = self.visual(pixels, grid).astype(x.dtype)
+                        x = _scatter_features(x, input_ids == token_id, features)
+            return constrain(x, ("batch", "seq", "act_embed"))
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None, remat: str = "none",
-                 logits_to_keep: int = 0, scan_layers: bool = True, router_stats: bool = False):
+                 logits_to_keep: int = 0, scan_layers: bool = True, router_stats: bool = False,
+                 vision: VisionInputs | None = None):
         """Logits [B, T, vocab] for input_ids [B, T]; with `router_stats`, (logits, `RouterStats` summed over
         the layers) for an MoE model's auxiliary losses (`qwenjax.train.loss.load_balancing_loss`).
 
@@ -144,6 +161,8 @@ class Qwen35ForCausalLM(nnx.Module):
           remat: rematerialisation policy of the scanned periods: "none", "full" or "dots".
           logits_to_keep: if > 0, logits for the last `logits_to_keep` positions only.
           scan_layers: scan over periods of `layer_types` (fast compile) or unroll every layer.
+          vision: images and videos whose features replace their pad tokens' embeddings; `positions` must then
+            be the multimodal ones (`qwenjax.model.positions.multimodal_positions`).
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
@@ -161,7 +180,7 @@ class Qwen35ForCausalLM(nnx.Module):
 
         if router_stats and not self.config.is_moe:
             raise ValueError("router_stats=True: this is a dense model (config has num_experts = 0)")
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, vision)
         x, stats = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -202,7 +221,8 @@ class Qwen35ForCausalLM(nnx.Module):
         return jax.lax.scan(body, (x, self._zero_stats()), stacked)[0]
 
     def extend(self, input_ids: jax.Array, cache: Cache, *, attention_mask: jax.Array | None = None,
-               fresh: bool = False) -> tuple[jax.Array, Cache]:
+               fresh: bool = False, vision: VisionInputs | None = None, positions: jax.Array | None = None,
+               rope_deltas: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """Appends input_ids [B, T] to each row of `cache`; returns (logits [B, vocab] of each row's last new
         token, the updated cache).
 
@@ -211,28 +231,41 @@ class Qwen35ForCausalLM(nnx.Module):
             numbers of tokens, including none). Default: all T tokens of every row.
           fresh: the caller promises the cache is empty: attention then runs over the new tokens only (causal),
             not over the whole buffer. A prefill sets it; a decode step does not.
+          vision, positions, rope_deltas: a prefill with images or videos: their features, the multimodal
+            [3, B, T] positions and each row's rope delta (`multimodal_positions`), which the cache keeps so that
+            decode steps continue from the right position. Default: text positions, continuing each row.
         The caller checks that every row fits: lengths + T <= cache.max_len (slots past the buffer are dropped).
         """
         b, t = input_ids.shape
         valid = None if attention_mask is None else attention_mask.astype(bool)
         n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
-        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # where the new tokens go in the cache
+        if positions is None:
+            positions = slots + cache.rope_deltas[:, None]
         cos, sin = rope_cos_sin(self.config, positions)
         if fresh:
             mask = _causal_mask(t, valid)
         else:
-            mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
-        inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=positions,
+            mask = jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None]
+        inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=slots,
                              attend_cache=not fresh)
 
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, vision)
         new_layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache, _ = layer(x, inputs, layer_cache)
             new_layers.append(layer_cache)
         last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
         logits = self.logits(last)[:, 0]
-        return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+        return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + n_new,
+                             rope_deltas=cache.rope_deltas if rope_deltas is None else rope_deltas)
+
+
+def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:
+    """x [B, T, D] with its k-th pad position (row-major) holding features[k]."""
+    order = jnp.cumsum(is_pad.reshape(-1)) - 1
+    taken = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(x.shape)
+    return jnp.where(is_pad[..., None], taken, x)
 
 
 def _drop_cache(out):
