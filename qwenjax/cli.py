@@ -2,7 +2,8 @@
 
     qwenjax generate                                  # the bundled tiny model trained on Python's docs, streamed
     qwenjax generate --model DIR --prompt "Hi" --no-thinking
-    qwenjax chat --model DIR                          # interactive, with history; /reset, /exit
+    qwenjax generate --model DIR --image cat.png --prompt "What is in the picture?"
+    qwenjax chat --model DIR                          # interactive, with history; /image PATH, /reset, /exit
     qwenjax forward                                   # random 0.8B-shape model, 512-token prefill speed
     qwenjax forward --model DIR --seq 2048 --mesh fsdp=4,tensor=2
 """
@@ -118,7 +119,7 @@ def _sampling(args, m) -> dict:
                 max_cache_len=args.max_cache_len)
 
 
-def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool) -> str:
+def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool, vision: dict | None = None) -> str:
     """Streams one reply to stdout as it is generated, thinking and answer under separate headers; returns it."""
     out = sys.stdout
     from qwenjax.inference.generate import stream
@@ -129,7 +130,7 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     if thinking:
         out.write("[thinking]\n")
     t0 = t_first = time.perf_counter()
-    for step in stream(m, [prompt_ids], tokenizer=tokenizer, **sampling):
+    for step in stream(m, [prompt_ids], tokenizer=tokenizer, **sampling, **(vision or {})):
         if step[0] is None:
             break
         n += 1
@@ -159,10 +160,29 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     return text
 
 
-def _prompt_ids(tokenizer, messages, args) -> list[int]:
+def _prompt(m, tokenizer, messages, args) -> tuple[list[int], dict]:
+    """The prompt's token ids, and its images and videos as the model takes them ({} for a text prompt)."""
+    if not any(isinstance(msg["content"], list) for msg in messages):
+        if args.raw:
+            return tokenizer.encode(messages[-1]["content"]), {}
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=not args.no_thinking)), {}
     if args.raw:
-        return tokenizer.encode(messages[-1]["content"])
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=not args.no_thinking))
+        raise ValueError("--raw takes no images or videos: a completion has no chat template to place them in")
+    from qwenjax.inference.processor import load_processor
+
+    if getattr(args, "processor", None) is None:
+        args.processor = load_processor(m.source)
+    batch = args.processor(messages, enable_thinking=not args.no_thinking)
+    return batch["input_ids"][0].tolist(), {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+
+
+def _user_message(text: str, images=(), videos=()) -> dict:
+    """A user turn: its text, after its images and videos (as content parts) when it has any."""
+    if not images and not videos:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                        *({"type": "video", "video": v} for v in videos),
+                                        {"type": "text", "text": text}]}
 
 
 def _check_text_flags(args) -> None:
@@ -195,11 +215,11 @@ def cmd_generate(args) -> int:
     m, tokenizer = _load(args)
     sampling = _sampling(args, m)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": DEFAULT_CHAT_PROMPT if args.prompt is None else args.prompt}]
+        _user_message(DEFAULT_CHAT_PROMPT if args.prompt is None else args.prompt, args.image, args.video)]
+    ids, vision = _prompt(m, tokenizer, messages, args)
     if args.raw:  # a completion: the text it continues comes first
         sys.stdout.write(messages[-1]["content"])
-    _stream_reply(m, tokenizer, _prompt_ids(tokenizer, messages, args), sampling,
-                  thinking=not args.raw and not args.no_thinking)
+    _stream_reply(m, tokenizer, ids, sampling, thinking=not args.raw and not args.no_thinking, vision=vision)
     return 0
 
 
@@ -213,7 +233,9 @@ def cmd_chat(args) -> int:
     sampling = _sampling(args, m)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print("chat: type a message; /reset clears the history, /exit (or end of input) quits.", file=sys.stderr)
+    images: list[str] = []
+    print("chat: type a message; /image PATH attaches an image to your next message; /reset clears the history, "
+          "/exit (or end of input) quits.", file=sys.stderr)
     for line in _input_lines():
         line = line.strip()
         if not line:
@@ -221,12 +243,28 @@ def cmd_chat(args) -> int:
         if line == "/exit":
             break
         if line == "/reset":
-            history = []
+            history, images = [], []
             print("[history cleared]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        text = _stream_reply(m, tokenizer, _prompt_ids(tokenizer, system + history, args), sampling,
-                             thinking=not args.raw and not args.no_thinking)
+        if line.startswith("/image"):
+            path = line.removeprefix("/image").strip()
+            if not os.path.isfile(path):
+                print(f"[/image {path!r}: no such file]", file=sys.stderr, flush=True)
+            else:
+                images.append(path)
+                print(f"[{path} goes with your next message]", file=sys.stderr, flush=True)
+            continue
+        history.append(_user_message(line, images))
+        try:
+            ids, vision = _prompt(m, tokenizer, system + history, args)
+        except ValueError as e:  # an unreadable image, a template that refuses: this turn only
+            history.pop()
+            print(f"[{e}; the message was not sent, the conversation is kept]", file=sys.stderr, flush=True)
+            continue
+        finally:
+            images = []
+        text = _stream_reply(m, tokenizer, ids, sampling, thinking=not args.raw and not args.no_thinking,
+                             vision=vision)
         _, answer = split_thinking(text, prompt_opened_thinking=not args.no_thinking)
         history.append({"role": "assistant", "content": answer})
     return 0
@@ -296,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate a reply to one prompt, streamed as it comes")
     g.add_argument("--prompt", help=f"default: {DEFAULT_CHAT_PROMPT!r} ({DEFAULT_COMPLETION_PROMPT!r} to complete, "
                    "for the bundled model)")
+    g.add_argument("--image", action="append", default=[], help="an image file for the prompt (repeatable)")
+    g.add_argument("--video", action="append", default=[],
+                   help="a video as a directory of its frames, in name order (repeatable)")
     _add_generation_flags(g)
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with history (reads stdin)")

@@ -1,6 +1,8 @@
 """Images and videos in prompts: logits of a multimodal checkpoint equal transformers'
 `Qwen3_5(Moe)ForConditionalGeneration` (fp32, 1e-4), on checkpoints its `save_pretrained` writes."""
 
+import io
+
 import jax
 import numpy as np
 import pytest
@@ -150,3 +152,63 @@ def test_an_export_loads_in_transformers_with_the_same_logits_on_images(models, 
     vision = dict(pixel_values=_pixels(rng, grids), image_grid_thw=np.array(grids))
     _check(reloaded, trained, ids, mask, **vision)
     assert np.abs(np.asarray(trained(ids, mask, **vision)) - _hf_logits(hf, ids, mask, **vision)).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    """A multimodal checkpoint with a byte-level tokenizer that knows the vision tokens, small-patch processor
+    configs, and an image file."""
+    import json
+
+    from PIL import Image
+
+    from qwenjax.demo import byte_tokenizer, write_tokenizer
+    from qwenjax.inference.processor import VIDEO_PAD, VISION_END, VISION_START
+
+    path = tmp_path_factory.mktemp("mm-cli")
+    tok = byte_tokenizer()
+    tok.add_special_tokens([VISION_START, VISION_END, "<|image_pad|>", VIDEO_PAD])
+    ids = dict(image_token_id=tok.token_to_id("<|image_pad|>"), video_token_id=tok.token_to_id(VIDEO_PAD),
+               vision_start_token_id=tok.token_to_id(VISION_START), vision_end_token_id=tok.token_to_id(VISION_END))
+    make_hf_checkpoint(path, multimodal=True, vocab_size=288, vision_token_ids=ids, seed=5)
+    write_tokenizer(path, tok)
+    settings = {"patch_size": 4, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 64, "max_pixels": 2048,
+                "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        (path / name).write_text(json.dumps(settings))
+    image = path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(image)
+    return path, image
+
+
+def _prompt_tokens(err: str) -> list[int]:
+    return [int(line.split()[0][1:]) for line in err.splitlines() if "prompt tokens" in line]
+
+
+def test_cli_generates_from_an_image(vision_checkpoint, capsys):
+    from qwenjax.cli import main
+
+    path, image = vision_checkpoint
+    argv = ["generate", "--model", str(path), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens",
+            "3", "--no-thinking", "--temperature", "0", "--dtype", "float32"]
+    assert main(argv) == 0
+    batch = qwenjax.load_processor(path)([{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                                       {"type": "text", "text": "What is it?"}]}],
+                                         enable_thinking=False)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 8]]  # 20 x 28 pixels → 16 x 32 (rounded to multiples of 8)
+    assert _prompt_tokens(capsys.readouterr().err) == [batch["input_ids"].shape[1]]
+    assert main(argv[:3] + ["--image", str(path / "missing.png")] + argv[5:]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_cli_chat_attaches_images_to_a_turn_and_keeps_them(vision_checkpoint, monkeypatch, capsys):
+    from qwenjax.cli import main
+
+    path, image = vision_checkpoint
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {image}\nWhat is it?\n/image /no/such.png\nAnd now?\n/exit\n"))
+    assert main(["chat", "--model", str(path), "--max-new-tokens", "2", "--no-thinking", "--temperature", "0",
+                 "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert f"[{image} goes with your next message]" in err and "/no/such.png': no such file" in err
+    first, second = _prompt_tokens(err)
+    assert first > 6 + len("What is it?") and second > first + 6  # the second turn carries the image's 8 pads
