@@ -183,3 +183,52 @@ def gradient_errors(got, want) -> tuple[dict[str, float], float]:
         per[".".join(map(str, path))] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
         diff, total = diff + float(np.sum((a - b) ** 2)), total + float(np.sum(b ** 2))
     return per, (diff / max(total, 1e-300)) ** 0.5
+
+
+def randomize_vision_(model, seed: int = 0) -> None:
+    """Gives a transformers vision tower weights under which every parameter matters: LayerNorm gains around 1,
+    biases away from 0, learned positions as large as the patch embedding."""
+    import re
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"norm\d?\.weight$", name):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("pos_embed.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+
+
+def vision_tower_from_hf(hf, param_dtype: Any = "float32", dtype: Any = None):
+    """A qwenjax `VisionTower` holding the weights of transformers' `Qwen3_5VisionModel` `hf`: its state_dict keys
+    are the tower's parameter paths (no renaming), shapes equal."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qwenjax import _compat
+    from qwenjax.config import vision_config_from_dict
+    from qwenjax.model.vision import VisionTower
+
+    cfg = vision_config_from_dict(hf.config.to_dict())
+    tower = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype),
+                                               dtype=None if dtype is None else jnp.dtype(dtype)))
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    state = nnx.state(tower, nnx.Param)
+    paths = {".".join(map(str, p)) for p, _ in _compat.variable_items(state)}
+    if paths != set(sd):
+        raise AssertionError(f"tower paths and transformers' keys differ: {sorted(paths ^ set(sd))[:8]}")
+
+    def value(path, var):
+        key, current = ".".join(map(str, path)), _compat.variable_value(var)
+        if current.shape != sd[key].shape:
+            raise AssertionError(f"{key}: {current.shape} vs transformers' {sd[key].shape}")
+        return jnp.asarray(sd[key], current.dtype)
+
+    nnx.update(tower, _compat.replace_values(state, value))
+    return tower

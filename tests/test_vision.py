@@ -8,7 +8,6 @@ gradients of every parameter within 1e-4 relative.
 
 import dataclasses
 import json
-import math
 import re
 
 import jax
@@ -22,6 +21,7 @@ from qwenjax import _compat
 from qwenjax.config import VISION_ACTIVATIONS, ConfigError, VisionConfig, config_from_dict, vision_config_from_dict
 from qwenjax.model.vision import ACTIVATIONS, VisionTower, patch_rows_cols, position_interpolation
 from qwenjax.sharding import ShardingRules, make_mesh, param_shardings
+from qwenjax.testing import randomize_vision_, vision_tower_from_hf
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -44,48 +44,12 @@ GRIDS = {  # (t, h, w) in patches per image; the learned table is 4 x 4, so most
 }
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if re.search(r"norm\d?\.weight$", name):  # LayerNorm gains around 1
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name == "pos_embed.weight":  # as large as the patch embedding, so a wrong position shows
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:  # biases
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-
-
-def _path(path: tuple) -> str:
-    return ".".join(map(str, path))
-
-
-def _load(hf: torch.nn.Module, param_dtype=jnp.float32) -> VisionTower:
-    """A tower holding transformers' weights: its state_dict keys are the tower's parameter paths, shapes equal.
-    (Built abstractly: random initial values would only be overwritten.)"""
-    cfg = vision_config_from_dict(hf.config.to_dict())
-    tower = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    state = nnx.state(tower, nnx.Param)
-    assert {_path(p) for p, _ in _compat.variable_items(state)} == set(sd)
-
-    def value(path, var):
-        current = _compat.variable_value(var)
-        assert current.shape == sd[_path(path)].shape, _path(path)
-        return jnp.asarray(sd[_path(path)], current.dtype)
-
-    nnx.update(tower, _compat.replace_values(state, value))
-    return tower
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
     hf = Qwen3_5VisionModel(Qwen3_5VisionConfig(**TINY)).eval()
-    _randomize(hf)
-    return hf, _load(hf)
+    randomize_vision_(hf)
+    return hf, vision_tower_from_hf(hf)
 
 
 def _pixels(cfg: VisionConfig, grid, seed: int = 0) -> np.ndarray:
@@ -148,7 +112,7 @@ def test_gradients_match_transformers(models):
     def loss(params):
         return jnp.sum(nnx.merge(graphdef, params, rest)(jnp.asarray(pixels), grid) * probe)
 
-    grads = {_path(p): np.asarray(_compat.variable_value(v))
+    grads = {".".join(map(str, p)): np.asarray(_compat.variable_value(v))
              for p, v in _compat.variable_items(jax.jit(jax.grad(loss))(params))}
     assert set(grads) == set(want)
     rel = {k: np.abs(grads[k] - want[k]).max() / np.abs(want[k]).max() for k in want}
@@ -198,7 +162,7 @@ def test_bf16_tower_runs_in_bf16(models):
     hf, tower = models
     grid = np.array(GRIDS["two-images"])
     pixels = jnp.asarray(_pixels(tower.config, grid))
-    low = _load(hf, param_dtype=jnp.bfloat16)
+    low = vision_tower_from_hf(hf, param_dtype=jnp.bfloat16)
     got, want = _forward(low, pixels, grid), _forward(tower, pixels, grid)
     assert got.dtype == jnp.bfloat16
     assert float(jnp.abs(got.astype(jnp.float32) - want).max()) <= 0.05 * float(jnp.abs(want).max())
