@@ -119,7 +119,8 @@ def _sampling(args, m) -> dict:
                 max_cache_len=args.max_cache_len)
 
 
-def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool, vision: dict | None = None) -> str:
+def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool,
+                  vision: dict | None = None) -> str:
     """Streams one reply to stdout as it is generated, thinking and answer under separate headers; returns it."""
     out = sys.stdout
     from qwenjax.inference.generate import stream
@@ -197,7 +198,7 @@ def _check_text_flags(args) -> None:
 
 
 def _input_lines():
-    """The lines typed on stdin, decoded as UTF-8; a line that is not UTF-8 is reported and skipped (None)."""
+    """The lines typed on stdin, decoded as UTF-8; a line that is not UTF-8 is reported and skipped."""
     raw = getattr(sys.stdin, "buffer", None)
     for n, line in enumerate(raw if raw is not None else sys.stdin, 1):
         if isinstance(line, bytes):

@@ -156,7 +156,8 @@ class Qwen35Config:
             v = getattr(self, f)
             need(v > 0, f, f"must be a positive integer, got {v!r}")
         for f in ("bos_token_id", "pad_token_id"):
-            need(getattr(self, f) is None or getattr(self, f) >= 0, f, f"must be a token id >= 0, got {getattr(self, f)}")
+            v = getattr(self, f)
+            need(v is None or v >= 0, f, f"must be a token id >= 0, got {v}")
         eos = (self.eos_token_id,) if isinstance(self.eos_token_id, int) else self.eos_token_id or ()
         need(all(i >= 0 for i in eos), "eos_token_id", f"must be token ids >= 0, got {self.eos_token_id}")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
@@ -256,7 +257,8 @@ def config_from_dict(d: dict[str, Any]) -> Qwen35Config:
         if isinstance(n, int) and not isinstance(n, bool) and n > 0:
             kw["layer_types"] = default_layer_types(n, interval)
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
-    if "head_dim" not in text and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)):
+    if "head_dim" not in text and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                      for v in (hidden, heads)):
         kw["head_dim"] = hidden // heads
     # MoE checkpoints have no dense FFN width; keep the field meaningful for dense ones only.
     if "intermediate_size" not in kw and kw.get("num_experts"):

@@ -39,7 +39,8 @@ def _cpu() -> str:
         return platform.machine()
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{model or platform.machine()} ({', '.join(f for f in ('avx2', 'fma', 'avx512f') if f in flags) or 'no avx2'})"
+    extensions = ", ".join(f for f in ("avx2", "fma", "avx512f") if f in flags) or "no avx2"
+    return f"{model or platform.machine()} ({extensions})"
 
 
 def main() -> None:
@@ -66,10 +67,10 @@ def main() -> None:
     hf = hf.to(getattr(torch, args.dtype))
     graphdef, state = nnx.split(tower)
     cfg = tower.config
-    print(f"vision tower: {args.depth} blocks, width {cfg.hidden_size}, {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M "
-          f"params, {args.dtype}")
-    print(f"machine: {_cpu()}, {os.cpu_count()} cpus, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"jax {jax.__version__}")
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"vision tower: {args.depth} blocks, width {cfg.hidden_size}, {n_params / 1e6:.0f}M params, {args.dtype}")
+    print(f"machine: {_cpu()}, {os.cpu_count()} cpus, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), jax {jax.__version__}")
     print(f"{'image':>10} {'patches':>8} {'qwenjax patches/s':>18} {'transformers patches/s':>23} {'ratio':>6}")
     for side in args.sizes:
         cells = side // cfg.patch_size

@@ -28,7 +28,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from qwenjax import _compat
-from qwenjax.checkpoint.hf import LAYOUT_PREFIXES, CheckpointIndex, hf_key, per_expert_parts, stored_per_expert, text_prefix
+from qwenjax.checkpoint.hf import (LAYOUT_PREFIXES, CheckpointIndex, hf_key, per_expert_parts, stored_per_expert,
+                                  text_prefix)
 from qwenjax.checkpoint.safetensors_io import DTYPES, save_file
 from qwenjax.config import hf_config_file
 from qwenjax.validate import check, check_range
