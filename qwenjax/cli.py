@@ -300,7 +300,8 @@ def cmd_finetune(args) -> int:
 
     train = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
                         weight_decay=args.weight_decay, clip_norm=args.clip_norm, grad_accum=args.grad_accum,
-                        remat=args.remat, master_fp32=args.master_fp32, seed=args.seed)
+                        remat=args.remat, master_fp32=args.master_fp32, seed=args.seed,
+                        train_vision=args.train_vision)
     run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=args.save_every,
                     strict_data=args.strict_data)
     lora = None
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                    "for the bundled model)")
     g.add_argument("--image", action="append", default=[], help="an image file for the prompt (repeatable)")
     g.add_argument("--video", action="append", default=[],
-                   help="a video as a directory of its frames, in name order (repeatable)")
+                   help="a video for the prompt: a video file (mp4, webm, mkv, ...; needs PyAV: pip install av) or a "
+                        "directory of its frame images, in name order (repeatable)")
     _add_generation_flags(g)
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with history (reads stdin)")
@@ -345,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=cmd_chat)
     t = sub.add_parser("finetune", help="fine-tune on a JSONL file (full or LoRA), with checkpoints and resume")
     t.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with tokenizer)")
-    t.add_argument("--data", required=True, help='JSONL: {"text": ...} or {"messages": [...]} per line')
+    t.add_argument("--data", required=True,
+                   help='JSONL: {"text": ...} or {"messages": [...]} per line; with a vision model, a message\'s '
+                        'content may list {"type": "image", "image": PATH} parts (paths relative to the file)')
     t.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, export/")
     t.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (default: refuse)")
     t.add_argument("--steps", type=POSITIVE_INT, default=1000)
@@ -362,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="train LoRA adapters of this rank (0: full fine-tune)")
     t.add_argument("--lora-alpha", type=flag(float, above=0), default=None, help="default: 2 x rank")
     t.add_argument("--lora-dropout", type=flag(float, minimum=0, below=1), default=0.0)
-    t.add_argument("--lora-targets", default=None, help="comma-separated layer names (default: every linear)")
+    t.add_argument("--lora-targets", default=None,
+                   help="comma-separated layer names (default: every linear of the language model; the vision "
+                        "tower's are qkv,proj,linear_fc1,linear_fc2)")
+    t.add_argument("--train-vision", action="store_true",
+                   help="full fine-tune: also train the vision tower (frozen by default)")
     t.add_argument("--save-every", type=POSITIVE_INT, default=100)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--strict-data", action="store_true", help="stop at the first bad data line")

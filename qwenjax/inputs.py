@@ -73,6 +73,14 @@ class VisionInputs(NamedTuple):
     video_grid_thw: np.ndarray | None = None
 
 
+class PackedVision(NamedTuple):
+    """The pictures of a training micro-batch, every image and video of its rows in token order, padded to a
+    fixed patch capacity: pixel_values [P, C·T·P·P] and their `qwenjax.model.vision.PatchLayout`. The k-th
+    feature fills the k-th image-or-video pad token of the batch, row-major (`qwenjax.train.data` packs them)."""
+    pixel_values: Any
+    layout: Any
+
+
 def vision_inputs(cfg, ids: np.ndarray, mask: np.ndarray, pixel_values=None, image_grid_thw=None,
                   pixel_values_videos=None, video_grid_thw=None) -> VisionInputs | None:
     """The images and videos of a batch (`token_batch`'s ids and mask), checked against the model's config and

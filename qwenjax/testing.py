@@ -97,6 +97,34 @@ def make_hf_checkpoint(path: str | os.PathLike, *, multimodal: bool = False, dty
     return model
 
 
+# min/max pixels under both the image processor's names and transformers 5's `size` (which the video one reads)
+VISION_PROCESSOR = {"patch_size": 4, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 64,
+                    "max_pixels": 2048, "size": {"shortest_edge": 64, "longest_edge": 2048},
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+def make_vision_checkpoint(path: str | os.PathLike, *, seed: int = 5, **text_overrides: Any):
+    """A random multimodal checkpoint (`make_hf_checkpoint`, `TINY_VISION`) that a user could point qwenjax at: a
+    byte-level tokenizer that knows the vision tokens (ids 284-287, in a vocabulary of 288) with the chat
+    template, and small-patch processor configs (`VISION_PROCESSOR`). Returns the transformers model."""
+    import json
+
+    from qwenjax.demo import byte_tokenizer, write_tokenizer
+    from qwenjax.inference.processor import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD])
+    ids = dict(image_token_id=tok.token_to_id(IMAGE_PAD), video_token_id=tok.token_to_id(VIDEO_PAD),
+               vision_start_token_id=tok.token_to_id(VISION_START), vision_end_token_id=tok.token_to_id(VISION_END))
+    hf = make_hf_checkpoint(path, multimodal=True, vision_token_ids=ids, seed=seed,
+                            **{"vocab_size": 288, **text_overrides})
+    write_tokenizer(path, tok)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        with open(os.path.join(os.fspath(path), name), "w") as f:
+            json.dump(VISION_PROCESSOR, f)
+    return hf
+
+
 def fuse_experts_(path: str | os.PathLike) -> None:
     """Rewrites a single-file checkpoint's per-expert tensors as stacked `gate_up_proj` / `down_proj`."""
     import re

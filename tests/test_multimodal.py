@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 import qwenjax  # noqa: E402
 from qwenjax import _compat  # noqa: E402
-from qwenjax.testing import TINY_VISION, make_hf_checkpoint  # noqa: E402
+from qwenjax.testing import TINY_VISION, make_hf_checkpoint, make_vision_checkpoint  # noqa: E402
 
 TOL = 1e-4
 TOKENS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
@@ -158,24 +158,10 @@ def test_an_export_loads_in_transformers_with_the_same_logits_on_images(models, 
 def vision_checkpoint(tmp_path_factory):
     """A multimodal checkpoint with a byte-level tokenizer that knows the vision tokens, small-patch processor
     configs, and an image file."""
-    import json
-
     from PIL import Image
 
-    from qwenjax.demo import byte_tokenizer, write_tokenizer
-    from qwenjax.inference.processor import VIDEO_PAD, VISION_END, VISION_START
-
     path = tmp_path_factory.mktemp("mm-cli")
-    tok = byte_tokenizer()
-    tok.add_special_tokens([VISION_START, VISION_END, "<|image_pad|>", VIDEO_PAD])
-    ids = dict(image_token_id=tok.token_to_id("<|image_pad|>"), video_token_id=tok.token_to_id(VIDEO_PAD),
-               vision_start_token_id=tok.token_to_id(VISION_START), vision_end_token_id=tok.token_to_id(VISION_END))
-    make_hf_checkpoint(path, multimodal=True, vocab_size=288, vision_token_ids=ids, seed=5)
-    write_tokenizer(path, tok)
-    settings = {"patch_size": 4, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 64, "max_pixels": 2048,
-                "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
-        (path / name).write_text(json.dumps(settings))
+    make_vision_checkpoint(path)
     image = path / "picture.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(image)
     return path, image

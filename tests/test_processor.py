@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -28,12 +29,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize  # noqa: E402
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor  # noqa: E402
 from transformers.video_utils import VideoMetadata  # noqa: E402
+from transformers.video_utils import load_video as hf_load_video  # noqa: E402
 
 from qwenjax.config import load_config  # noqa: E402
 from qwenjax.demo import byte_tokenizer, write_tokenizer  # noqa: E402
 from qwenjax.inference.processor import (IMAGE_PLACEHOLDER, VIDEO_PAD, VIDEO_PLACEHOLDER, VISION_END,  # noqa: E402
-                                         VISION_START, ImageProcessor, Processor, ProcessorError, Video,
-                                         VideoProcessor, load_processor, smart_resize, smart_resize_video)
+                                         VISION_START, ImageProcessor, MissingVideoDecoder, Processor,
+                                         ProcessorError, Video, VideoProcessor, load_processor, read_video_file,
+                                         smart_resize, smart_resize_video)
 from qwenjax.inference.tokenizer import Tokenizer  # noqa: E402
 from qwenjax.inputs import vision_inputs  # noqa: E402
 
@@ -130,7 +133,8 @@ def test_missing_or_unreadable_image_files_are_named(tmp_path):
     shutil.copy(bad, frames / "001.png")
     with pytest.raises(ProcessorError, match=re.escape(f"videos[0]: {frames / '001.png'}: not a readable image")):
         VideoProcessor(fps=None)(Video(str(frames)))
-    with pytest.raises(ProcessorError, match="video frames directory .* does not exist"):
+    with pytest.raises(ProcessorError, match=re.escape(f"video '{tmp_path / 'clip.mp4'}' does not exist: neither a "
+                                                       "video file nor a directory of frame images")):
         VideoProcessor()(str(tmp_path / "clip.mp4"))
 
 
@@ -160,10 +164,15 @@ def test_video_frame_sampling_and_timestamps_equal_transformers(total, video_fps
 
 def _hf_video_pixels(frames, video_fps, settings):
     """transformers' video pipeline, with torchvision's CPU resize (torch's uint8 antialiased bicubic)."""
-    patch, merge, temporal = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
     indices, _ = _hf_sample(settings, len(frames), video_fps)
-    video = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2)
-    size = hf_video.smart_resize(len(indices), *video.shape[-2:], temporal, patch * merge, settings["min_pixels"],
+    return _hf_sampled_video_pixels(frames[indices], settings)
+
+
+def _hf_sampled_video_pixels(sampled, settings):
+    """transformers' video pipeline after sampling: resize, rescale and normalise, patches."""
+    patch, merge, temporal = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
+    video = torch.from_numpy(sampled).permute(0, 3, 1, 2)
+    size = hf_video.smart_resize(len(sampled), *video.shape[-2:], temporal, patch * merge, settings["min_pixels"],
                                  settings["max_pixels"])
     if tuple(size) != tuple(video.shape[-2:]):
         video = torch.nn.functional.interpolate(video, size=list(size), mode="bicubic", antialias=True,
@@ -222,7 +231,7 @@ class _HFVideoStandIn:
                 "video_metadata": metadata}
 
 
-def _processors(tokenizers, monkeypatch, video_fps):
+def _processors(tokenizers, monkeypatch, video_fps, stand_in=_HFVideoStandIn):
     """(transformers' Qwen3VLProcessor, ours), with the same small settings."""
     ours_tok, hf_tok = tokenizers
     image_settings = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=8 * 8 * 20,
@@ -231,7 +240,7 @@ def _processors(tokenizers, monkeypatch, video_fps):
     # The stand-in is not a BaseVideoProcessor (that needs torchvision): skip transformers' class check.
     monkeypatch.setattr(Qwen3VLProcessor, "check_argument_for_proper_class", lambda self, name, arg: None)
     hf = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(**image_settings), tokenizer=hf_tok,
-                          video_processor=_HFVideoStandIn(video_settings, video_fps))
+                          video_processor=stand_in(video_settings, video_fps))
     return hf, Processor(ours_tok, ImageProcessor(**image_settings), VideoProcessor(**video_settings))
 
 
@@ -300,6 +309,147 @@ def test_messages_with_picture_parts_render_through_the_template(tokenizers, mon
         ours([{"role": "user", "content": [{"type": "audio", "audio": b""}]}])
     plain = ours([{"role": "user", "content": "hi"}])  # text only
     assert plain["pixel_values"] is None and plain["video_grid_thw"] is None
+
+
+# ---- video files -------------------------------------------------------------------------------------------------
+def _write_video(path, frames, fps=8, codec="png", pix_fmt="rgb24"):
+    """`frames` ([T, H, W, 3] uint8) as a video file written with PyAV (png in .mov: lossless, decoded exactly)."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], pix_fmt
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def _gradient_frames(count, height=48, width=64):
+    """Smooth frames, changing over time: what lossy codecs keep well."""
+    t, y, x = np.meshgrid(np.arange(count), np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([x * 2 + t * 5, y * 4, t * 8 + y], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+class _HFFileVideoStandIn(_HFVideoStandIn):
+    """transformers' path for a video file: `load_video` with its PyAV decoder (`read_video_pyav`), sampled by
+    `Qwen3VLVideoProcessor.sample_frames`; then the pixel pipeline of `_hf_sampled_video_pixels`."""
+
+    def __call__(self, videos, **kwargs):
+        s = self.settings
+        sampler = types.SimpleNamespace(fps=s.get("fps", 2), min_frames=s.get("min_frames", 4),
+                                        max_frames=s.get("max_frames", 768))
+        pixels, grids, metadata, self.decoded = [], [], [], []
+        self.metadata = metadata
+        for path in videos:
+            frames, meta = hf_load_video(path, backend="pyav", sample_indices_fn=lambda metadata, **_: (
+                hf_video.Qwen3VLVideoProcessor.sample_frames(sampler, metadata)))
+            patches, grid = _hf_sampled_video_pixels(frames, s)
+            pixels.append(patches)
+            grids.append(grid)
+            metadata.append(meta)
+            self.decoded.append(frames)
+        return {"pixel_values_videos": np.concatenate(pixels), "video_grid_thw": np.array(grids),
+                "video_metadata": metadata}
+
+
+def test_video_file_equals_transformers_pyav_path(tokenizers, monkeypatch, tmp_path):
+    pytest.importorskip("av")
+    hf, ours = _processors(tokenizers, monkeypatch, None, stand_in=_HFFileVideoStandIn)
+    frames = _random_image(np.random.default_rng(7), 24 * 48, 64).reshape(24, 48, 64, 3)
+    path = _write_video(tmp_path / "clip.mov", frames, fps=8)  # 3 s: 2 fps samples 6 of its 24 frames
+
+    decoded, indices, fps = read_video_file(path, ours.video_processor.sample_indices)
+    assert indices.tolist() == [0, 5, 9, 14, 18, 23] and fps == 8.0
+    np.testing.assert_array_equal(decoded, frames[indices])  # lossless: the frames written
+
+    bare = f"<|im_start|>user\nWhat happens in {VIDEO_PAD}?<|im_end|>\n<|im_start|>assistant\n"
+    expected = hf(text=bare, videos=[path])
+    got = ours(text=bare, videos=[path])
+    np.testing.assert_array_equal(hf.video_processor.decoded[0], decoded)  # transformers decoded the same frames
+    metadata = hf.video_processor.metadata[0]
+    assert metadata.frames_indices.tolist() == indices.tolist() and metadata.fps == fps
+    assert got["input_ids"].tolist() == expected["input_ids"]
+    text = ours.tokenizer.decode(got["input_ids"][0], skip_special_tokens=False)
+    assert "<0.3 seconds>" in text and "<1.4 seconds>" in text and "<2.6 seconds>" in text  # (0 + 5) / 2 / 8, ...
+    np.testing.assert_array_equal(got["video_grid_thw"], expected["video_grid_thw"])
+    assert got["video_grid_thw"].tolist() == [[3, 4, 4]]
+    diff = np.abs(got["pixel_values_videos"] - expected["pixel_values_videos"])
+    print(f"video file: max abs difference {diff.max():.4g}, {np.mean(diff > 0):.3%} of values differ")
+    assert diff.max() <= VIDEO_TOL and np.mean(diff > 0) < 0.02
+
+    # The file and its frames as an array at the file's rate: the same inputs, bit for bit.
+    from_array = ours(text=bare, videos=[Video(frames, 8.0)])
+    for key, value in from_array.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    # In a message's content, as the CLI passes --video.
+    messages = [{"role": "user", "content": [{"type": "video", "video": path}, {"type": "text", "text": "?"}]}]
+    np.testing.assert_array_equal(ours(messages)["pixel_values_videos"], got["pixel_values_videos"])
+
+
+def test_video_file_without_a_frame_count_repeated_indices_and_a_given_rate(tmp_path):
+    av = pytest.importorskip("av")
+    frames = _gradient_frames(24)
+    path = _write_video(tmp_path / "clip.mkv", frames, fps=8, codec="mpeg4", pix_fmt="yuv420p")
+    with av.open(path) as container:  # Matroska records no frame count (transformers' PyAV reader gets 0)
+        assert container.streams.video[0].frames == 0
+        decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    assert decoded.shape == frames.shape and np.abs(decoded.astype(int) - frames).mean() < 8  # lossy, but close
+    settings = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 40)
+    for processor, video, as_array in [
+            (VideoProcessor(**settings), path, Video(decoded, 8.0)),  # counted: 24 frames, 6 sampled
+            (VideoProcessor(**settings, fps=None, num_frames=30), path, Video(decoded, 8.0)),  # indices repeat
+            (VideoProcessor(**settings), Video(path, 4.0), Video(decoded, 4.0)),  # a rate given overrides the file's
+            (VideoProcessor(**settings, do_sample_frames=False), path, Video(decoded, 8.0))]:
+        got, expected = processor(video), processor(as_array)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        assert got[2] == expected[2]
+    assert VideoProcessor(**settings)(path)[1].tolist() == [[3, 4, 4]]
+    assert VideoProcessor(**settings)(Video(path, 4.0))[1][0, 0] == 6  # 6 s at 2 fps: 12 frames, 6 patches
+    repeated, indices, _ = read_video_file(path, VideoProcessor(fps=None, num_frames=30).sample_indices)
+    assert len(repeated) == 30 and len(set(indices.tolist())) == 24
+    np.testing.assert_array_equal(repeated, decoded[indices])
+
+
+def test_video_files_missing_unreadable_or_without_pyav_are_named(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")
+    processor = VideoProcessor(patch_size=4, merge_size=2, min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 40)
+    missing = tmp_path / "missing.mp4"
+    with pytest.raises(ProcessorError, match=re.escape(f"videos[0]: video '{missing}' does not exist")):
+        processor(str(missing))
+    with pytest.raises(ProcessorError, match=re.escape(f"video file '{missing}' does not exist")):
+        read_video_file(missing)
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    with pytest.raises(ProcessorError, match=re.escape(f"videos[1]: {text}: not a readable video (InvalidDataError")):
+        processor([np.zeros((4, 16, 16, 3), np.uint8), str(text)])
+    sound = tmp_path / "sound.wav"
+    with av.open(str(sound), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with pytest.raises(ProcessorError, match=re.escape(f"{sound}: holds no video stream")):
+        processor(str(sound))
+    clip = _write_video(tmp_path / "clip.mov", _gradient_frames(8), fps=8)
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for i, frame in enumerate(_gradient_frames(8)):
+        Image.fromarray(frame).save(frames_dir / f"{i:03d}.png")
+    with_av = processor(clip)
+
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed: `import av` raises ImportError
+    with pytest.raises(MissingVideoDecoder, match=re.escape(f"videos[0]: {clip}: decoding a video file needs PyAV: "
+                                                            "pip install av (or pip install 'qwenjax[video]')")):
+        processor(clip)
+    with pytest.raises(ImportError, match="pip install av"):
+        read_video_file(clip)
+    with pytest.raises(ValueError, match=re.escape(f"{clip}")):  # the CLI reports ValueErrors as one line
+        processor([clip])
+    from_dir, from_array = processor(str(frames_dir)), processor(Video(_gradient_frames(8), 8.0))  # no PyAV needed
+    np.testing.assert_array_equal(from_dir[0], from_array[0])
+    np.testing.assert_array_equal(with_av[0], from_array[0])  # the lossless file: the same frames
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@
   min_frames and max_frames), the video's own `smart_resize`, the last frame repeated to a whole temporal patch,
   and one timestamp per temporal patch for the prompt. transformers resizes video frames with torchvision only;
   here Pillow does it, in torch's pass order (values differ from torch's by one uint8 level on under 1% of the
-  pixels). A video is its decoded frames, [T, H, W, 3] uint8, or a directory of frame images; decoding video
-  files (PyAV, torchcodec) is not done here. Wrap frames in `Video(frames, fps)` to give the source frame rate;
-  without it 24 fps is assumed, as transformers assumes.
+  pixels). A video is its decoded frames, [T, H, W, 3] uint8, a directory of frame images, or a video file (mp4,
+  webm, mkv, ...: decoded with PyAV, `pip install av` or `qwenjax[video]`, as transformers' `read_video_pyav`
+  decodes it: the first video stream's frame count and average frame rate drive the sampling and the timestamps,
+  and only the frames up to the last one sampled are decoded). Wrap frames in `Video(frames, fps)` to give the
+  source frame rate; without it 24 fps is assumed, as transformers assumes.
 - `Processor` renders the chat template and expands each image placeholder `<|image_pad|>` into t·h·w/merge² pad
   tokens, and each video placeholder `<|vision_start|><|video_pad|><|vision_end|>` (or a bare `<|video_pad|>`)
   into, per temporal patch, `<{seconds:.1f} seconds><|vision_start|>` + h·w/merge² video pads + `<|vision_end|>`,
@@ -23,7 +25,7 @@
   `<|video_pad|>`, leaving the template's wrapper around the frame blocks (two extra tokens per video); the
   prompts here follow the original.
 
-Pillow is imported only when an image or video is processed.
+Pillow is imported only when an image or video is processed, PyAV only when a video file is.
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ class ProcessorError(InputError):
     """An image, video, prompt or processor config that cannot become model inputs."""
 
 
+class MissingVideoDecoder(ProcessorError, ImportError):
+    """A video file given where PyAV, which decodes video files, is not installed."""
+
+
 class Video(NamedTuple):
-    """A video: `frames` ([T, H, W, 3] uint8, or a directory of frame images read in name order, so name them with
-    zero-padded numbers) and the frame rate they were taken at (None: unknown, 24 assumed)."""
+    """A video: `frames` ([T, H, W, 3] uint8, a directory of frame images read in name order, so name them with
+    zero-padded numbers, or a video file) and the frame rate they were taken at (None: unknown, 24 assumed; for a
+    video file, the file's own average frame rate; a rate given here overrides it)."""
 
     frames: Any
     fps: float | None = None
@@ -167,6 +174,71 @@ def _frame_files(directory: str) -> list[str]:
     if not files:
         raise ProcessorError(f"video directory {directory!r} holds no frame images")
     return files
+
+
+def read_video_file(path: str | os.PathLike, sample_indices: Any = None) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Decode the video file `path` with PyAV as transformers' `read_video_pyav` does: the first video stream, its
+    frame count (`stream.frames`; where the container does not record it, as Matroska/WebM, the stream's packets are
+    counted instead) and average frame rate (None where the file has none) give the frame `indices` to keep,
+    `sample_indices(total_frames, fps)` (None: every frame); the frames are decoded from the start up to the last
+    index and converted to RGB (`to_ndarray(format="rgb24")`). Returns (frames [len(indices), H, W, 3] uint8,
+    frames[k] the frame at indices[k], the indices, the frame rate). An index repeated (more frames asked for than
+    there are) repeats its frame, as indexing an array of the frames does (and torchcodec, transformers' default
+    decoder); transformers' PyAV reader keeps such a frame once, and its prompt then disagrees with its pixels.
+    A header that counts more frames than the decoder yields: the indices are sampled again from the frames
+    decoded. Errors name the file; without PyAV, `MissingVideoDecoder` (an ImportError) says how to install it."""
+    path = os.fspath(path)
+    try:
+        import av
+    except ImportError:
+        raise MissingVideoDecoder(f"{path}: decoding a video file needs PyAV: pip install av (or pip install "
+                                  "'qwenjax[video]'); or pass the decoded frames, [T, H, W, 3] uint8, or a "
+                                  "directory of frame images") from None
+    if not os.path.isfile(path):
+        raise ProcessorError(f"video file {path!r} does not exist")
+    sample_indices = sample_indices or (lambda total, fps: np.arange(total))
+
+    def decode(last: int, keep: set[int]) -> tuple[dict[int, np.ndarray], int]:
+        """(the kept frames by index, how many frames were decoded: last + 1, or fewer where the stream ends)."""
+        kept, decoded = {}, 0
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # threads decode the same frames, in order
+            for i, frame in enumerate(container.decode(stream)):
+                decoded = i + 1
+                if i in keep:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+        return kept, decoded
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ProcessorError(f"{path}: holds no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            total = stream.frames
+            if total <= 0:  # not in the header (Matroska, WebM): one packet per frame
+                total = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        for _ in range(2):
+            if total <= 0:
+                raise ProcessorError(f"{path}: its video stream holds no frames")
+            indices = np.asarray(sample_indices(total, fps), dtype=np.int64)
+            kept, decoded = decode(int(indices.max()), set(indices.tolist()))
+            if decoded > indices.max():
+                break
+            total = decoded  # fewer frames than the header says: sample from those there are
+        else:
+            raise ProcessorError(f"{path}: the decoder yields {decoded} frame(s), fewer than it did a moment "
+                                 "before; a damaged file?")
+    except av.error.FFmpegError as e:
+        raise ProcessorError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
+    shapes = {frame.shape for frame in kept.values()}
+    if len(shapes) > 1:
+        raise ProcessorError(f"{path}: its frames change size ({' and '.join(f'{h} x {w}' for h, w, _ in shapes)} "
+                             "pixels); a video's frames must all have one size")
+    return np.stack([kept[i] for i in indices.tolist()]), indices, fps
 
 
 # ---- the processors ----------------------------------------------------------------------------------------------
@@ -316,7 +388,8 @@ class ImageProcessor(_VisionProcessor):
 class VideoProcessor(_VisionProcessor):
     """Videos → (pixel_values_videos [patches, C·T·P·P] float32, video_grid_thw [videos, 3] int64, timestamps: per
     video, the seconds of each temporal patch), as transformers' `Qwen3VLVideoProcessor` with the timestamps of
-    `Qwen3VLProcessor`. A video is a `Video`, or frames alone ([T, H, W, 3] uint8 or a directory of frame images)."""
+    `Qwen3VLProcessor`. A video is a `Video`, or frames alone ([T, H, W, 3] uint8, a directory of frame images or
+    a video file)."""
 
     patch_size: int = 16
     min_pixels: int = 128 * 32 * 32
@@ -384,7 +457,7 @@ class VideoProcessor(_VisionProcessor):
             try:
                 pixels, grid, seconds = self._one(video if isinstance(video, Video) else Video(video))
             except ProcessorError as e:
-                raise ProcessorError(f"videos[{i}]: {e}") from None
+                raise type(e)(f"videos[{i}]: {e}") from None
             patches.append(pixels)
             grids.append(grid)
             timestamps.append(seconds)
@@ -395,11 +468,16 @@ class VideoProcessor(_VisionProcessor):
         if fps is not None:
             fps = check_range(check(fps, float, "Video.fps", ProcessorError), "Video.fps", above=0,
                               error=ProcessorError)
-        if isinstance(video.frames, (str, os.PathLike)):
+        if isinstance(video.frames, (str, os.PathLike)) and os.path.isfile(video.frames):
+            frames, indices, file_fps = read_video_file(
+                video.frames, lambda total, file_fps: self.sample_indices(total, file_fps if fps is None else fps))
+            fps = file_fps if fps is None else fps
+        elif isinstance(video.frames, (str, os.PathLike)):
             directory = os.fspath(video.frames)
             if not os.path.isdir(directory):
-                raise ProcessorError(f"video frames directory {directory!r} does not exist (video files are not "
-                                     "decoded here: pass decoded frames, [T, H, W, 3] uint8, or a directory of them)")
+                hint = " (URLs are not fetched: download the video first)" if "://" in directory else ""
+                raise ProcessorError(f"video {directory!r} does not exist: neither a video file nor a directory of "
+                                     f"frame images{hint}")
             files = _frame_files(directory)
             indices = self.sample_indices(len(files), fps)
             frames = [load_image(files[i]) for i in indices]  # only the sampled frames are read
@@ -415,8 +493,8 @@ class VideoProcessor(_VisionProcessor):
                     or frames.shape[3] != 3 or len(frames) == 0:
                 shown = f"{list(frames.shape)} {frames.dtype}" if isinstance(frames, np.ndarray) \
                     else type(frames).__name__
-                raise ProcessorError(f"video frames must be a [T, H, W, 3] uint8 array (T >= 1) or a directory of "
-                                     f"frame images, got {shown}")
+                raise ProcessorError(f"a video must be a [T, H, W, 3] uint8 array of frames (T >= 1), a directory "
+                                     f"of frame images or a video file, got {shown}")
             indices = self.sample_indices(len(frames), fps)
             frames = frames[indices]
         num_frames, height, width = frames.shape[:3]
@@ -466,13 +544,24 @@ class Processor:
         Returns input_ids and attention_mask ([1, seq] int64), pixel_values and image_grid_thw,
         pixel_values_videos and video_grid_thw (None where there are no images or videos).
         """
+        text, out, _ = self.expand(messages, text=text, images=images, videos=videos,
+                                   add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                                   **template_kwargs)
+        ids = np.array([self.tokenizer.encode(text)], np.int64)
+        return dict(input_ids=ids, attention_mask=np.ones_like(ids), **out)
+
+    def expand(self, messages: list[dict] | None = None, *, text: str | None = None, images: Any = None,
+               videos: Any = None, add_generation_prompt: bool = True, enable_thinking: bool = True,
+               **template_kwargs) -> tuple[str, dict[str, np.ndarray | None], list[str]]:
+        """What `__call__` tokenizes: (the prompt text with every placeholder expanded to its pad tokens, the
+        pictures' arrays as `__call__` returns them, each picture's kind — "image" or "video" — in prompt order)."""
         if (messages is None) == (text is None):
             raise ProcessorError("give either `messages` (a conversation) or `text` (a rendered prompt)")
         if messages is not None:
             if images is not None or videos is not None:
                 raise ProcessorError("with `messages`, images and videos go in the messages' content parts, not in "
                                      "`images=` / `videos=`")
-            messages, images, videos = _inline_pictures(messages)
+            messages, images, videos = inline_pictures(messages)
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                       enable_thinking=enable_thinking, **template_kwargs)
         text = check(text, str, "text", ProcessorError)
@@ -503,9 +592,9 @@ class Processor:
                         for seconds in seconds_per_patch)
                 for (_, h, w), seconds_per_patch in zip(out["video_grid_thw"], timestamps)]
         pending = {kind: iter(texts) for kind, texts in replacements.items()}
+        kinds = [match.lastgroup for match in _PLACEHOLDERS.finditer(text)]
         text = _PLACEHOLDERS.sub(lambda match: next(pending[match.lastgroup]), text)
-        ids = np.array([self.tokenizer.encode(text)], np.int64)
-        return dict(input_ids=ids, attention_mask=np.ones_like(ids), **out)
+        return text, out, kinds
 
     def _require_tokens(self, *tokens: str) -> None:
         missing = [t for t in tokens if self.tokenizer.token_to_id(t) is None]
@@ -514,7 +603,7 @@ class Processor:
                                  "it cannot take images or videos (is this a multimodal checkpoint's tokenizer?)")
 
 
-def _inline_pictures(messages: list[dict]) -> tuple[list[dict], list | None, list | None]:
+def inline_pictures(messages: list[dict]) -> tuple[list[dict], list | None, list | None]:
     """(messages with list content joined into strings, placeholders for pictures; the images; the videos)."""
     images, videos, rendered = [], [], []
     for i, message in enumerate(check(messages, list, "messages", ProcessorError)):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
-from qwenjax.inputs import VisionInputs
+from qwenjax.inputs import PackedVision, VisionInputs
 from qwenjax.model.attention import Attention
 from qwenjax.model.cache import AttentionCache, Cache, GatedDeltaNetCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet
@@ -127,27 +127,33 @@ class Qwen35ForCausalLM(nnx.Module):
             x = self.norm(x)
             return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
-    def embed(self, input_ids: jax.Array, vision: VisionInputs | None = None) -> jax.Array:
+    def embed(self, input_ids: jax.Array, vision: VisionInputs | PackedVision | None = None) -> jax.Array:
         """Token embeddings [B, T, D]; with `vision`, each image (video) pad token's embedding replaced by the
         next vision feature, in order (the caller has checked that the counts match)."""
         with jax.named_scope("embedding"):
             x = self.embed_tokens(input_ids)
-            if vision is not None:
-                if self.visual is None:
-                    raise ValueError("images or videos given to a text-only model (its config has no vision_config)")
-                for pixels, grid, token_id in ((vision.pixel_values, vision.image_grid_thw, self.config.image_token_id),
-                                               (vision.pixel_values_videos, vision.video_grid_thw,
-                                                self.config.video_token_id)):
-                    if pixels is not None:
-                        with jax.named_scope("vision"):
-                            features = self.visual(pixels, grid).astype(x.dtype)
-                        x = _scatter_features(x, input_ids == token_id, features)
+            if vision is None:
+                return constrain(x, ("batch", "seq", "act_embed"))
+            if self.visual is None:
+                raise ValueError("images or videos given to a text-only model (its config has no vision_config)")
+            cfg = self.config
+            if isinstance(vision, PackedVision):  # training: images and videos together, in token order
+                parts = [(vision.pixel_values, dict(layout=vision.layout),
+                          (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id))]
+            else:
+                parts = [(pixels, dict(grid_thw=grid), input_ids == token_id) for pixels, grid, token_id in (
+                    (vision.pixel_values, vision.image_grid_thw, cfg.image_token_id),
+                    (vision.pixel_values_videos, vision.video_grid_thw, cfg.video_token_id)) if pixels is not None]
+            for pixels, where, is_pad in parts:
+                with jax.named_scope("vision"):
+                    features = self.visual(pixels, **where).astype(x.dtype)
+                x = _scatter_features(x, is_pad, features)
             return constrain(x, ("batch", "seq", "act_embed"))
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None, remat: str = "none",
                  logits_to_keep: int = 0, scan_layers: bool = True, router_stats: bool = False,
-                 vision: VisionInputs | None = None):
+                 vision: VisionInputs | PackedVision | None = None):
         """Logits [B, T, vocab] for input_ids [B, T]; with `router_stats`, (logits, `RouterStats` summed over
         the layers) for an MoE model's auxiliary losses (`qwenjax.train.loss.load_balancing_loss`).
 

@@ -18,6 +18,7 @@ per distinct set of grids).
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,7 @@ def _check_grid(grid_thw, cfg: VisionConfig, patches_shape: tuple[int, ...]) -> 
 def patch_rows_cols(grid: np.ndarray, merge: int) -> tuple[np.ndarray, np.ndarray]:
     """Each patch's (row, col) in its frame, in the order patches arrive: per image, t frames of h·w patches in
     merge-block order (block row, block col, row in block, col in block)."""
-    rows, cols = [], []
+    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]  # a micro-batch may hold no picture
     for t, h, w in grid:
         r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         blocks = (h // merge, merge, w // merge, merge)
@@ -150,16 +151,50 @@ def position_interpolation(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndar
     return indices.astype(np.int32), weights
 
 
-def rotary_cos_sin(grid: np.ndarray, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
+class PatchLayout(NamedTuple):
+    """Where each patch sits, as arrays: everything the tower reads from the grids except the attention's
+    grouping. Built on the host (`patch_layout`); under jit its leaves may be traced, so a training batch, whose
+    images change every step, compiles once per patch capacity, not once per set of grids."""
+    frames: Any       # [P] int32: the patch's frame, numbered over the batch; -1 marks padding
+    rows: Any         # [P] int32: the patch's row and column in its frame
+    cols: Any
+    pos_indices: Any  # [P, 4] int32: rows of the learned position table (`position_interpolation`)
+    pos_weights: Any  # [P, 4] float32: their bilinear weights (0 for padding)
+
+
+def patch_layout(grid: np.ndarray, cfg: VisionConfig, capacity: int | None = None) -> PatchLayout:
+    """The layout of patches laid out as `grid` [images, 3] says, padded to `capacity` patches (a multiple of
+    spatial_merge_size², default: exactly the grids' patches)."""
+    rows, cols = patch_rows_cols(grid, cfg.spatial_merge_size)
+    indices, weights = position_interpolation(grid, cfg)
+    frames = np.repeat(np.arange(int(grid[:, 0].sum())), np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))
+    n = len(rows)
+    capacity = n if capacity is None else capacity
+    if capacity < n or capacity % cfg.spatial_merge_size ** 2:
+        raise ValueError(f"patch capacity {capacity} must hold the {n} patches and be a multiple of "
+                         f"spatial_merge_size² = {cfg.spatial_merge_size ** 2}")
+    pad = lambda a, value=0: np.concatenate([a, np.full((capacity - n, *a.shape[1:]), value, a.dtype)])
+    return PatchLayout(frames=pad(frames.astype(np.int32), -1), rows=pad(rows.astype(np.int32)),
+                       cols=pad(cols.astype(np.int32)), pos_indices=pad(indices), pos_weights=pad(weights))
+
+
+def rotary_cos_sin(rows: jax.Array, cols: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
     """cos/sin [patches, head_dim] (fp32) of the 2-D rotary: with f the head_dim/4 frequencies
     1/θ^(2i/(head_dim/2)), the angles are [row·f, col·f] (head_dim/2), duplicated for rotate-half."""
-    rows, cols = patch_rows_cols(grid, cfg.spatial_merge_size)
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
     angles = jnp.concatenate([jnp.asarray(rows, jnp.float32)[:, None] * inv_freq,
                               jnp.asarray(cols, jnp.float32)[:, None] * inv_freq], axis=-1)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def attend_within_frame_ids(q: jax.Array, k: jax.Array, v: jax.Array, frames: jax.Array, scale: float) -> jax.Array:
+    """`attend_within_frames` for a traced layout: one attention over all patches, masked to equal frame ids
+    (padding, frame -1, sees only padding). Its scores cost patches² per head, so it suits training batches of
+    small images; inference, whose grids are static, groups frames by size instead."""
+    mask = frames[None, :, None] == frames[None, None, :]
+    return dot_product_attention(q[None], k[None], v[None], mask, scale)[0]
 
 
 def attend_within_frames(q: jax.Array, k: jax.Array, v: jax.Array, grid: np.ndarray, scale: float) -> jax.Array:
@@ -189,6 +224,10 @@ def attend_within_frames(q: jax.Array, k: jax.Array, v: jax.Array, grid: np.ndar
     return jnp.concatenate(out)
 
 
+# (q, k, v [patches, heads, head_dim], scale) → [patches, heads, head_dim]: attention within each frame
+Attend = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
+
+
 # ---- layers ------------------------------------------------------------------------------------------------------
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
@@ -199,11 +238,11 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(d, 3 * d, ("q_heads", "embed"), **kw)  # rows: [q | k | v], each heads × head_dim
         self.proj = Linear(d, d, ("embed", "q_heads"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, grid: np.ndarray) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> jax.Array:
         n = x.shape[0]
         q, k, v = jnp.unstack(self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim), axis=1)
         q, k = (apply_rope(a[None], cos[None], sin[None])[0] for a in (q, k))  # fp32 inside, back to x's dtype
-        o = attend_within_frames(q, k, v, grid, self.head_dim ** -0.5)
+        o = attend(q, k, v, self.head_dim ** -0.5)
         return self.proj(o.reshape(n, -1))
 
 
@@ -224,8 +263,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, param_dtype=param_dtype, **kw)
         self.mlp = VisionMLP(cfg, param_dtype=param_dtype, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, grid: np.ndarray) -> jax.Array:
-        x = x + self.attn(self.norm1(x), cos, sin, grid)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, attend)
         return x + self.mlp(self.norm2(x))
 
 
@@ -265,16 +304,36 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
-    def __call__(self, pixel_values: jax.Array, grid_thw: np.ndarray) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, grid_thw: np.ndarray | None = None, *,
+                 layout: PatchLayout | None = None) -> jax.Array:
         """Features [patches / spatial_merge_size², out_hidden_size] for pixel_values [patches, C·T·P·P] laid out
-        as `grid_thw` [images, 3] (host ints: t, h, w in patches) says; one row per merge block, in input order."""
-        grid = _check_grid(grid_thw, self.config, pixel_values.shape)
+        as `grid_thw` [images, 3] (host ints: t, h, w in patches) says; one row per merge block, in input order.
+
+        Or, for batches whose images change from step to step (training), a `layout` (`patch_layout`, padded to a
+        fixed capacity) in place of the grids: shapes then depend on the capacity alone; the features of padding
+        come last and mean nothing.
+        """
+        if (grid_thw is None) == (layout is None):
+            raise ValueError("give the patches' grid_thw or their layout, not both")
+        if layout is None:
+            grid = _check_grid(grid_thw, self.config, pixel_values.shape)
+            layout = patch_layout(grid, self.config)
+            attend = functools.partial(_attend_static, grid=grid)
+        else:
+            attend = functools.partial(_attend_traced, frames=layout.frames)
         x = self.patch_embed(pixel_values)
         # Learned positions: table rows (param dtype) times fp32 weights, summed in fp32, as transformers does.
-        indices, weights = position_interpolation(grid, self.config)
-        rows = self.pos_embed(jnp.asarray(indices)).astype(jnp.float32)  # [patches, 4, hidden]
-        x = x + jnp.sum(rows * jnp.asarray(weights)[:, :, None], axis=1).astype(x.dtype)
-        cos, sin = rotary_cos_sin(grid, self.config)
+        rows = self.pos_embed(jnp.asarray(layout.pos_indices)).astype(jnp.float32)  # [patches, 4, hidden]
+        x = x + jnp.sum(rows * jnp.asarray(layout.pos_weights)[:, :, None], axis=1).astype(x.dtype)
+        cos, sin = rotary_cos_sin(layout.rows, layout.cols, self.config)
         for block in self.blocks:
-            x = block(x, cos, sin, grid)
+            x = block(x, cos, sin, attend)
         return self.merger(x)
+
+
+def _attend_static(q, k, v, scale, *, grid):
+    return attend_within_frames(q, k, v, grid, scale)
+
+
+def _attend_traced(q, k, v, scale, *, frames):
+    return attend_within_frame_ids(q, k, v, frames, scale)

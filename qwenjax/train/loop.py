@@ -31,7 +31,7 @@ from qwenjax.checkpoint.export import export_hf
 from qwenjax.config import config_to_hf_dict
 from qwenjax.inference.tokenizer import Tokenizer
 from qwenjax.pretrained import Qwen35
-from qwenjax.train.data import PackedBatches, read_jsonl
+from qwenjax.train.data import PackedBatches, VisionData, read_jsonl
 from qwenjax.train.lora import LoRAConfig, add_lora, merge_lora
 from qwenjax.train.step import TrainConfig, TrainState, init_state, jit_train_step
 from qwenjax.validate import InputError, check, check_fields, read_json_object
@@ -71,7 +71,7 @@ _ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still be
 
 def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
              train: TrainConfig, run: RunConfig = RunConfig(), lora: LoRAConfig | None = None,
-             resume: bool = False, overwrite: bool = False, progress: bool = True,
+             resume: bool = False, overwrite: bool = False, progress: bool = True, processor=None,
              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Trains `model` on the JSONL file `data_path` for `train.total_steps` steps (or the rest of them, resuming);
     returns the metrics of the steps run.
@@ -85,6 +85,13 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
     its devices (`jit_train_step`); checkpoints are written and restored in that layout. The export (with a
     source checkpoint, `from_pretrained`) takes its layout, dtypes and side files from that checkpoint.
 
+    A model with a vision tower reads images and videos in the data's messages (`qwenjax.train.data`) through
+    `processor` (default: `qwenjax.load_processor` of the model's directory); the tower is frozen unless
+    `train.train_vision`, or LoRA targets its linears (`qwenjax.train.lora.VISION_TARGETS`).
+
+    The model's weight arrays become the run's (donated to the train step, so that they are not held twice):
+    after the run, load the export (or the source again) rather than use `model`.
+
     `on_step(step, metrics)` is called after each step (a test can raise there to simulate a kill).
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -92,7 +99,16 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
     primary = jax.process_index() == 0  # across hosts, process 0 alone writes the metrics log and shows progress
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    samples, _ = read_jsonl(data_path, tokenizer, max_len=run.pack_len, eos_id=eos, strict=run.strict_data)
+    vision = None
+    if model.config.vision is not None:
+        if processor is None:
+            from qwenjax.inference.processor import Processor, load_processor
+
+            processor = (load_processor(model.source) if model.source and os.path.isdir(model.source)
+                         else Processor(tokenizer))
+        vision = VisionData(processor, model.config)
+    samples, _ = read_jsonl(data_path, tokenizer, max_len=run.pack_len, eos_id=eos, strict=run.strict_data,
+                            vision=vision)
     record = _run_record(model, train, run, lora)
     resuming = resume and _holds_run(out_dir)
     if resuming:
@@ -127,7 +143,8 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
         if primary:
             _truncate_metrics(metrics_file, int(state.step))
 
-    batches = PackedBatches(samples, run.pack_len, run.rows, train.grad_accum, train.seed).from_position(position)
+    batches = PackedBatches(samples, run.pack_len, run.rows, train.grad_accum, train.seed,
+                            vision).from_position(position)
     first, last = int(state.step), train.total_steps
     bar = _progress(first, last) if progress and primary else None
     history = []

@@ -21,6 +21,9 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GDN_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTENTION_TARGETS + GDN_TARGETS + MLP_TARGETS
+# The vision tower's: block attention and MLP, and the patch merger's MLP (also named linear_fc1/2). Not in the
+# default targets: the tower is frozen unless asked for.
+VISION_TARGETS = ("qkv", "proj", "linear_fc1", "linear_fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +43,10 @@ class LoRAConfig:
             problems.append(f"rank={self.rank} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
-        unknown = sorted(set(self.targets) - set(ALL_TARGETS) - {"lm_head"})
+        known = ALL_TARGETS + VISION_TARGETS + ("lm_head",)
+        unknown = sorted(set(self.targets) - set(known))
         if unknown or not self.targets:
-            problems.append(f"targets {unknown or '()'}: choose among {ALL_TARGETS + ('lm_head',)}")
+            problems.append(f"targets {unknown or '()'}: choose among {known}")
         if problems:
             raise ValueError("LoRAConfig: " + "; ".join(problems))
 

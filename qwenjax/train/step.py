@@ -2,7 +2,8 @@
 cosine decay.
 
 When the parameters hold LoRA adapters (`qwenjax.train.lora.add_lora`), only the adapters are differentiated and
-optimised; the base weights stay frozen and carry no optimizer state.
+optimised; the base weights stay frozen and carry no optimizer state. A vision tower is frozen the same way unless
+`TrainConfig.train_vision` (LoRA adapters on its linears train either way).
 
 Numerics: the model computes in its dtype (bf16 in practice); gradients are accumulated, clipped and fed to the
 optimizer in fp32, and the optimizer state is fp32. With `master_fp32` the step also keeps fp32 master weights
@@ -29,7 +30,9 @@ from qwenjax.sharding import ShardingRules, activation_sharding
 from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss
 from qwenjax.validate import check_fields
 
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
+# [grad_accum, B, T] arrays; with pictures also positions [grad_accum, 3, B, T] and vision (a PackedVision of
+# [grad_accum, ...] arrays: qwenjax.train.data.pack_pictures)
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "vision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,7 @@ class TrainConfig:
     # `router_aux_loss_coef`, as transformers adds it) + router_z_loss_coef · router z-loss.
     router_aux_loss_coef: float | None = None
     router_z_loss_coef: float = 0.0
+    train_vision: bool = False        # also train the vision tower's weights (frozen by default)
 
     def __post_init__(self):
         check_fields(self, "TrainConfig")  # also: every float finite (a NaN learning rate trains NaN weights)
@@ -81,7 +85,8 @@ class TrainConfig:
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=self.learning_rate, warmup_steps=self.warmup_steps,
             # optax needs a cosine part of >= 1 step; with warmup_steps == total_steps it is never reached
-            decay_steps=max(self.total_steps, self.warmup_steps + 1), end_value=self.learning_rate * self.final_lr_ratio)
+            decay_steps=max(self.total_steps, self.warmup_steps + 1),
+            end_value=self.learning_rate * self.final_lr_ratio)
 
     def optimizer(self) -> optax.GradientTransformation:
         decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -104,10 +109,13 @@ class TrainState:
         return self.params if self.frozen is None else nnx.merge_state(self.params, self.frozen)
 
 
-def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
-    """(trained, frozen): the LoRA adapters and the rest when the model has adapters, else (params, None)."""
+def split_trainable(params: nnx.State, train_vision: bool = False) -> tuple[nnx.State, nnx.State | None]:
+    """(trained, frozen): the LoRA adapters and the rest when the model has adapters; else everything but the
+    vision tower (everything with `train_vision`, or without a tower) and the rest (None when nothing is frozen)."""
     if any(isinstance(v, LoRAParam) for _, v in _compat.variable_items(params)):
         return nnx.split_state(params, LoRAParam, ...)
+    if not train_vision and "visual" in params:
+        return nnx.split_state(params, lambda path, _: path[0] != "visual", ...)
     return params, None
 
 
@@ -118,7 +126,7 @@ def _fp32(tree):
 def init_state(params: nnx.State, cfg: TrainConfig) -> TrainState:
     """The state before the first step, laid out where the parameters are: fp32 masters and Adam moments take
     the sharding of their parameter, scalars (step, counts) are replicated over the parameters' mesh."""
-    params, frozen = split_trainable(params)
+    params, frozen = split_trainable(params, cfg.train_vision)
     shardings = jax.tree.map(lambda x: x.sharding, params)
     first = jax.tree.leaves(shardings)[0]
     scalar = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
@@ -161,7 +169,8 @@ def accumulated_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig, params: nnx.
         model = nnx.merge(graphdef, *(s for s in (params, rest, fresh_rngs) if s is not None))
         model.train()  # dropout on (LoRA's); the base model has none
         nnx.reseed(model, dropout=jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), step), index))
-        kw = dict(attention_mask=masks.get("attention_mask"), segment_ids=masks.get("segment_ids"), remat=cfg.remat)
+        kw = dict(attention_mask=masks.get("attention_mask"), segment_ids=masks.get("segment_ids"), remat=cfg.remat,
+                  positions=mb.get("positions"), vision=mb.get("vision"))
         if not model.config.is_moe:
             return next_token_loss(model(mb["input_ids"], **kw), mb["input_ids"], **masks)
         logits, stats = model(mb["input_ids"], router_stats=True, **kw)
@@ -205,9 +214,13 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
     return new_state, metrics
 
 
-def shard_batch(batch: dict[str, jax.Array], mesh: Mesh, rules: ShardingRules) -> dict[str, jax.Array]:
-    """Places [grad_accum, B, T] batch arrays on `mesh`, rows split by the rules' "batch" axis."""
-    return {k: jax.device_put(v, rules.sharding(mesh, (None, "batch", "seq"), v.shape)) for k, v in batch.items()}
+def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: ShardingRules) -> dict[str, Any]:
+    """Places a batch on `mesh`: rows split by the rules' "batch" axis, pictures replicated (the tower reads a
+    micro-batch's patches all together)."""
+    axes = {"positions": (None, None, "batch", "seq")}
+    return {k: jax.device_put(v, NamedSharding(mesh, P())) if k == "vision" else
+            jax.device_put(v, rules.sharding(mesh, axes.get(k, (None, "batch", "seq")), v.shape))
+            for k, v in batch.items()}
 
 
 def jit_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh | None = None,
