@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from qwenjax.model.positions import multimodal_positions
+from qwenjax.model.positions import check_grid, multimodal_positions
 
 
 def token_batch(input_ids, attention_mask=None, *, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,19 +104,12 @@ def vision_inputs(cfg, ids: np.ndarray, mask: np.ndarray, pixel_values=None, ima
                                  f"pad token(s) (id {token_id}) but no {name} were given")
             grids[grid_name] = None
             continue
-        grid = np.asarray(grid)
-        if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer) or (grid <= 0).any():
-            raise ValueError(f"{grid_name} must be positive integers of shape [n, 3] (t, h, w), got "
-                             f"{grid.dtype} {list(grid.shape)}")
-        bad = np.flatnonzero((grid[:, 1:] % merge).any(axis=1))
-        if bad.size:
-            raise ValueError(f"{grid_name}[{bad[0]}] = {grid[bad[0]].tolist()}: h and w must be multiples of "
-                             f"spatial_merge_size={merge}")
+        grid = check_grid(grid, grid_name, merge)
         features = int(np.prod(grid, axis=1).sum()) // merge ** 2
         if pads != features:
             raise ValueError(f"the prompt holds {pads} pad token(s) of id {token_id} but {grid_name} gives "
                              f"{features} feature(s) (t·h·w / {merge}² summed): they must match")
-        grids[grid_name] = grid.astype(np.int64)
+        grids[grid_name] = grid
     if pixel_values is None and pixel_values_videos is None:
         return None
     return VisionInputs(pixel_values, grids["image_grid_thw"], pixel_values_videos, grids["video_grid_thw"])

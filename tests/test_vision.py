@@ -153,7 +153,7 @@ def test_bad_inputs_are_refused(models):
         tower(pixels[:20], np.array([(1, 4, 6)]))
     with pytest.raises(ValueError, match="multiples of spatial_merge_size=2"):
         tower(pixels, np.array([(1, 3, 8)]))
-    with pytest.raises(ValueError, match=r"shape \[images, 3\]"):
+    with pytest.raises(ValueError, match=r"grid_thw must be integers of shape \[n, 3\]"):
         tower(pixels, np.array([4, 6]))
 
 

@@ -10,7 +10,6 @@ before any tensor is read and reported together.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from qwenjax import _compat
 from qwenjax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, TensorInfo
 from qwenjax.config import Qwen35Config
 from qwenjax.sharding import ShardingRules, param_shardings
+from qwenjax.validate import InputError, read_json
 
 TEXT_PREFIXES = ("model.language_model.", "model.", "")
 LAYOUT_PREFIXES = {"multimodal": "model.language_model.", "text": "model."}  # what save_pretrained writes
@@ -32,7 +32,7 @@ ASIDE_PREFIXES = (VISUAL_PREFIX, "mtp.")
 LOADABLE_DTYPES = ("BF16", "F16", "F32")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint whose tensors do not fit the model its config describes."""
 
 
@@ -97,11 +97,7 @@ def _check_inside(directory: str, name: str, what: str) -> None:
 
 def _read_weight_map(index_file: str) -> dict[str, str]:
     """The `weight_map` of a sharded checkpoint's index: tensor name -> shard file name, both strings."""
-    try:
-        with open(index_file, "rb") as f:
-            index = json.loads(f.read())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{index_file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    index = read_json(index_file, CheckpointError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_file}: no `weight_map` object")

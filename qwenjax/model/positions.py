@@ -33,12 +33,14 @@ import numpy as np
 _TEXT, _IMAGE, _VIDEO = 0, 1, 2
 
 
-def _grid(grid_thw, name: str, merge: int) -> np.ndarray:
+def check_grid(grid_thw, name: str, merge: int) -> np.ndarray:
+    """`grid_thw` ([n, 3] t, h, w in patches; None: no rows) as int64, every t, h, w positive and h, w multiples of
+    the spatial merge size; errors name `name` and the row. The one check of a grid, wherever one enters."""
     if grid_thw is None:
         return np.zeros((0, 3), np.int64)
     grid = np.asarray(grid_thw)
     if grid.ndim != 2 or grid.shape[1] != 3 or (grid.size and not np.issubdtype(grid.dtype, np.integer)):
-        raise ValueError(f"{name} must be integers of shape [n, 3] (t, h, w), got {grid.dtype} {grid.shape}")
+        raise ValueError(f"{name} must be integers of shape [n, 3] (t, h, w), got {grid.dtype} {list(grid.shape)}")
     grid = grid.astype(np.int64)
     for i, (t, h, w) in enumerate(grid.tolist()):
         if min(t, h, w) <= 0 or h % merge or w % merge:
@@ -67,8 +69,8 @@ def multimodal_positions(input_ids, attention_mask=None, *, image_grid_thw=None,
     m = int(spatial_merge_size)
     if m <= 0:
         raise ValueError(f"spatial_merge_size must be positive, got {spatial_merge_size}")
-    images = _grid(image_grid_thw, "image_grid_thw", m)
-    videos = _grid(video_grid_thw, "video_grid_thw", m)
+    images = check_grid(image_grid_thw, "image_grid_thw", m)
+    videos = check_grid(video_grid_thw, "video_grid_thw", m)
     # One (1, h, w) block per video frame, remembering (video row, frame) for messages.
     frames = np.repeat(videos, videos[:, 0], axis=0)
     frames[:, 0] = 1

@@ -27,6 +27,7 @@ from flax import nnx
 
 from qwenjax.config import VisionConfig
 from qwenjax.model.layers import Embed, Linear, apply_rope, normal_init
+from qwenjax.model.positions import check_grid
 from qwenjax.ops.attention import dot_product_attention
 from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.ops.matmul import matmul_wt
@@ -99,17 +100,14 @@ def _check_grid(grid_thw, cfg: VisionConfig, patches_shape: tuple[int, ...]) -> 
     except jax.errors.TracerArrayConversionError:
         raise TypeError("grid_thw must be host integers (e.g. a numpy array), known when the forward is traced; "
                         "it was traced: close over it instead of passing it through jax.jit") from None
-    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or not np.issubdtype(grid.dtype, np.integer):
-        raise ValueError(f"grid_thw must be integers of shape [images, 3] (t, h, w), got {grid.dtype} {grid.shape}")
-    m = cfg.spatial_merge_size
-    if (grid <= 0).any() or (grid[:, 1:] % m).any():
-        raise ValueError(f"grid_thw: every t, h, w must be positive, h and w multiples of spatial_merge_size={m}; "
-                         f"got {grid.tolist()}")
+    grid = check_grid(grid, "grid_thw", cfg.spatial_merge_size)
+    if not len(grid):
+        raise ValueError("grid_thw has no rows: no images")
     n = int(np.prod(grid, axis=1).sum())
     if tuple(patches_shape) != (n, cfg.patch_dim):
         raise ValueError(f"pixel_values must be [patches, C*T*P*P] = [{n}, {cfg.patch_dim}] for grid_thw "
                          f"{grid.tolist()}, got {list(patches_shape)}")
-    return grid.astype(np.int64)
+    return grid
 
 
 def patch_rows_cols(grid: np.ndarray, merge: int) -> tuple[np.ndarray, np.ndarray]:
