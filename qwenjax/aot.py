@@ -3,6 +3,7 @@
     from qwenjax import aot
     compiled = aot.compile_forward_backward(cfg, "v5p:2x2x1", mesh="fsdp=4", batch=4, seq=4096)
     print(aot.summary(compiled))
+    compiled = aot.compile_multimodal_forward(cfg, "v5e:2x2", batch=4, seq=2048, image_size=448)  # with images
 
 Needs `libtpu` (`pip install "jax[tpu]==<your jax version>"`); no TPU. Nothing is allocated: parameters and
 batches are shapes with shardings over the topology's devices. The ops' implementations (`kernels`) are resolved
@@ -17,10 +18,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qwenjax import _compat
 from qwenjax.config import Qwen35Config
+from qwenjax.inputs import VisionInputs, vision_positions
 from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.pretrained import abstract_model
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
@@ -48,13 +51,7 @@ def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | No
     mesh: a mesh spec over the topology's devices ("fsdp=4,tensor=2", "fsdp=2,expert=8"; default all on fsdp).
     kernels: the ops' implementations; unset fields are resolved for the TPU (environment, else "auto").
     """
-    devices = topology_devices(topology)
-    mesh_ = make_mesh(mesh, devices)
-    rules = rules or ShardingRules()
-    graphdef, abstract = abstract_model(cfg, dtype, dtype, resolve_kernels(kernels, devices[0].platform))
-    shardings = param_shardings(abstract, mesh_, rules)
-    params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
-                          shardings, is_leaf=_compat.is_variable)
+    mesh_, rules, graphdef, params = _abstract(cfg, topology, mesh, dtype, kernels, rules)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=rules.sharding(mesh_, ("batch", None),
                                                                                  (batch, seq)))
 
@@ -68,6 +65,78 @@ def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | No
 
     with activation_sharding(mesh_, rules):
         lowered = jax.jit(jax.value_and_grad(loss) if backward else forward).lower(params, ids)
+    return lowered.compile()
+
+
+def _abstract(cfg, topology, mesh, dtype, kernels, rules):
+    """(mesh, rules, graphdef, parameters as shapes sharded over the topology's devices)."""
+    devices = topology_devices(topology)
+    mesh_ = make_mesh(mesh, devices)
+    rules = rules or ShardingRules()
+    graphdef, abstract = abstract_model(cfg, dtype, dtype, resolve_kernels(kernels, devices[0].platform))
+    shardings = param_shardings(abstract, mesh_, rules)
+    params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
+                          shardings, is_leaf=_compat.is_variable)
+    return mesh_, rules, graphdef, params
+
+
+def image_batch(cfg: Qwen35Config, *, batch: int, seq: int, image_size: int = 448,
+                images_per_row: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prompt batch as the processor lays it out: each of `batch` rows of `seq` tokens holds `images_per_row`
+    square images of `image_size` pixels (vision start, t·h·w / merge² image pads, vision end; one frame each),
+    the rest is text. Returns (input_ids [B, T] int32, multimodal positions [3, B, T] int32, image_grid_thw
+    [B · images_per_row, 3])."""
+    v = cfg.vision
+    if v is None:
+        raise ValueError("a batch with images needs a model with a vision tower: this config has no vision_config")
+    unit = v.patch_size * v.spatial_merge_size
+    if image_size <= 0 or image_size % unit:
+        raise ValueError(f"image_size={image_size}: must be a positive multiple of patch_size x spatial_merge_size "
+                         f"= {unit} pixels (the processor resizes to one)")
+    side = image_size // v.patch_size
+    pads = side * side // v.spatial_merge_size ** 2
+    text = 8  # a few text tokens before the first image
+    need = text + images_per_row * (pads + 2)
+    if images_per_row < 1 or need > seq:
+        raise ValueError(f"{images_per_row} image(s) of {image_size}x{image_size} pixels take {pads} pad tokens "
+                         f"each, plus start and end tokens: a row needs at least {need} tokens, seq={seq}")
+    row = [1] * text
+    for _ in range(images_per_row):
+        row += [cfg.vision_start_token_id] + [cfg.image_token_id] * pads + [cfg.vision_end_token_id]
+    row += [1] * (seq - len(row))
+    ids = np.tile(np.asarray(row, np.int32), (batch, 1))
+    grid = np.tile(np.array([[1, side, side]], np.int64), (batch * images_per_row, 1))
+    mask = np.ones_like(ids)
+    positions, _ = vision_positions(cfg, ids, mask, VisionInputs(None, grid, None, None))
+    return ids, positions.astype(np.int32), grid
+
+
+def compile_multimodal_forward(cfg: Qwen35Config, topology: str, *, mesh: str | None = None, batch: int = 1,
+                               seq: int = 2048, image_size: int = 448, images_per_row: int = 1,
+                               dtype: Any = jnp.bfloat16, logits_to_keep: int = 0,
+                               kernels: Kernels | Mapping[str, str] | None = None,
+                               rules: ShardingRules | None = None):
+    """The compiled forward with images, for `topology`: vision tower, features into the image pad tokens, text
+    model, logits (of the last `logits_to_keep` positions if > 0). The batch is `image_batch`'s; its
+    image_grid_thw is static (host ints, closed over), so the program is for that image batch shape alone.
+    Pixels come as the processor gives them, fp32 [patches, C·T·P·P], replicated; tokens and positions are
+    split over the batch axes."""
+    mesh_, rules, graphdef, params = _abstract(cfg, topology, mesh, dtype, kernels, rules)
+    _, _, grid = image_batch(cfg, batch=batch, seq=seq, image_size=image_size, images_per_row=images_per_row)
+    patches = int(np.prod(grid, axis=1).sum())
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=rules.sharding(mesh_, ("batch", None),
+                                                                                 (batch, seq)))
+    positions = jax.ShapeDtypeStruct((3, batch, seq), jnp.int32,
+                                     sharding=rules.sharding(mesh_, (None, "batch", None), (3, batch, seq)))
+    pixels = jax.ShapeDtypeStruct((patches, cfg.vision.patch_dim), jnp.float32,
+                                  sharding=rules.sharding(mesh_, (None, None)))
+
+    def forward(params, ids, positions, pixels):
+        return nnx.merge(graphdef, params)(ids, positions=positions, logits_to_keep=logits_to_keep,
+                                           vision=VisionInputs(pixels, grid, None, None))
+
+    with activation_sharding(mesh_, rules):
+        lowered = jax.jit(forward).lower(params, ids, positions, pixels)
     return lowered.compile()
 
 

@@ -91,6 +91,9 @@ def vision_inputs(cfg, ids: np.ndarray, mask: np.ndarray, pixel_values=None, ima
         return None
     if cfg.vision is None:
         raise ValueError("images or videos given to a text-only model: its config.json has no vision_config")
+    if cfg.vision.out_hidden_size != cfg.hidden_size:  # e.g. a config without vision_config: transformers' default
+        raise ValueError(f"vision_config.out_hidden_size = {cfg.vision.out_hidden_size} differs from the text model's "
+                         f"hidden_size = {cfg.hidden_size}: the tower's features cannot replace token embeddings")
     grids = {}
     merge = cfg.vision.spatial_merge_size
     for (name, (pixels, grid)), grid_name, token_id in zip(given.items(), ("image_grid_thw", "video_grid_thw"),

@@ -2,12 +2,17 @@
 memory and cost figures against the XLA paths, alone and in a model:
 - `--part gdr` (default): the gated delta rule vs the XLA chunked form; the model program is forward + backward;
 - `--part moe`: the grouped matmul vs `ragged_dot` at the MoE models' expert shapes; the model program is the
-  forward, over the grouped-matmul and expert-parallel choices.
+  forward, over the grouped-matmul and expert-parallel choices;
+- `--part vision`: a model forward with images (default the released 9B with its vision tower): the tower alone,
+  the text forward without images, then tower + text model with every logit and with the last one only
+  (prefill), on `--batch` rows of `--seq` tokens, each with `--images` square images of `--image-size` pixels.
+  The image grid is static under jit (host ints), so each program is for that image batch shape alone.
 
     python scripts/aot_tpu.py                                   # v5e, kernels at the 9B and 397B GDN shapes
     python scripts/aot_tpu.py --topology v5p:2x2x1 --model qwen3.5-0.8b --layers 4 --batch 8 --seq 2048
     python scripts/aot_tpu.py --part moe --topology v5e:4x4 --model qwen3.5-35b-a3b --mesh fsdp=2,expert=8 \
         --batch 16 --seq 2048
+    python scripts/aot_tpu.py --part vision --topology v5e:2x2 --batch 4 --seq 2048 --images 1 --image-size 448
 
 Needs libtpu (`pip install "jax[tpu]==<your jax version>"`); no TPU. Memory is per device. "recompute" and
 "save" are the kernel's two ways to give its backward the per-chunk states (`SAVE_STATES` in
@@ -36,24 +41,32 @@ MOE_SHAPES = [  # (label, experts, hidden, expert width, top-k): one layer's exp
 ]
 
 
-def _row(program, variant, report, seconds):
+def _row(program, variant, report, seconds, cpu_seconds=None):
     mib = lambda b: f"{b / 2**20:,.0f}"
+    cpu = "" if cpu_seconds is None else f" {cpu_seconds:.0f} |"
     print(f"| {program} | {variant} | {mib(report['temp_bytes'])} | {mib(report['argument_bytes'])} | "
-          f"{mib(report['output_bytes'])} | {report['flops']:.3g} | {report['bytes_accessed']:.3g} | {seconds:.0f} |",
-          flush=True)
+          f"{mib(report['output_bytes'])} | {report['flops']:.3g} | {report['bytes_accessed']:.3g} | {seconds:.0f} |"
+          f"{cpu}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("gdr", "moe"), default="gdr")
+    p.add_argument("--part", choices=("gdr", "moe", "vision"), default="gdr")
     p.add_argument("--topology", default="v5e:2x2")
     p.add_argument("--tokens", type=int, default=16384, help="B*T (gdr) or tokens routed (moe) of the kernels alone")
-    p.add_argument("--seq", type=int, default=4096, help="T of the kernel-alone programs, and of the model's")
-    p.add_argument("--model", default=None, help="also a full model forward + backward: config file or name")
+    p.add_argument("--seq", type=int, default=None,
+                   help="T of the kernel-alone programs, and of the model's (default 4096; vision: 2048)")
+    p.add_argument("--model", default=None, help="also a full model forward + backward: config file or name "
+                   "(vision: the model compiled, default qwen3.5-9b)")
     p.add_argument("--layers", type=int, default=None, help="override the model's num_hidden_layers")
     p.add_argument("--batch", type=int, default=4, help="model batch (rows of --seq tokens)")
     p.add_argument("--mesh", default=None, help="model mesh over the topology's devices (default: all fsdp)")
+    p.add_argument("--images", type=int, default=1, help="vision: images per row")
+    p.add_argument("--image-size", type=int, default=448, help="vision: image side in pixels (a multiple of 32)")
     args = p.parse_args()
+    if args.part == "vision":
+        args.model = args.model or "qwen3.5-9b"
+    args.seq = args.seq or (2048 if args.part == "vision" else 4096)
 
     import jax
     import jax.numpy as jnp
@@ -66,9 +79,11 @@ def main() -> None:
     devices = aot.topology_devices(args.topology)
     print(f"topology {args.topology} ({devices[0].device_kind}, {len(devices)} chips), jax {jax.__version__}; "
           "memory in MiB per device\n")
-    kind = "gated delta rule" if args.part == "gdr" else "grouped matmul, expert parallelism"
-    print(f"| program | {kind} | temp | arguments | outputs | flops | bytes accessed | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    kind = {"gdr": "gated delta rule", "moe": "grouped matmul, expert parallelism",
+            "vision": "logits"}[args.part]
+    cpu = " compile CPU s |" if args.part == "vision" else ""  # the CPU time: steadier on a shared host
+    print(f"| program | {kind} | temp | arguments | outputs | flops | bytes accessed | compile s |{cpu}")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * bool(cpu))
     one = jax.sharding.SingleDeviceSharding(devices[0])
     cfg = None
     if args.model:
@@ -77,6 +92,9 @@ def main() -> None:
             cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
     if args.part == "moe":
         _moe(args, cfg, one)
+        return
+    if args.part == "vision":
+        _vision(args, cfg, devices)
         return
     bf16, f32 = jnp.bfloat16, jnp.float32
     b, t = args.tokens // args.seq, args.seq
@@ -136,6 +154,54 @@ def _moe(args, cfg, one) -> None:
                                                     kernels=Kernels(grouped_matmul=gmm, expert_parallel=ep))
             _row(f"{args.model} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq}, mesh "
                  f"{args.mesh or 'fsdp'}, forward", variant, aot.summary(compiled), time.perf_counter() - t0)
+
+
+def _vision(args, cfg, devices) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from qwenjax import _compat, aot
+    from qwenjax.model.vision import VisionTower
+    from qwenjax.ops.kernels import resolve_kernels
+    from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
+
+    ids, _, grid = aot.image_batch(cfg, batch=args.batch, seq=args.seq, image_size=args.image_size,
+                                   images_per_row=args.images)
+    patches = int(np.prod(grid, axis=1).sum())
+    pads = int((ids == cfg.image_token_id).sum())
+    images = f"{len(grid)} images of {args.image_size}x{args.image_size} ({patches} patches, {pads} pad tokens)"
+    where = f"mesh {args.mesh or 'fsdp'}"
+
+    # The tower alone: its bf16 weights sharded as in the model, the same pixels.
+    mesh, rules = make_mesh(args.mesh, devices), ShardingRules()
+    kernels = resolve_kernels(None, devices[0].platform)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VisionTower(
+        cfg.vision, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, kernels=kernels)))
+    params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
+                          param_shardings(abstract, mesh, rules), is_leaf=_compat.is_variable)
+    pixels = jax.ShapeDtypeStruct((patches, cfg.vision.patch_dim), jnp.float32,
+                                  sharding=rules.sharding(mesh, (None, None)))
+    def timed(program, variant, compile_):
+        t0, c0 = time.perf_counter(), time.process_time()
+        compiled = compile_()
+        _row(program, variant, aot.summary(compiled), time.perf_counter() - t0, time.process_time() - c0)
+
+    def tower():
+        with activation_sharding(mesh, rules):
+            return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, grid)).lower(params, pixels).compile()
+
+    timed(f"vision tower ({cfg.vision.depth} blocks), {images}, {where}", "features", tower)
+    model = f"{args.model} ({cfg.num_hidden_layers} layers)"
+    timed(f"{model}, text only, batch {args.batch} x {args.seq}, {where}, forward", "all",
+          lambda: aot.compile_forward_backward(cfg, args.topology, mesh=args.mesh, batch=args.batch, seq=args.seq,
+                                               backward=False))
+    for label, keep in (("all", 0), ("last (prefill)", 1)):
+        timed(f"{model} + vision tower, batch {args.batch} x {args.seq} with {images}, {where}, forward", label,
+              lambda keep=keep: aot.compile_multimodal_forward(
+                  cfg, args.topology, mesh=args.mesh, batch=args.batch, seq=args.seq, image_size=args.image_size,
+                  images_per_row=args.images, logits_to_keep=keep))
 
 
 if __name__ == "__main__":
