@@ -25,6 +25,7 @@ SEED = flag(int, minimum=0, maximum=2 ** 63 - 1)
 DEFAULT_CONFIG = "qwen3.5-0.8b"
 DEFAULT_CHAT_PROMPT = "Give me a short introduction to large language models."
 DEFAULT_COMPLETION_PROMPT = "The with statement"  # for the bundled model, trained on Python's docs
+DEFAULT_PICTURE_PROMPT = "Describe the image."  # for the bundled vision model, trained on drawn shapes
 
 
 def cmd_forward(args) -> int:
@@ -65,25 +66,32 @@ def cmd_forward(args) -> int:
 
 # ---- generate / chat ---------------------------------------------------------------------------------------------
 def _load(args):
-    """(model, tokenizer) from --model; else the bundled tiny-pydoc model, completing text (no chat template);
-    else (a checkout without it) a freshly written random demo checkpoint."""
+    """(model, tokenizer) from --model; else, with pictures, the bundled tiny-vision model, answering in chat; else
+    the bundled tiny-pydoc model, completing text (no chat template); else (a checkout without them) a freshly
+    written random demo checkpoint."""
     import atexit
-    import json
     import shutil
     import tempfile
 
     import qwenjax
-    from qwenjax.demo import DEFAULT_MODEL_DIR
+    from qwenjax.demo import DEFAULT_MODEL_DIR, DEFAULT_VISION_MODEL_DIR
     from qwenjax.inference.tokenizer import Tokenizer
 
     path = args.model
-    if path is None and os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
+    pictures = getattr(args, "image", None) or getattr(args, "video", None)
+    if path is None and pictures and os.path.isfile(os.path.join(DEFAULT_VISION_MODEL_DIR, "config.json")):
+        path = DEFAULT_VISION_MODEL_DIR
+        args.prompt = args.prompt if args.prompt is not None else DEFAULT_PICTURE_PROMPT
+        card = _card(path)
+        print(f"No --model given: answering with the bundled {path} — a small Qwen3.5 with a vision tower trained "
+              f"from scratch on drawn shapes by scripts/train_vision_model.py (held-out accuracy "
+              f"{card.get('heldout_accuracy', {}).get('all', float('nan')):.0%}). It answers only "
+              "questions about the colour, shape, count or place of shapes in a picture. Pass --model DIR for a "
+              "real checkpoint.", file=sys.stderr, flush=True)
+    elif path is None and os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
         path, args.raw = DEFAULT_MODEL_DIR, True
         args.prompt = args.prompt if getattr(args, "prompt", None) is not None else DEFAULT_COMPLETION_PROMPT
-        card_path, loss = os.path.join(path, "training.json"), None
-        if os.path.isfile(card_path):
-            with open(card_path) as f:
-                loss = json.load(f).get("heldout_loss")
+        loss = _card(path).get("heldout_loss")
         print(f"No --model given: completing text with the bundled {path} — a small Qwen3.5 trained from scratch "
               f"on Python's documentation by scripts/train_default_model.py"
               f"{f' (held-out loss {loss:.2f} nats/token)' if loss else ''}. It is not a chat model: the prompt is "
@@ -100,6 +108,17 @@ def _load(args):
         raise FileNotFoundError(f"--model {path!r}: no such directory")
     tokenizer = Tokenizer(path)
     return qwenjax.from_pretrained(path, dtype=args.dtype, mesh=args.mesh), tokenizer
+
+
+def _card(model_dir: str) -> dict:
+    """A bundled model's training.json ({} without one)."""
+    import json
+
+    file = os.path.join(model_dir, "training.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 def _sampling(args, m) -> dict:
@@ -335,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     f.set_defaults(fn=cmd_forward)
     g = sub.add_parser("generate", help="generate a reply to one prompt, streamed as it comes")
     g.add_argument("--prompt", help=f"default: {DEFAULT_CHAT_PROMPT!r} ({DEFAULT_COMPLETION_PROMPT!r} to complete, "
-                   "for the bundled model)")
+                   f"for the bundled model; {DEFAULT_PICTURE_PROMPT!r} for the bundled vision model)")
     g.add_argument("--image", action="append", default=[], help="an image file for the prompt (repeatable)")
     g.add_argument("--video", action="append", default=[],
                    help="a video for the prompt: a video file (mp4, webm, mkv, ...; needs PyAV: pip install av) or a "

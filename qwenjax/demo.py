@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from qwenjax.checkpoint.export import export_hf
 from qwenjax.config import load_config, resolve_config
@@ -22,8 +24,10 @@ ADDED_TOKENS = ["<think>", "</think>"]
 DEMO_CONFIG = "tiny-chat"
 # The trained default of `qwenjax generate` / `qwenjax chat`, shipped with the package (scripts/train_default_model.py).
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-pydoc")
+# The trained default of `qwenjax generate --image` (scripts/train_vision_model.py): it sees drawn shapes.
+DEFAULT_VISION_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-vision")
 
-CHAT_TEMPLATE = """\
+_TEMPLATE = """\
 {%- if messages and messages[0].role == 'system' %}
 {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
 {%- endif %}
@@ -33,11 +37,7 @@ CHAT_TEMPLATE = """\
 {%- elif message.role == 'user' %}
 {{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
 {%- elif message.role == 'assistant' %}
-{%- set content = message.content %}
-{%- if '</think>' in content %}
-{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
-{%- endif %}
-{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}
+@ASSISTANT_TURN@
 {%- elif message.role == 'tool' %}
 {{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
 {%- else %}
@@ -53,6 +53,20 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 {%- endif %}
 """
+# An assistant turn: its answer, any thinking dropped (as Qwen's templates drop it from earlier turns) ...
+_ANSWER_TURN = """\
+{%- set content = message.content %}
+{%- if '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"""
+# ... or after an empty thinking block, as Qwen3.5 writes the turns after the last question: a model trained on
+# these continues a generation prompt the same way with thinking on or off.
+_EMPTY_THINKING_TURN = """\
+{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content.split('</think>')[-1].lstrip('\\n') }}
+{{- '<|im_end|>\\n' }}"""
+CHAT_TEMPLATE = _TEMPLATE.replace("@ASSISTANT_TURN@", _ANSWER_TURN)
+CHAT_TEMPLATE_EMPTY_THINKING = _TEMPLATE.replace("@ASSISTANT_TURN@", _EMPTY_THINKING_TURN)
 
 
 def byte_tokenizer():
@@ -119,3 +133,18 @@ def write_random_checkpoint(path: str | os.PathLike, config: str = DEMO_CONFIG, 
         "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.95})
     write_tokenizer(path, tokenizer)
     return path
+
+
+def install_model_dir(source: str, out: str) -> None:
+    """Copies the model directory `source` to `out`, replacing whatever is there in one rename: a reader of `out`
+    sees the old model or the new one, never half of one. The copy is world-readable (it ships in the package)."""
+    out = os.path.abspath(out)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    shutil.rmtree(staged)
+    shutil.copytree(source, staged)
+    os.chmod(staged, 0o755)
+    old = f"{out}.old-{os.getpid()}"
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)

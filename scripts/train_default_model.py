@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwenjax.demo import DEFAULT_MODEL_DIR  # noqa: E402
+from qwenjax.demo import DEFAULT_MODEL_DIR, install_model_dir  # noqa: E402
 
 CONFIG = "qwen3.5-tiny-pydoc"
 VOCAB_SIZE = 4096
@@ -196,15 +196,7 @@ def main() -> None:
     with open(os.path.join(export, "training.json"), "w") as f:
         json.dump(card, f, indent=2)
     out = os.path.abspath(args.out)
-    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-    shutil.rmtree(staged)
-    shutil.copytree(export, staged)
-    os.chmod(staged, 0o755)  # readable by whoever installs the package
-    old = f"{out}.old-{os.getpid()}"
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(staged, out)
-    shutil.rmtree(old, ignore_errors=True)
+    install_model_dir(export, out)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out} ({sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 1e6:.1f} MB) in "

@@ -64,3 +64,71 @@ def test_cli_generate_without_model_completes_with_the_bundled_model(capsys):
     words = out.split()
     assert len(words) >= 5 and sum(w.isalpha() for w in words) >= len(words) // 2, out
     assert out.startswith(DEFAULT_COMPLETION_PROMPT) and len(out) > len(DEFAULT_COMPLETION_PROMPT) + 20
+
+
+# ---- the bundled vision model (qwenjax/assets/tiny-vision, made by scripts/train_vision_model.py) -----------------
+def _vision_card() -> dict:
+    from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
+
+    assert os.path.isfile(os.path.join(DEFAULT_VISION_MODEL_DIR, "config.json")), (
+        f"{DEFAULT_VISION_MODEL_DIR} is missing: run python scripts/train_vision_model.py")
+    return json.load(open(os.path.join(DEFAULT_VISION_MODEL_DIR, "training.json")))
+
+
+def test_bundled_models_fit_20_mb_together_and_the_vision_card_states_its_accuracy():
+    from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
+
+    card = _vision_card()
+    files = set(os.listdir(DEFAULT_VISION_MODEL_DIR))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json",
+            "training.json", "example.png"} <= files
+    size = sum(os.path.getsize(os.path.join(d, f)) for d in (DEFAULT_MODEL_DIR, DEFAULT_VISION_MODEL_DIR)
+               for f in os.listdir(d))
+    assert size <= 20e6, f"{size / 1e6:.1f} MB"
+    accuracy = card["heldout_accuracy"]
+    assert set(accuracy) == {"colour", "shape", "count", "position", "describe", "all"}, accuracy
+    # chance: 1/6 colours, 1/3 shapes, 1/4 counts, 1/9 places; the shipped model scores far above it
+    assert accuracy["colour"] >= 0.9 and accuracy["all"] >= 0.6, accuracy
+
+
+def test_cli_generate_with_an_image_answers_with_the_bundled_vision_model(capsys):
+    """`qwenjax generate --image <README's example>` with no --model names the colour of what it sees."""
+    from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
+
+    example = _vision_card()["example"]
+    image = os.path.join(DEFAULT_VISION_MODEL_DIR, example["file"])
+    question = "What colour is the shape?" if example["count"] == 1 else "What colour are the shapes?"
+    assert main(["generate", "--image", image, "--prompt", question, "--temperature", "0", "--dtype", "float32",
+                 "--no-thinking"]) == 0
+    out, err = capsys.readouterr()
+    assert "bundled" in err and "tiny-vision" in err
+    assert out.strip().split()[-1] == example["colour"], out
+
+
+def test_bundled_vision_model_names_colours_of_fresh_pictures():
+    """Pictures drawn now, as the training script draws them: the colour is named right (the card's claim)."""
+    import importlib.util
+
+    from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
+
+    spec = importlib.util.spec_from_file_location(
+        "train_vision_model", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
+                                           "train_vision_model.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    m, processor = qwenjax.from_pretrained(DEFAULT_VISION_MODEL_DIR, dtype="float32"), \
+        qwenjax.load_processor(DEFAULT_VISION_MODEL_DIR)
+    rng, inputs, want = np.random.default_rng(12345), [], []
+    for _ in range(12):
+        image, facts = script.draw(rng)
+        question, answer = script.question("colour", facts)
+        inputs.append(processor([{"role": "user", "content": [{"type": "image", "image": image},
+                                                              {"type": "text", "text": question}]}],
+                                enable_thinking=False))
+        want.append(answer)
+    out = qwenjax.generate(m, [x["input_ids"][0] for x in inputs], max_new_tokens=12, temperature=0.0,
+                           pixel_values=np.concatenate([x["pixel_values"] for x in inputs]),
+                           image_grid_thw=np.concatenate([x["image_grid_thw"] for x in inputs]),
+                           eos_token_ids=[processor.tokenizer.token_to_id("<|im_end|>")])
+    got = [processor.tokenizer.decode(tokens).strip() for tokens in out]
+    assert sum(g == w for g, w in zip(got, want)) >= 11, list(zip(got, want))

@@ -37,14 +37,16 @@ def _needed_files() -> dict[str, Path]:
         for pattern in ("**/*.py", "**/*.cc"):  # the modules; C++ kernels compiled on the user's machine
             needed.update({f.relative_to(ROOT).as_posix(): f for f in (ROOT / package).glob(pattern)})
     needed.update({f"qwenjax/configs/{f.name}": f for f in (ROOT / "configs").glob("*.json")})  # --config NAME
-    needed.update({f.relative_to(ROOT).as_posix(): f  # the default model of `qwenjax generate`
-                   for f in (ROOT / "qwenjax" / "assets" / "tiny-pydoc").iterdir() if f.is_file()})
+    for model in ("tiny-pydoc", "tiny-vision"):  # the default models of `qwenjax generate` (--image)
+        needed.update({f.relative_to(ROOT).as_posix(): f
+                       for f in (ROOT / "qwenjax" / "assets" / model).iterdir() if f.is_file()})
     return needed
 
 
 def test_the_wheel_holds_every_file_the_cli_and_the_bundled_model_need(wheel):
     needed = _needed_files()
     assert "qwenjax/configs/tiny.json" in needed and "qwenjax/assets/tiny-pydoc/model.safetensors" in needed
+    assert "qwenjax/assets/tiny-vision/example.png" in needed
     held = set(wheel.namelist())
     missing = sorted(name for name in needed if name not in held)
     # a config packed as a link (or anything stale) would not hold the checkout's bytes
