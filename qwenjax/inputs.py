@@ -91,7 +91,8 @@ def vision_inputs(cfg, ids: np.ndarray, mask: np.ndarray, pixel_values=None, ima
         return None
     if cfg.vision is None:
         raise ValueError("images or videos given to a text-only model: its config.json has no vision_config")
-    if cfg.vision.out_hidden_size != cfg.hidden_size:  # e.g. a config without vision_config: transformers' default
+    if any(p is not None for p, _ in given.values()) and cfg.vision.out_hidden_size != cfg.hidden_size:
+        # e.g. a config without vision_config: transformers' default tower
         raise ValueError(f"vision_config.out_hidden_size = {cfg.vision.out_hidden_size} differs from the text model's "
                          f"hidden_size = {cfg.hidden_size}: the tower's features cannot replace token embeddings")
     grids = {}

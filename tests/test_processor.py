@@ -293,7 +293,7 @@ def test_messages_with_picture_parts_render_through_the_template(tokenizers, mon
 
     # What the model checks of its inputs: one pad token per merged patch, in this tokenizer's ids.
     tok = ours.tokenizer
-    cfg = load_config(os.path.join(REPO, "configs", "qwen3.5-0.8b.json")).replace(
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3.5-9b.json")).replace(
         image_token_id=tok.token_to_id("<|image_pad|>"), video_token_id=tok.token_to_id(VIDEO_PAD),
         vision_start_token_id=tok.token_to_id(VISION_START), vision_end_token_id=tok.token_to_id(VISION_END))
     assert vision_inputs(cfg, got["input_ids"], got["attention_mask"], got["pixel_values"], got["image_grid_thw"],
@@ -496,7 +496,7 @@ def test_load_processor_reads_the_configs_and_names_bad_fields(tmp_path):
     video_file.write_text(json.dumps({"num_frames": 8, "fps": None}))
     assert load_processor(tmp_path).video_processor.num_frames == 8
 
-    shutil.copy(os.path.join(REPO, "configs", "qwen3.5-0.8b.json"), tmp_path / "config.json")
+    shutil.copy(os.path.join(REPO, "configs", "qwen3.5-9b.json"), tmp_path / "config.json")
     assert load_processor(tmp_path).image_processor.patch_size == 16  # agrees with its vision_config
     image_file.unlink()
     with pytest.raises(ProcessorError, match=r"preprocessor_config.json \(missing: default\) field `patch_size` = 14,"
