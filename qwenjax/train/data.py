@@ -224,7 +224,11 @@ def pack_epoch(samples: list[Sample], pack_len: int, seed: int, epoch: int, *,
                positions: bool = False) -> dict[str, np.ndarray]:
     """All rows of one epoch: input_ids, attention_mask, loss_mask, segment_ids, each [rows, pack_len]; with
     `positions`, also each row's multimodal positions [rows, 3, pack_len] (each document's own, from 0)."""
-    rows = pack_rows(samples, pack_len, seed, epoch)
+    return pack_arrays(pack_rows(samples, pack_len, seed, epoch), pack_len, positions=positions)
+
+
+def pack_arrays(rows: list[list[Sample]], pack_len: int, *, positions: bool = False) -> dict[str, np.ndarray]:
+    """`pack_epoch`'s arrays for rows already laid out (`pack_rows`)."""
     out = {k: np.zeros((len(rows), pack_len), np.int32)
            for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids")}
     if positions:
@@ -289,12 +293,12 @@ class PackedBatches:
         per_batch = self.rows * self.grad_accum
         pictures = self.vision is not None and any(s.pictures for s in self.samples)
         while True:
-            rows = pack_epoch(self.samples, self.pack_len, self.seed, epoch, positions=pictures)
+            samples = pack_rows(self.samples, self.pack_len, self.seed, epoch)
+            rows = pack_arrays(samples, self.pack_len, positions=pictures)
             n = len(rows["input_ids"])
             if n < per_batch:
                 raise DataError(f"an epoch packs into {n} rows of {self.pack_len} tokens, fewer than one batch "
                                 f"({self.rows} rows x {self.grad_accum} micro-batches)")
-            samples = pack_rows(self.samples, self.pack_len, self.seed, epoch) if pictures else None
             while row + per_batch <= n:
                 batch = {k: v[row:row + per_batch].reshape(self.grad_accum, self.rows, *v.shape[1:])
                          for k, v in rows.items()}
