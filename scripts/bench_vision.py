@@ -5,7 +5,9 @@
 
 transformers' `Qwen3_5VisionModel` is built at the released shape with random weights and copied into qwenjax's
 `VisionTower`; each image (a square of the given side in pixels, i.e. (side / 16)² patches) goes through both.
-Reports the median of --repeats timed runs after one warm-up (qwenjax's includes compilation), as patches/s.
+Reports the median of --repeats timed runs after one warm-up (qwenjax's includes compilation), as patches/s, and
+first each library's rate on one matrix product of the tower's MLP shape (784 x 1152 x 4304, fp32): the ceiling
+that the tower's matrix products (nearly all its work) run against on this machine.
 Needs the `test` extra (torch, transformers).
 """
 
@@ -71,6 +73,14 @@ def main() -> None:
     print(f"vision tower: {args.depth} blocks, width {cfg.hidden_size}, {n_params / 1e6:.0f}M params, {args.dtype}")
     print(f"machine: {_cpu()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), jax {jax.__version__}")
+    a = np.random.default_rng(1).standard_normal((784, 1152)).astype(np.float32)
+    b = np.random.default_rng(2).standard_normal((1152, 4304)).astype(np.float32)
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    ja, jb, product = jax.numpy.asarray(a), jax.numpy.asarray(b), jax.jit(lambda x, y: x @ y)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    xla_rate = flops / _median_s(lambda: product(ja, jb).block_until_ready(), 5) / 1e9
+    torch_rate = flops / _median_s(lambda: ta @ tb, 5) / 1e9
+    print(f"fp32 matrix product 784x1152x4304: XLA {xla_rate:.0f} GFLOP/s, torch {torch_rate:.0f} GFLOP/s")
     print(f"{'image':>10} {'patches':>8} {'qwenjax patches/s':>18} {'transformers patches/s':>23} {'ratio':>6}")
     for side in args.sizes:
         cells = side // cfg.patch_size

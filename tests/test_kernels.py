@@ -12,9 +12,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kernel_test_base import KernelVsOracle
-from pallas_kernels.attention.reference import attention_reference
+from pallas_kernels.attention import attention_blockwise, attention_reference
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from pallas_kernels.grouped_matmul.tpu import Tiling
@@ -206,6 +207,9 @@ class TestAttention(KernelVsOracle):
         "f32-gqa3-unmasked": AttentionCase("float32", 5, 5, (6, 2), "none"),
         "f32-decode-over-cache": AttentionCase("float32", 1, 64, (4, 1), "cache"),
         "bf16-causal-blocks-256": AttentionCase("bfloat16", 256, 256, (4, 2), "causal"),
+        # unmasked and over one tile of scores: attention_xla goes blockwise, two (ragged) key blocks
+        "f32-unmasked-blockwise": AttentionCase("float32", 300, 1100, (4, 2), "none"),
+        "bf16-unmasked-blockwise": AttentionCase("bfloat16", 300, 1100, (4, 2), "none"),
     }
 
     def inputs(self, case):
@@ -232,6 +236,27 @@ class TestAttention(KernelVsOracle):
 
     def tolerance(self, case):
         return TOLERANCE[case.dtype], TOLERANCE[case.dtype]
+
+
+@pytest.mark.parametrize("b, t, s, heads, blocks, tile", [
+    ((2, 37, 53, (4, 2), (16, 16), 300)),    # ragged queries and keys, GQA, two items a tile
+    ((2, 19, 70, (6, 2), (7, 9), 1)),        # many small blocks, one item a tile
+    ((1, 64, 64, (2, 1), (64, 16), 10**6)),  # keys in four blocks, query heads of a group in one block
+])
+def test_attention_blockwise_small_blocks(b, t, s, heads, blocks, tile):
+    """The blockwise path's tiling (items per tile, query blocks, the online softmax over key blocks, the padding of
+    ragged lengths) against the oracle, forward and backward, on blocks small enough to take every branch."""
+    (h, kv), d = heads, 32
+    ks = jax.random.split(jax.random.key(t), 3)
+    q = jax.random.normal(ks[0], (b, t, h, d))
+    k, v = (jax.random.normal(key, (b, s, kv, d)) for key in ks[1:])
+    run = functools.partial(attention_blockwise, scale=0.2, query_block=blocks[0], key_block=blocks[1],
+                            tile_scores=tile)
+    oracle = functools.partial(attention_reference, mask=None, scale=0.2)
+    np.testing.assert_allclose(run(q, k, v), oracle(q, k, v), atol=TOLERANCE["float32"])
+    loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
+    for ours, theirs in zip(jax.grad(loss(run), (0, 1, 2))(q, k, v), jax.grad(loss(oracle), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(ours, theirs, atol=TOLERANCE["float32"])
 
 
 def test_every_dispatch_table_entry_is_in_a_battery_or_named_here():

@@ -203,8 +203,8 @@ def attend_within_frames(q: jax.Array, k: jax.Array, v: jax.Array, grid: np.ndar
     so memory grows with frames · (h·w)², never with patches²: a dense or segment-id mask over the whole
     sequence would cost patches² (1.6e9 entries for a 40k-patch video) and compute mostly masked scores.
     An image's frames are contiguous and equally sized, so the batches are slices and reshapes, no gathers.
-    One large frame still holds heads · (h·w)² fp32 scores at once (1 GiB for 16 heads over 64 x 64 patches):
-    a blockwise (flash) kernel behind `dot_product_attention` is what removes that.
+    Unmasked, a large frame goes blockwise (`attention_blockwise`): one tile of scores at a time, never
+    heads · (h·w)² of them (1 GiB for 16 heads over 64 x 64 patches).
     """
     starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
     out: list[jax.Array | None] = [None] * len(grid)
