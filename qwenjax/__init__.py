@@ -15,10 +15,10 @@ from qwenjax.config import ConfigError, Qwen35Config, config_from_dict, load_con
 from qwenjax.inference.generate import generate, stream
 from qwenjax.inference.processor import load_processor
 from qwenjax.ops.kernels import Kernels
-from qwenjax.pretrained import Qwen35, forward, from_config, from_pretrained
+from qwenjax.pretrained import Qwen35, forward, from_config, from_pretrained, mtp_logits
 from qwenjax.sharding import ShardingRules, make_mesh
 
 __all__ = ["export_hf", "ConfigError", "Qwen35Config", "config_from_dict", "load_config", "Kernels", "Qwen35",
-           "forward", "from_config", "from_pretrained", "generate", "stream", "load_processor", "ShardingRules",
-           "make_mesh"]
+           "forward", "from_config", "from_pretrained", "mtp_logits", "generate", "stream", "load_processor",
+           "ShardingRules", "make_mesh"]
 __version__ = "0.1.0"

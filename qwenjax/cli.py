@@ -320,7 +320,8 @@ def cmd_finetune(args) -> int:
     train = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
                         weight_decay=args.weight_decay, clip_norm=args.clip_norm, grad_accum=args.grad_accum,
                         remat=args.remat, master_fp32=args.master_fp32, seed=args.seed,
-                        train_vision=args.train_vision)
+                        train_vision=args.train_vision, mtp_only=args.train == "mtp",
+                        mtp_weight=args.mtp_weight if args.mtp_weight is not None else float(args.train == "mtp"))
     run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=args.save_every,
                     strict_data=args.strict_data)
     lora = None
@@ -390,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                         "tower's are qkv,proj,linear_fc1,linear_fc2)")
     t.add_argument("--train-vision", action="store_true",
                    help="full fine-tune: also train the vision tower (frozen by default)")
+    t.add_argument("--mtp-weight", type=flag(float, minimum=0), default=None,
+                   help="add this weight x the MTP head's loss (token t+2), which keeps the checkpoint's draft "
+                        "head in step with the model (default 0: the head is left as loaded; 1 with --train mtp)")
+    t.add_argument("--train", default="model", choices=["model", "mtp"],
+                   help="mtp: train only the MTP head on the frozen model (revives a stale draft head)")
     t.add_argument("--save-every", type=POSITIVE_INT, default=100)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--strict-data", action="store_true", help="stop at the first bad data line")

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwenjax.checkpoint.hf import load_params
+from qwenjax.checkpoint.hf import has_mtp_tensors, load_params
 from qwenjax.config import Qwen35Config, load_config, load_generation_config
 from qwenjax import _compat
 from qwenjax.inputs import VisionInputs, token_batch, vision_inputs, vision_positions
 from qwenjax.memory import check_fits
-from qwenjax.model.qwen35 import Qwen35ForCausalLM
+from qwenjax.model.qwen35 import NO_MTP, Qwen35ForCausalLM
 from qwenjax.ops.kernels import Kernels, resolve_kernels
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
 from qwenjax.validate import check, check_range
@@ -124,6 +124,26 @@ class Qwen35:
             return fn(self.params, ids, mask, positions, *pixels)
 
 
+def mtp_logits(m: Qwen35, input_ids, attention_mask=None) -> jax.Array:
+    """The MTP head's logits [batch, seq - 1, vocab] for a text batch: position t holds its prediction of token
+    t+2, made from token t+1 and the main model's hidden state at t. Raises ValueError for a model without one
+    (`mtp.*` tensors absent from its checkpoint, or `mtp_num_hidden_layers` 0)."""
+    if not m.config.mtp_num_hidden_layers:
+        raise ValueError(NO_MTP)
+    ids, mask = token_batch(input_ids, attention_mask, vocab_size=m.config.vocab_size)
+    if ids.shape[1] < 2:
+        raise ValueError(f"mtp_logits needs at least 2 tokens a row, got input_ids of shape {list(ids.shape)}")
+
+    def build():
+        data = m.rules.sharding(m.mesh, ("batch", "seq"), ids.shape)
+        run = lambda p, i, mk: forward(m.graphdef, p, i, mk, mtp=True)[1]
+        return jax.jit(run, in_shardings=(param_shardings(m.params, m.mesh, m.rules), data, data))
+
+    fn = m.compiled(("mtp_logits", ids.shape), build)
+    with activation_sharding(m.mesh, m.rules):
+        return fn(m.params, ids, mask)
+
+
 def with_kernels(graphdef: nnx.GraphDef, params: nnx.State, kernels: Kernels) -> nnx.GraphDef:
     """`graphdef` with every dispatching module's `kernels` attribute set to `kernels` (a resolved setting)."""
     module = nnx.merge(graphdef, params)
@@ -174,6 +194,8 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, param
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     cfg, generation_config = load_config(path), load_generation_config(path)  # both checked before any weight
+    if cfg.mtp_num_hidden_layers and not has_mtp_tensors(path):
+        cfg = dataclasses.replace(cfg, mtp_num_hidden_layers=0)  # the MTP head is optional; see `mtp_logits`
     dtype = as_dtype(dtype)
     mesh, rules, kernels = _resolve(mesh, rules, kernels)
     graphdef, abstract = abstract_model(cfg, dtype if param_dtype is None else param_dtype, dtype, kernels)

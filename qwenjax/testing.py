@@ -125,6 +125,63 @@ def make_vision_checkpoint(path: str | os.PathLike, *, seed: int = 5, **text_ove
     return hf
 
 
+def hf_mtp_head(text_config, seed: int = 0):
+    """A Qwen3.5 MTP head (`mtp.*`, which transformers does not model) assembled from transformers' own modules:
+    its zero-centred RMSNorm, `fc` as a bias-free Linear [H, 2H], and one full-attention decoder layer of the
+    text config's kind (dense or MoE; eager attention), with parameter names as the checkpoint's keys after
+    `mtp.`. Randomised like `randomize_`; eval mode."""
+    import copy
+
+    import torch
+
+    moe = bool(getattr(text_config, "num_experts", 0))
+    if moe:
+        from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf
+        kind = "Qwen3_5Moe"
+    else:
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+        kind = "Qwen3_5"
+    cfg = copy.deepcopy(text_config)
+    cfg._attn_implementation = "eager"
+    norm = getattr(hf, f"{kind}RMSNorm")
+    head = torch.nn.Module()
+    head.pre_fc_norm_embedding = norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    head.pre_fc_norm_hidden = norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    head.fc = torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+    head.layers = torch.nn.ModuleList([getattr(hf, f"{kind}DecoderLayer")(cfg, cfg.layer_types.index("full_attention"))
+                                       for _ in range(max(1, getattr(cfg, "mtp_num_hidden_layers", 1)))])
+    head.norm = norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    randomize_(head, seed)
+    return head.eval()
+
+
+def set_mtp_layers_(path: str | os.PathLike, n: int = 1) -> None:
+    """Writes `mtp_num_hidden_layers` into a checkpoint's config.json (in `text_config` when there is one), as
+    the released configs carry it; transformers' configs drop the field."""
+    import json
+
+    file = os.path.join(os.fspath(path), "config.json")
+    with open(file) as f:
+        config = json.load(f)
+    config.get("text_config", config)["mtp_num_hidden_layers"] = n
+    with open(file, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def add_mtp_tensors_(path: str | os.PathLike, head) -> None:
+    """Adds `head`'s parameters (`hf_mtp_head`) to a single-file checkpoint as `mtp.*` tensors, and its layer
+    count to config.json."""
+    from safetensors.torch import load_file, save_file
+
+    set_mtp_layers_(path, len(head.layers))
+
+    file = os.path.join(os.fspath(path), "model.safetensors")
+    tensors = load_file(file)
+    dtype = tensors[next(iter(tensors))].dtype
+    tensors.update({f"mtp.{k}": v.detach().to(dtype).contiguous() for k, v in head.state_dict().items()})
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
 def fuse_experts_(path: str | os.PathLike) -> None:
     """Rewrites a single-file checkpoint's per-expert tensors as stacked `gate_up_proj` / `down_proj`."""
     import re

@@ -77,7 +77,7 @@ def test_dropout_acts_in_training_only(ckpt):
     for rate in (0.0, 0.5):
         ml = add_lora(m, LoRAConfig(rank=4, dropout=rate))
         st = init_state(ml.params, TrainConfig())
-        g, _, _ = jax.jit(lambda p, f: accumulated_gradients(ml.graphdef, TrainConfig(), p, batch, f))(
+        g, *_ = jax.jit(lambda p, f: accumulated_gradients(ml.graphdef, TrainConfig(), p, batch, f))(
             st.params, st.frozen)
         grads[rate] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
         assert np.array_equal(np.asarray(ml(_ids())), np.asarray(m(_ids())))  # inference: no dropout

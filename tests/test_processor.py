@@ -259,15 +259,16 @@ def test_prompt_expansion_equals_qwen3vl_processor(tokenizers, monkeypatch, vide
     t, h, w = got["video_grid_thw"][0]
     assert t == 2 and (got["input_ids"] == hf.video_token_id).sum() == t * h * w // 4 > 0
 
-    # The chat template's wrapped video placeholder: transformers 5 keeps the wrapper around the frame blocks (two
-    # tokens); the Qwen-written processor, and this one, replace it along with the pad.
+    # The chat template's wrapped video placeholder: the Qwen-written processor, and this one, replace it along
+    # with the pad; transformers 5.25 does too, while earlier 5.x kept the wrapper around the frame blocks (two
+    # tokens, and nothing else, differ then).
     wrapped = bare.replace(VIDEO_PAD, VIDEO_PLACEHOLDER)
     got_wrapped = ours(text=wrapped, images=[image], videos=[Video(frames, video_fps)])["input_ids"][0].tolist()
     assert got_wrapped == got["input_ids"][0].tolist()
     hf_wrapped = hf(text=wrapped, images=[image], videos=[frames])["input_ids"][0]
     edits = [(tag, hf_wrapped[j1:j2]) for tag, _, _, j1, j2 in
              difflib.SequenceMatcher(None, got_wrapped, hf_wrapped, autojunk=False).get_opcodes() if tag != "equal"]
-    assert edits == [("insert", [hf.vision_start_token_id]), ("insert", [hf.vision_end_token_id])]
+    assert edits in ([], [("insert", [hf.vision_start_token_id]), ("insert", [hf.vision_end_token_id])])
 
 
 def test_messages_with_picture_parts_render_through_the_template(tokenizers, monkeypatch, tmp_path):

@@ -60,7 +60,7 @@ def test_accumulation_equals_one_batch():
         cfg = TrainConfig(grad_accum=accum)
         results.append(jax.jit(lambda p, b, cfg=cfg: accumulated_gradients(m.graphdef, cfg, p, b))(
             m.params, _stack(batch, accum)))
-    (g1, total1, count1), (g2, total2, count2) = results
+    (g1, total1, count1, _), (g2, total2, count2, _) = results
     assert float(count1) == float(count2) == 2 * 40 + 12 + 40
     np.testing.assert_allclose(float(total1), float(total2), rtol=1e-6)
     # Batch 4 in one pass and 2 x 2 sum in different orders. A few gradients (A_log) are sums of terms that

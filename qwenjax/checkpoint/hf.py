@@ -27,8 +27,10 @@ from qwenjax.validate import InputError, read_json
 TEXT_PREFIXES = ("model.language_model.", "model.", "")
 LAYOUT_PREFIXES = {"multimodal": "model.language_model.", "text": "model."}  # what save_pretrained writes
 VISUAL_PREFIX = "model.visual."  # the vision tower's tensors (module path `visual.*`)
-# Tensors of parts not modelled yet: kept (by reference) for export, never silently dropped.
-ASIDE_PREFIXES = (VISUAL_PREFIX, "mtp.")
+MTP_PREFIX = "mtp."  # the multi-token-prediction head's (module path `mtp.*`), outside any text prefix
+# Tensors of parts a model was built without (a text-only config's tower, MTP layers its config does not count):
+# kept (by reference) for export, never silently dropped.
+ASIDE_PREFIXES = (VISUAL_PREFIX, MTP_PREFIX)
 LOADABLE_DTYPES = ("BF16", "F16", "F32")
 
 
@@ -82,6 +84,15 @@ class CheckpointIndex:
             f.close()
 
 
+def has_mtp_tensors(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint directory holds any `mtp.*` tensor (transformers' save_pretrained drops them)."""
+    index = CheckpointIndex.open(path)
+    try:
+        return any(k.startswith(MTP_PREFIX) for k in index.where)
+    finally:
+        index.close()
+
+
 def _check_inside(directory: str, name: str, what: str) -> None:
     """Refuses file `name` of a checkpoint directory unless it lies inside the directory, links resolved. A Hugging
     Face hub cache snapshot (`models--*/snapshots/<rev>/`) links its files to the repository's `blobs/`, which
@@ -130,6 +141,8 @@ def hf_key(path: tuple, prefix: str) -> str:
         return "lm_head." + ".".join(map(str, path[1:]))
     if path[0] == "visual":
         return VISUAL_PREFIX + ".".join(map(str, path[1:]))
+    if path[0] == "mtp":
+        return MTP_PREFIX + ".".join(map(str, path[1:]))
     return prefix + ".".join(map(str, path))
 
 

@@ -7,7 +7,8 @@ once per *period* of `layer_types` (3 Gated DeltaNet layers, then 1 gated attent
 parameters inside the jitted function and runs them under `jax.lax.scan`.
 
 Two entry points:
-- `__call__`: logits for whole sequences (no cache), optionally rematerialised;
+- `__call__`: logits for whole sequences (no cache), optionally rematerialised, and with `mtp=True` the
+  multi-token-prediction head's logits beside them;
 - `extend`: appends tokens to a `Cache` (prefill when the cache is fresh, a decode step for one token) and
   returns each row's next-token logits.
 """
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
+from qwenjax.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35Config
 from qwenjax.inputs import PackedVision, VisionInputs
 from qwenjax.model.attention import Attention
 from qwenjax.model.cache import AttentionCache, Cache, GatedDeltaNetCache
@@ -105,6 +106,34 @@ class DecoderLayer(nnx.Module):
         return constrain(x + h, ("batch", "seq", "act_embed")), cache, stats
 
 
+class MultiTokenPrediction(nnx.Module):
+    """The checkpoint's draft layer (`mtp.*`; vLLM's `qwen3_5_mtp.py`): from the embedding of token t+1 and the
+    main model's final-normed hidden state at t, one full-attention decoder layer at position t predicts token
+    t+2 through the shared LM head:
+
+        u = fc([norm_e(embed(x[t+1])); norm_h(hidden[t])])  →  layer (own KV cache)  →  norm  →  lm_head
+
+    With several layers (`mtp_num_hidden_layers`), draft step i uses layer i mod n, as vLLM does."""
+
+    def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, kernels: Kernels, param_dtype=jnp.float32,
+                 dtype=None):
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.pre_fc_norm_embedding = RMSNorm(d, eps, param_dtype=param_dtype)
+        self.pre_fc_norm_hidden = RMSNorm(d, eps, param_dtype=param_dtype)
+        self.fc = Linear(2 * d, d, ("embed", None), rngs=rngs, kernels=kernels, param_dtype=param_dtype, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, FULL_ATTENTION, rngs=rngs, kernels=kernels, param_dtype=param_dtype,
+                                             dtype=dtype) for _ in range(cfg.mtp_num_hidden_layers)])
+        self.norm = RMSNorm(d, eps, param_dtype=param_dtype)
+
+    def __call__(self, embeds: jax.Array, hidden: jax.Array, inputs: LayerInputs, *, step: int = 0,
+                 cache: AttentionCache | None = None) -> tuple[jax.Array, AttentionCache | None]:
+        """(normed states [B, T, D] for the LM head, the layer's updated cache): embeds [B, T, D] of the tokens
+        after those whose final-normed hidden states are `hidden` [B, T, D]; `inputs` at the hidden's positions."""
+        u = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], axis=-1))
+        x, cache, _ = self.layers[step % len(self.layers)](u, inputs, cache)
+        return self.norm(x), cache
+
+
 class Qwen35ForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen35Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
                  kernels: Kernels | None = None):
@@ -120,11 +149,15 @@ class Qwen35ForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("vocab", "embed"), **kw)
         self.visual = None if cfg.vision is None else VisionTower(cfg.vision, **kw)
+        self.mtp = MultiTokenPrediction(cfg, **kw) if cfg.mtp_num_hidden_layers else None
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and LM head (tied to the embedding when the config says so)."""
+        """Final norm and LM head."""
+        return self.head(self.norm(x))
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The LM head (tied to the embedding when the config says so) on normed states."""
         with jax.named_scope("lm_head"):
-            x = self.norm(x)
             return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def embed(self, input_ids: jax.Array, vision: VisionInputs | PackedVision | None = None) -> jax.Array:
@@ -153,9 +186,11 @@ class Qwen35ForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None, remat: str = "none",
                  logits_to_keep: int = 0, scan_layers: bool = True, router_stats: bool = False,
-                 vision: VisionInputs | PackedVision | None = None):
-        """Logits [B, T, vocab] for input_ids [B, T]; with `router_stats`, (logits, `RouterStats` summed over
-        the layers) for an MoE model's auxiliary losses (`qwenjax.train.loss.load_balancing_loss`).
+                 vision: VisionInputs | PackedVision | None = None, mtp: bool = False):
+        """Logits [B, T, vocab] for input_ids [B, T]. With `mtp`, also the MTP head's logits [B, T-1, vocab]
+        (position t: its prediction of token t+2); with `router_stats`, also the `RouterStats` summed over the
+        main model's layers for an MoE model's auxiliary losses (`qwenjax.train.loss.load_balancing_loss`).
+        Returns logits alone, or the tuple (logits, [mtp logits,] [stats]).
 
         Args:
           attention_mask: [B, T], 1 for real tokens and 0 for padding (right padding).
@@ -169,6 +204,7 @@ class Qwen35ForCausalLM(nnx.Module):
           scan_layers: scan over periods of `layer_types` (fast compile) or unroll every layer.
           vision: images and videos whose features replace their pad tokens' embeddings; `positions` must then
             be the multimodal ones (`qwenjax.model.positions.multimodal_positions`).
+          mtp: run the MTP head too (the model must have one); `logits_to_keep` does not apply to it.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
@@ -186,12 +222,25 @@ class Qwen35ForCausalLM(nnx.Module):
 
         if router_stats and not self.config.is_moe:
             raise ValueError("router_stats=True: this is a dense model (config has num_experts = 0)")
-        x = self.embed(input_ids, vision)
-        x, stats = self._scan_periods(x, inputs, remat) if scan_layers else self._unrolled(x, inputs, remat)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = constrain(self.logits(x), ("batch", "seq", "vocab"))
-        return (logits, stats) if router_stats else logits
+        if mtp and self.mtp is None:
+            raise ValueError(NO_MTP)
+        embeds = self.embed(input_ids, vision)
+        x, stats = (self._scan_periods if scan_layers else self._unrolled)(embeds, inputs, remat)
+        hidden = self.norm(x)
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        outputs = (constrain(self.head(kept), ("batch", "seq", "vocab")),)
+        if mtp:
+            # row p: token p+1's embedding, hidden state p, position p, p's document (a row whose p+1 starts
+            # the next document is seen by no other row: its loss is masked by the caller)
+            shifted = LayerInputs(cos=cos[:, :-1], sin=sin[:, :-1], valid=None if valid is None else valid[:, 1:],
+                                  documents=None if documents is None else documents[:, :-1],
+                                  mask=_causal_mask(t - 1, None if valid is None else valid[:, 1:],
+                                                    None if documents is None else documents[:, :-1]))
+            h, _ = self.mtp(embeds[:, 1:], hidden[:, :-1], shifted)
+            outputs += (constrain(self.head(h), ("batch", "seq", "vocab")),)
+        if router_stats:
+            outputs += (stats,)
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def _zero_stats(self) -> RouterStats | None:
         if not self.config.is_moe:
@@ -265,6 +314,10 @@ class Qwen35ForCausalLM(nnx.Module):
         logits = self.logits(last)[:, 0]
         return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + n_new,
                              rope_deltas=cache.rope_deltas if rope_deltas is None else rope_deltas)
+
+
+NO_MTP = ("this model has no MTP head: its config has mtp_num_hidden_layers = 0 or its checkpoint no mtp.* "
+          "tensors (transformers' save_pretrained drops them)")
 
 
 def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:

@@ -3,6 +3,7 @@
     out_dir/run.json              the settings that shape the run (model, dtype, optimizer, packing, LoRA)
     out_dir/checkpoints/<step>/   Orbax: the TrainState (params, optimizer state, step) and the data position
     out_dir/metrics.jsonl         one line per step: step, loss, tokens, tokens_per_s, grad_norm, learning_rate
+                                  (and mtp_loss with an MTP loss term)
     out_dir/export/               the trained model as a Hugging Face directory (LoRA merged), at the end
 
 Orbax writes each checkpoint under a temporary name and renames it when complete, so a killed run leaves only
@@ -166,7 +167,8 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
                     f"{'step ' + str(newest) if newest is not None else 'none'}; a lower learning rate "
                     f"(now {metrics['learning_rate']:.3g}) or clipping may help")
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                mtp = {"mtp_loss": f"{metrics['mtp_loss']:.4f}"} if "mtp_loss" in metrics else {}
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", **mtp, tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update(1)
             if (step + 1) % run.save_every == 0 or step + 1 == last:
                 _save(manager, state, position)

@@ -3,7 +3,8 @@ cosine decay.
 
 When the parameters hold LoRA adapters (`qwenjax.train.lora.add_lora`), only the adapters are differentiated and
 optimised; the base weights stay frozen and carry no optimizer state. A vision tower is frozen the same way unless
-`TrainConfig.train_vision` (LoRA adapters on its linears train either way).
+`TrainConfig.train_vision` (LoRA adapters on its linears train either way), and the MTP head unless its loss is on
+(`TrainConfig.mtp_weight`); `TrainConfig.mtp_only` trains the MTP head alone on the frozen model.
 
 Numerics: the model computes in its dtype (bf16 in practice); gradients are accumulated, clipped and fed to the
 optimizer in fp32, and the optimizer state is fp32. With `master_fp32` the step also keeps fp32 master weights
@@ -25,9 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 from qwenjax import _compat
 from qwenjax.model.layers import LoRAParam
-from qwenjax.model.qwen35 import REMAT_POLICIES
+from qwenjax.model.qwen35 import NO_MTP, REMAT_POLICIES
 from qwenjax.sharding import ShardingRules, activation_sharding
-from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss
+from qwenjax.train.loss import load_balancing_loss, next_token_loss, router_z_loss, target_weights
 from qwenjax.validate import check_fields
 
 # [grad_accum, B, T] arrays; with pictures also positions [grad_accum, 3, B, T] and vision (a PackedVision of
@@ -55,6 +56,10 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None
     router_z_loss_coef: float = 0.0
     train_vision: bool = False        # also train the vision tower's weights (frozen by default)
+    # loss += mtp_weight · the MTP head's mean loss over its counted tokens (predicting token t+2, masked and
+    # packed like the main loss); > 0 trains the head, which is frozen otherwise. mtp_only: train only the head.
+    mtp_weight: float = 0.0
+    mtp_only: bool = False
 
     def __post_init__(self):
         check_fields(self, "TrainConfig")  # also: every float finite (a NaN learning rate trains NaN weights)
@@ -76,6 +81,8 @@ class TrainConfig:
                             "total_steps >= 1")
         if self.grad_accum < 1:
             problems.append(f"grad_accum={self.grad_accum} must be >= 1")
+        if self.mtp_weight < 0 or (self.mtp_only and not self.mtp_weight):
+            problems.append(f"mtp_weight={self.mtp_weight} must be >= 0, and > 0 with mtp_only")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         if problems:
@@ -109,13 +116,20 @@ class TrainState:
         return self.params if self.frozen is None else nnx.merge_state(self.params, self.frozen)
 
 
-def split_trainable(params: nnx.State, train_vision: bool = False) -> tuple[nnx.State, nnx.State | None]:
-    """(trained, frozen): the LoRA adapters and the rest when the model has adapters; else everything but the
-    vision tower (everything with `train_vision`, or without a tower) and the rest (None when nothing is frozen)."""
+def split_trainable(params: nnx.State, cfg: TrainConfig) -> tuple[nnx.State, nnx.State | None]:
+    """(trained, frozen): the LoRA adapters and the rest when the model has adapters; with `cfg.mtp_only` the
+    MTP head and the rest; else everything but the vision tower (unless `cfg.train_vision`) and the MTP head
+    (unless its loss is on: without one, weight decay alone would move it), and the rest (None when nothing is
+    frozen)."""
+    if cfg.mtp_weight and "mtp" not in params:
+        raise ValueError(f"mtp_weight={cfg.mtp_weight}: {NO_MTP}")
     if any(isinstance(v, LoRAParam) for _, v in _compat.variable_items(params)):
         return nnx.split_state(params, LoRAParam, ...)
-    if not train_vision and "visual" in params:
-        return nnx.split_state(params, lambda path, _: path[0] != "visual", ...)
+    if cfg.mtp_only:
+        return nnx.split_state(params, lambda path, _: path[0] == "mtp", ...)
+    frozen = (set() if cfg.mtp_weight else {"mtp"}) | (set() if cfg.train_vision else {"visual"})
+    if any(root in params for root in frozen):
+        return nnx.split_state(params, lambda path, _: path[0] not in frozen, ...)
     return params, None
 
 
@@ -126,7 +140,7 @@ def _fp32(tree):
 def init_state(params: nnx.State, cfg: TrainConfig) -> TrainState:
     """The state before the first step, laid out where the parameters are: fp32 masters and Adam moments take
     the sharding of their parameter, scalars (step, counts) are replicated over the parameters' mesh."""
-    params, frozen = split_trainable(params, cfg.train_vision)
+    params, frozen = split_trainable(params, cfg)
     shardings = jax.tree.map(lambda x: x.sharding, params)
     first = jax.tree.leaves(shardings)[0]
     scalar = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
@@ -156,13 +170,24 @@ def check_batch(cfg: TrainConfig, batch: dict[str, jax.Array]) -> None:
 
 def accumulated_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig, params: nnx.State,
                           batch: dict[str, jax.Array], frozen: nnx.State | None = None,
-                          step: jax.Array | int = 0) -> tuple[nnx.State, jax.Array, jax.Array]:
-    """(fp32 gradient w.r.t. `params` of the mean loss over every counted token of all micro-batches, summed
-    loss, tokens). `frozen` holds the parameters that are read but not differentiated."""
+                          step: jax.Array | int = 0) -> tuple[nnx.State, jax.Array, jax.Array, jax.Array]:
+    """(fp32 gradient w.r.t. `params` of the mean loss over every counted token of all micro-batches (plus
+    mtp_weight times the MTP head's mean loss), summed main loss, tokens, the MTP head's mean loss or 0).
+    `frozen` holds the parameters that are read but not differentiated."""
     rngs, rest = (None, None) if frozen is None else nnx.split_state(frozen, nnx.RngState, ...)
+    mask_keys = ("attention_mask", "loss_mask", "segment_ids")
+    # The MTP term is a mean over its own counted tokens, the main loss over its; the step divides the summed
+    # loss by the main count at the end, so the MTP sum is scaled by main count / MTP count, both counted here
+    # from the masks of all micro-batches before any forward.
+    if cfg.mtp_weight:
+        counts = [jnp.sum(target_weights(batch["input_ids"][i], shift=shift, **{k: batch[k][i] for k in mask_keys
+                                                                               if k in batch}))
+                  for shift in (1, 2) for i in range(batch["input_ids"].shape[0])]
+        n = batch["input_ids"].shape[0]
+        main_count, mtp_count = jnp.maximum(sum(counts[:n]), 1.0), jnp.maximum(sum(counts[n:]), 1.0)
 
     def loss_sum(params, mb, index):
-        masks = {k: mb[k] for k in ("attention_mask", "loss_mask", "segment_ids") if k in mb}
+        masks = {k: mb[k] for k in mask_keys if k in mb}
         # Reseeding mutates the dropout streams' Variables, which NNX allows only for Variables created at the
         # current trace level: hence new ones (tree.map copies the Variables, not the arrays).
         fresh_rngs = None if rngs is None else jax.tree.map(lambda x: x, rngs)
@@ -171,29 +196,37 @@ def accumulated_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig, params: nnx.
         nnx.reseed(model, dropout=jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), step), index))
         kw = dict(attention_mask=masks.get("attention_mask"), segment_ids=masks.get("segment_ids"), remat=cfg.remat,
                   positions=mb.get("positions"), vision=mb.get("vision"))
-        if not model.config.is_moe:
-            return next_token_loss(model(mb["input_ids"], **kw), mb["input_ids"], **masks)
-        logits, stats = model(mb["input_ids"], router_stats=True, **kw)
-        total, count = next_token_loss(logits, mb["input_ids"], **masks)
-        aux_coef = model.config.router_aux_loss_coef if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
-        # the sum is divided by the token count later: scaling by it adds coef · aux to the mean loss
-        aux = aux_coef * load_balancing_loss(stats) + cfg.router_z_loss_coef * router_z_loss(stats)
-        return total + aux * count, count
+        outputs = model(mb["input_ids"], router_stats=model.config.is_moe, mtp=bool(cfg.mtp_weight), **kw)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        total, count = next_token_loss(outputs[0], mb["input_ids"], **masks)
+        loss, mtp_total = total, jnp.zeros(())
+        if cfg.mtp_weight:
+            mtp_total, _ = next_token_loss(outputs[1], mb["input_ids"], shift=2, **masks)
+            loss = loss + cfg.mtp_weight * mtp_total * (main_count / mtp_count)
+        if model.config.is_moe:
+            stats = outputs[-1]
+            aux_coef = (model.config.router_aux_loss_coef if cfg.router_aux_loss_coef is None
+                        else cfg.router_aux_loss_coef)
+            # the sum is divided by the token count later: scaling by it adds coef · aux to the mean loss
+            aux = aux_coef * load_balancing_loss(stats) + cfg.router_z_loss_coef * router_z_loss(stats)
+            loss = loss + aux * count
+        return loss, (total, count, mtp_total)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def micro(carry, mb_index):
         mb, index = mb_index
-        grads, total, count = carry
-        (mb_total, mb_count), g = grad_fn(params, mb, index)
+        grads, total, count, mtp_total = carry
+        (_, (mb_total, mb_count, mb_mtp)), g = grad_fn(params, mb, index)
         return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), total + mb_total,
-                count + mb_count), None
+                count + mb_count, mtp_total + mb_mtp), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     indices = jnp.arange(batch["input_ids"].shape[0])
-    (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(())), (batch, indices))
+    (grads, total, count, mtp_total), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(())),
+                                                       (batch, indices))
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-    return grads, total, count
+    return grads, total, count, (mtp_total / mtp_count if cfg.mtp_weight else mtp_total)
 
 
 def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
@@ -202,7 +235,8 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
     `attention_mask`, `loss_mask`, `segment_ids`). The loss is the mean over every counted token of all
     micro-batches. Returns the new state and metrics (loss, tokens, grad_norm before clipping, learning rate)."""
     check_batch(cfg, batch)
-    grads, total, count = accumulated_gradients(graphdef, cfg, state.params, batch, state.frozen, state.step)
+    grads, total, count, mtp_loss = accumulated_gradients(graphdef, cfg, state.params, batch, state.frozen,
+                                                          state.step)
     base = state.master if state.master is not None else _fp32(state.params)
     updates, opt_state = cfg.optimizer().update(grads, state.opt_state, base)
     new32 = optax.apply_updates(base, updates)
@@ -211,6 +245,8 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState,
                            opt_state=opt_state, step=state.step + 1)
     metrics = {"loss": total / jnp.maximum(count, 1.0), "tokens": count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": cfg.schedule()(state.step)}
+    if cfg.mtp_weight:
+        metrics["mtp_loss"] = mtp_loss
     return new_state, metrics
 
 
