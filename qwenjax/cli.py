@@ -135,7 +135,7 @@ def _sampling(args, m) -> dict:
     return dict(temperature=pick(args.temperature, "temperature", 1.0, 0.0), top_k=pick(args.top_k, "top_k", 0, 0),
                 top_p=pick(args.top_p, "top_p", 1.0, 1.0), min_p=pick(args.min_p, "min_p", 0.0, 0.0),
                 seed=args.seed, max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
-                max_cache_len=args.max_cache_len)
+                max_cache_len=args.max_cache_len, num_speculative_tokens=args.speculative)
 
 
 def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool,
@@ -143,6 +143,7 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     """Streams one reply to stdout as it is generated, thinking and answer under separate headers; returns it."""
     out = sys.stdout
     from qwenjax.inference.generate import stream
+    from qwenjax.inference.speculative import SpeculativeStats
     from qwenjax.inference.tokenizer import THINK_CLOSE, StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
@@ -150,7 +151,8 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     if thinking:
         out.write("[thinking]\n")
     t0 = t_first = time.perf_counter()
-    for step in stream(m, [prompt_ids], tokenizer=tokenizer, **sampling, **(vision or {})):
+    stats = SpeculativeStats()
+    for step in stream(m, [prompt_ids], tokenizer=tokenizer, speculative_stats=stats, **sampling, **(vision or {})):
         if step[0] is None:
             break
         n += 1
@@ -175,7 +177,8 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     out.write(text[shown:] + "\n")
     t_end = time.perf_counter()
     rate = f", {(n - 1) / (t_end - t_first):.1f} tokens/s after the first" if n > 1 else ""
-    print(f"[{len(prompt_ids)} prompt tokens, {n} new tokens; first token {t_first - t0:.2f} s{rate}]",
+    spec = f"; {stats}" if stats.steps else ""
+    print(f"[{len(prompt_ids)} prompt tokens, {n} new tokens; first token {t_first - t0:.2f} s{rate}{spec}]",
           file=sys.stderr, flush=True)
     return text
 
@@ -306,6 +309,9 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-cache-len", type=POSITIVE_INT,
                    help="cache capacity in tokens (default: fitted to the request)")
+    p.add_argument("--speculative", type=flag(int, minimum=0), default=0, metavar="K",
+                   help="draft K tokens a step with the checkpoint's MTP head and verify them in one pass (same "
+                        "output, greedy or sampled; the acceptance is printed at the end)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=4,tensor=2 (default: one device)")
 

@@ -15,10 +15,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from qwenjax.inference import speculative
 from qwenjax.inference.sampling import SamplingParams, sample
 from qwenjax.inputs import VisionInputs, token_rows, vision_inputs, vision_positions
 from qwenjax.memory import check_fits
 from qwenjax.model.cache import Cache, cache_shardings, init_cache
+from qwenjax.model.qwen35 import NO_MTP
 from qwenjax.sharding import activation_sharding, param_shardings
 from qwenjax.validate import InputError, check, check_range
 
@@ -73,14 +75,35 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
     return m.compiled(("generate", kind, sampling, key), build)
 
 
-def new_cache(m, batch_size: int, max_len: int) -> Cache:
-    """An empty cache for model `m`, laid out over its mesh."""
-    abstract = jax.eval_shape(lambda: init_cache(m.config, batch_size, max_len, m.dtype))
+def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int):
+    """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list."""
+    def build():
+        graphdef, treedef = m.graphdef, jax.tree.structure(m.params)
+        p_shard = jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules))
+
+        def model(leaves):
+            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+        if kind == "prefill":
+            def fn(leaves, cache, ids, mask, rng):
+                return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling)
+        else:
+            def fn(leaves, cache, pending, drafts, dists, rng, i):
+                return speculative.step(model(leaves), cache, pending, drafts, dists, jax.random.fold_in(rng, i),
+                                        sampling)
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * (4 if kind == "prefill" else 6)), donate_argnums=1)
+
+    return m.compiled(("speculative", kind, sampling, k), build)
+
+
+def new_cache(m, batch_size: int, max_len: int, *, mtp: bool = False) -> Cache:
+    """An empty cache for model `m`, laid out over its mesh (with the MTP head's buffer when `mtp`)."""
+    abstract = jax.eval_shape(lambda: init_cache(m.config, batch_size, max_len, m.dtype, mtp=mtp))
     shardings = cache_shardings(abstract, m.mesh, m.rules)
     check_fits(f"a cache of {max_len:,} tokens x {batch_size} row(s)",
                ((jax.tree_util.keystr(path), a, s) for (path, a), s in
                 zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings))), m.mesh)
-    make = jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype), out_shardings=shardings)
+    make = jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype, mtp=mtp), out_shardings=shardings)
     return make()
 
 
@@ -88,10 +111,15 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
            eos_token_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
            max_cache_len: int | None = None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-           video_grid_thw=None) -> Iterator[list[int | None]]:
+           video_grid_thw=None, num_speculative_tokens: int = 0,
+           speculative_stats: speculative.SpeculativeStats | None = None) -> Iterator[list[int | None]]:
     """Like `generate`, but yields after every step a list with each row's new token (None once it stopped)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     check_range(check(max_new_tokens, int, "max_new_tokens"), "max_new_tokens", minimum=1)
+    k = check_range(check(num_speculative_tokens, int, "num_speculative_tokens"), "num_speculative_tokens",
+                    minimum=0)
+    if k and not m.config.mtp_num_hidden_layers:
+        raise InputError(f"num_speculative_tokens={k}: {NO_MTP}")
     check_range(check(seed, int, "seed"), "seed", minimum=0, maximum=MAX_SEED)
     if max_cache_len is not None:
         check_range(check(max_cache_len, int, "max_cache_len"), "max_cache_len", minimum=1)
@@ -113,13 +141,15 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         r = int(lengths.argmax())
         raise InputError(f"prompt row {r} has {longest} tokens; with max_new_tokens={max_new_tokens} it would reach "
                          f"position {longest + max_new_tokens}, past the model's max_position_embeddings={limit}")
-    capacity = max_cache_len or min(limit, CACHE_BUCKET * math.ceil((longest + max_new_tokens) / CACHE_BUCKET))
-    too_long = np.flatnonzero(lengths + max_new_tokens > capacity)
+    # a verify pass writes up to k tokens past what a row keeps
+    need = max_new_tokens + k
+    capacity = max_cache_len or min(limit + k, CACHE_BUCKET * math.ceil((longest + need) / CACHE_BUCKET))
+    too_long = np.flatnonzero(lengths + need > capacity)
     if too_long.size:
         r = int(too_long[0])
-        raise ValueError(f"prompt row {r} has {lengths[r]} tokens; with max_new_tokens={max_new_tokens} it needs "
-                         f"{lengths[r] + max_new_tokens} cache slots, but the cache holds {capacity} "
-                         "(raise max_cache_len or shorten the prompt)")
+        raise ValueError(f"prompt row {r} has {lengths[r]} tokens; with max_new_tokens={max_new_tokens}"
+                         f"{f' and {k} speculative tokens' if k else ''} it needs {lengths[r] + need} cache slots, "
+                         f"but the cache holds {capacity} (raise max_cache_len or shorten the prompt)")
     eos = _eos_ids(m, eos_token_ids)
 
     width = PROMPT_BUCKET * math.ceil(longest / PROMPT_BUCKET)
@@ -129,6 +159,13 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         ids[r, :len(p)], mask[r, :len(p)] = p, 1
 
     vision = vision_inputs(m.config, ids, mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    if k:
+        if vision is not None:
+            raise InputError("num_speculative_tokens with images or videos: not supported yet (the MTP head would "
+                             "read the pad tokens' embeddings, not their vision features)")
+        yield from _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings,
+                                       tokenizer, speculative_stats)
+        return
     prefill_args = ()
     if vision is not None:
         positions, deltas = vision_positions(m.config, ids, mask, vision)
@@ -161,6 +198,51 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
             tokens = next_tokens
 
 
+def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings, tokenizer,
+                        stats) -> Iterator[list[int | None]]:
+    """`stream`'s loop with MTP drafts: each verify pass gives every row 1 .. k+1 tokens, queued and yielded one
+    per row per round, as plain decoding yields them."""
+    batch = ids.shape[0]
+    rng = jax.random.key(seed)
+    prefill = _compiled_speculative(m, "prefill", sampling, k)
+    step = _compiled_speculative(m, "step", sampling, k)
+    params = jax.tree.leaves(m.params)
+    done = np.zeros(batch, bool)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    with activation_sharding(m.mesh, m.rules):
+        pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng)
+        queues = [[t] for t in np.asarray(pending).tolist()]
+        produced, passes = 0, 0
+        while True:
+            while all(queues[r] for r in range(batch) if not done[r]):
+                out: list[int | None] = []
+                for r in range(batch):
+                    if done[r]:
+                        out.append(None)
+                        continue
+                    t = queues[r].pop(0)
+                    generated[r].append(t)
+                    out.append(t)
+                    if t in eos or (stop_strings and _hits_stop(tokenizer, generated[r], stop_strings)):
+                        done[r] = True
+                produced += 1
+                yield out
+                if done.all() or produced == max_new_tokens:
+                    return
+            passes += 1
+            emitted, count, pending, drafts, dists, cache = step(params, cache, pending, drafts, dists, rng,
+                                                                 np.int32(passes))
+            emitted, count = np.asarray(emitted), np.asarray(count)
+            for r in range(batch):
+                if done[r]:
+                    continue
+                queues[r].extend(emitted[r, :count[r]].tolist())
+                if stats is not None:
+                    stats.steps += 1
+                    stats.drafted += k
+                    stats.accepted += int(count[r]) - 1
+
+
 def _hits_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:
     tail = tokenizer.decode(ids[-32:], skip_special_tokens=False)  # a stop string ends in the latest tokens
     return any(s in tail for s in stop_strings)
@@ -182,6 +264,9 @@ def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]
       max_cache_len: cache capacity per row (default: longest prompt + max_new_tokens, rounded up to 256).
       pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: images and videos in the prompts, as
         `m(...)` takes them (in the order of their pad tokens, row by row).
+      num_speculative_tokens: k > 0 drafts k tokens a step with the checkpoint's MTP head and verifies them in
+        one pass of the main model (`qwenjax.inference.speculative`): greedy output is plain greedy's, sampled
+        output has plain sampling's distribution. `speculative_stats` (a `SpeculativeStats`) counts the drafts.
     """
     rows: list[list[int]] | None = None
     for out in stream(m, input_ids, attention_mask, **kwargs):

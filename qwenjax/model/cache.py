@@ -1,5 +1,6 @@
 """The decoding cache: per attention layer a preallocated KV buffer, per GDN layer the conv window and the
-fp32 recurrent state, and per row the number of tokens it holds.
+fp32 recurrent state, per row the number of tokens it holds, and for speculative decoding the MTP head's KV
+buffer (its row p, at slot p, holds token p+1 read with the hidden state of token p).
 
 Rows are independent: row r's tokens occupy positions 0 .. lengths[r]-1 (its rotary positions too), so a batch
 of prompts of different lengths needs no left padding and no shared position.
@@ -37,6 +38,7 @@ class Cache:
     # [B] int32: a row's next rotary position minus its length. 0 for text; a prompt with images or videos
     # advances positions by less than its token count (`qwenjax.model.positions`), and decoding continues there.
     rope_deltas: jax.Array
+    mtp: AttentionCache | None = None  # the MTP head's layer (speculative decoding), same capacity
 
     @property
     def batch_size(self) -> int:
@@ -48,10 +50,11 @@ class Cache:
         return max((c.k.shape[1] for c in self.layers if isinstance(c, AttentionCache)), default=0)
 
 
-def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
-    """An empty cache for `batch_size` rows of up to `max_len` tokens each."""
+def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloat16, *, mtp: bool = False) -> Cache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens each (and with `mtp`, the MTP head's)."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+    kv = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
     layers = []
     for t in cfg.layer_types:
         if t == LINEAR_ATTENTION:
@@ -60,10 +63,26 @@ def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloa
                 state=jnp.zeros((batch_size, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                  cfg.linear_value_head_dim), jnp.float32)))
         else:
-            shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-            layers.append(AttentionCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
+            layers.append(AttentionCache(k=jnp.zeros(kv, dtype), v=jnp.zeros(kv, dtype)))
     return Cache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32),
-                 rope_deltas=jnp.zeros((batch_size,), jnp.int32))
+                 rope_deltas=jnp.zeros((batch_size,), jnp.int32),
+                 mtp=AttentionCache(k=jnp.zeros(kv, dtype), v=jnp.zeros(kv, dtype)) if mtp else None)
+
+
+def accept_steps(cache: Cache, accepted: jax.Array) -> Cache:
+    """The cache after each row's first `accepted[r]` (>= 1) tokens of a verify pass (`Qwen35ForCausalLM.verify`,
+    whose GDN layers kept their state after every token): each GDN layer's window and state after that token,
+    lengths advanced by it. Attention buffers keep every verified token; what lies past a row's length is never
+    read and is overwritten as the row grows."""
+    pick = accepted.astype(jnp.int32) - 1
+
+    def layer(c):
+        if isinstance(c, AttentionCache):
+            return c
+        take = lambda x: jnp.take_along_axis(x, pick.reshape(-1, *[1] * (x.ndim - 1)), axis=1)[:, 0]
+        return GatedDeltaNetCache(conv=take(c.conv), state=take(c.state))
+
+    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=cache.lengths + accepted)
 
 
 _CACHE_AXES = {
@@ -80,4 +99,5 @@ def cache_shardings(cache: Cache, mesh, rules) -> Cache:
 
     return Cache(layers=tuple(layer(c) for c in cache.layers),
                  lengths=rules.sharding(mesh, ("batch",), cache.lengths.shape),
-                 rope_deltas=rules.sharding(mesh, ("batch",), cache.rope_deltas.shape))
+                 rope_deltas=rules.sharding(mesh, ("batch",), cache.rope_deltas.shape),
+                 mtp=None if cache.mtp is None else layer(cache.mtp))

@@ -25,11 +25,12 @@ class DepthwiseCausalConv1d(nnx.Module):
                                 logical_axes=("gdn_qkv", None, "conv_kernel"))
 
     def __call__(self, x: jax.Array, history: jax.Array | None = None, n_new: jax.Array | None = None,
-                 documents: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                 documents: jax.Array | None = None, every_step: bool = False) -> tuple[jax.Array, jax.Array | None]:
         """x [B, T, C] -> (fp32 output [B, T, C], the window a continuation needs).
 
         `history` [B, K-1, C] holds the inputs before x (zeros at the start of a sequence). Given `n_new` [B]
-        (real tokens per row; right padding after them), also returns each row's last K-1 real inputs.
+        (real tokens per row; right padding after them), also returns each row's last K-1 real inputs; with
+        `every_step`, the window after each new token instead, [B, T, K-1, C].
         `documents` [B, T] (packed rows, no history): a tap reads only inputs of the same document, so each
         document's convolution starts from zeros as if it ran alone.
         """
@@ -45,6 +46,8 @@ class DepthwiseCausalConv1d(nnx.Module):
             docs = jnp.concatenate([jnp.full((b, k - 1), -1, documents.dtype), documents], axis=1)
             out = sum(jnp.where((docs[:, j:j + t] == documents)[..., None], xp32[:, j:j + t, :], 0.0) * w[:, j]
                       for j in range(k))
+        if every_step:
+            return out, jnp.stack([xp[:, i + 1:i + k] for i in range(t)], axis=1)
         if n_new is None:
             return out, None
         window = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0))(xp, n_new)
@@ -74,8 +77,14 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(cfg.linear_value_dim, d, ("embed", "gdn_v"), **kw)
 
     def __call__(self, x: jax.Array, *, valid: jax.Array | None = None, documents: jax.Array | None = None,
-                 cache: GatedDeltaNetCache | None = None) -> tuple[jax.Array, GatedDeltaNetCache | None]:
+                 cache: GatedDeltaNetCache | None = None,
+                 step_states: bool = False) -> tuple[jax.Array, GatedDeltaNetCache | None]:
         """x [B, T, D] -> ([B, T, D], updated cache or None).
+
+        `step_states` (with a cache; a speculative verify pass of a few tokens): the cache returned holds the
+        conv window and recurrent state after each new token, [B, T, ...], so that the caller can keep those
+        after any prefix (`qwenjax.model.cache.accept_steps`). The tokens then go one at a time through the
+        decode step's implementation, as plain decoding would run them.
 
         `valid` [B, T] marks real tokens (right padding after them): padding tokens are zeroed and neither
         decay nor update the state, so the state and conv window a cache keeps are those after each row's
@@ -99,7 +108,8 @@ class GatedDeltaNet(nnx.Module):
         n_new = None
         if cache is not None:
             n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
-        qkv, window = self.conv1d(qkv, None if cache is None else cache.conv, n_new, documents)
+        qkv, window = self.conv1d(qkv, None if cache is None else cache.conv, n_new, documents,
+                                  every_step=step_states)
         qkv = jax.nn.silu(qkv).astype(x.dtype)
         kd = cfg.linear_key_dim
         q = qkv[..., :kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
@@ -107,9 +117,19 @@ class GatedDeltaNet(nnx.Module):
         v = qkv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
 
         with jax.named_scope("gated_delta_rule"):
-            o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
-                                        initial_state=None if cache is None else cache.state,
-                                        implementation=self.kernels.gated_delta_rule)
+            if step_states:
+                outs, states, state = [], [], cache.state
+                for i in range(t):
+                    o_i, state = gated_delta_rule(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], g[:, i:i + 1],
+                                                  beta[:, i:i + 1], initial_state=state,
+                                                  implementation=self.kernels.gated_delta_rule)
+                    outs.append(o_i)
+                    states.append(state)
+                o, state = jnp.concatenate(outs, axis=1), jnp.stack(states, axis=1)
+            else:
+                o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
+                                            initial_state=None if cache is None else cache.state,
+                                            implementation=self.kernels.gated_delta_rule)
         o = self.norm(o, z).reshape(b, t, cfg.linear_value_dim)
         new_cache = None if cache is None else GatedDeltaNetCache(conv=window, state=state)
         return self.out_proj(o), new_cache

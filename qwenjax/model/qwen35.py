@@ -15,6 +15,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
@@ -48,6 +49,7 @@ class LayerInputs(NamedTuple):
     documents: jax.Array | None = None  # [B, T] document index of each token in packed rows
     write_index: jax.Array | None = None  # [B, T] cache slots of the new tokens
     attend_cache: bool = False         # attention reads the whole cache buffer (not only the new tokens)
+    step_states: bool = False          # GDN layers keep their state after every new token (`verify`)
 
 
 def _causal_mask(t: int, valid: jax.Array | None, documents: jax.Array | None = None) -> jax.Array:
@@ -89,7 +91,8 @@ class DecoderLayer(nnx.Module):
         h = self.input_layernorm(x)
         if self.is_linear:
             with jax.named_scope("gated_deltanet"):
-                h, cache = self.linear_attn(h, valid=inputs.valid, documents=inputs.documents, cache=cache)
+                h, cache = self.linear_attn(h, valid=inputs.valid, documents=inputs.documents, cache=cache,
+                                            step_states=inputs.step_states)
         else:
             with jax.named_scope("attention"):
                 h, cache = self.self_attn(h, cos=inputs.cos, sin=inputs.sin, mask=inputs.mask, cache=cache,
@@ -277,9 +280,10 @@ class Qwen35ForCausalLM(nnx.Module):
 
     def extend(self, input_ids: jax.Array, cache: Cache, *, attention_mask: jax.Array | None = None,
                fresh: bool = False, vision: VisionInputs | None = None, positions: jax.Array | None = None,
-               rope_deltas: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+               rope_deltas: jax.Array | None = None, return_hidden: bool = False):
         """Appends input_ids [B, T] to each row of `cache`; returns (logits [B, vocab] of each row's last new
-        token, the updated cache).
+        token, the updated cache), and with `return_hidden` also the final-normed hidden states [B, T, D] of the
+        new tokens (what the MTP head reads).
 
         Args:
           attention_mask: [B, T], 1 for the tokens to append, 0 for right padding (rows may append different
@@ -310,10 +314,48 @@ class Qwen35ForCausalLM(nnx.Module):
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache, _ = layer(x, inputs, layer_cache)
             new_layers.append(layer_cache)
-        last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
-        logits = self.logits(last)[:, 0]
-        return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + n_new,
-                             rope_deltas=cache.rope_deltas if rope_deltas is None else rope_deltas)
+        hidden = self.norm(x)
+        last = jnp.take_along_axis(hidden, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
+        cache = dataclasses.replace(cache, layers=tuple(new_layers), lengths=cache.lengths + n_new,
+                                    rope_deltas=cache.rope_deltas if rope_deltas is None else rope_deltas)
+        return (self.head(last)[:, 0], cache) + ((hidden,) if return_hidden else ())
+
+    def mtp_extend(self, input_ids: jax.Array, hidden: jax.Array, cache: Cache, start: jax.Array, *,
+                   attention_mask: jax.Array | None = None, step: int = 0) -> tuple[jax.Array, jax.Array, Cache]:
+        """Runs the MTP head over rows start .. start+T-1 of each batch row: row p reads token p+1
+        (`input_ids` [B, T]) and the hidden state of token p (`hidden` [B, T, D]: the main model's final-normed
+        one, or for a draft step the head's own previous output), at position p, attending to the head's
+        cache rows up to p. Returns (logits [B, vocab] of each row's last real row: its prediction of token
+        p+2, that row's normed output [B, D] for the next draft step, the cache with the rows written to
+        `cache.mtp`). `attention_mask` [B, T]: 1 for real rows (right padding); `step` picks the layer."""
+        b, t = input_ids.shape
+        valid = None if attention_mask is None else attention_mask.astype(bool)
+        n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
+        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rope_cos_sin(self.config, slots + cache.rope_deltas[:, None])
+        inputs = LayerInputs(cos=cos, sin=sin, mask=jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None],
+                             valid=valid, write_index=slots, attend_cache=True)
+        out, mtp_cache = self.mtp(self.embed(input_ids), hidden, inputs, step=step, cache=cache.mtp)
+        last = jnp.take_along_axis(out, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
+        return self.head(last), last, dataclasses.replace(cache, mtp=mtp_cache)
+
+    def verify(self, input_ids: jax.Array, cache: Cache) -> tuple[jax.Array, jax.Array, Cache]:
+        """A speculative verify pass: input_ids [B, T] (the last sampled token and T-1 drafts) after each row of
+        `cache`. Returns (logits [B, T, vocab] at every new token, their final-normed hidden states [B, T, D],
+        the cache with every token written and each GDN layer's window and state after each token, lengths not
+        yet advanced): `qwenjax.model.cache.accept_steps` keeps each row's accepted prefix."""
+        b, t = input_ids.shape
+        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rope_cos_sin(self.config, slots + cache.rope_deltas[:, None])
+        inputs = LayerInputs(cos=cos, sin=sin, mask=jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None],
+                             valid=None, write_index=slots, attend_cache=True, step_states=True)
+        x = self.embed(input_ids)
+        new_layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache, _ = layer(x, inputs, layer_cache)
+            new_layers.append(layer_cache)
+        hidden = self.norm(x)
+        return self.head(hidden), hidden, dataclasses.replace(cache, layers=tuple(new_layers))
 
 
 NO_MTP = ("this model has no MTP head: its config has mtp_num_hidden_layers = 0 or its checkpoint no mtp.* "

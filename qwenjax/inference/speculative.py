@@ -1,0 +1,119 @@
+"""Speculative decoding with the checkpoint's own MTP head as the draft model (vLLM's scheme for Qwen3.5).
+
+    prefill ─▶ first token; the MTP head over the prompt's rows ─▶ k drafts
+    step:  verify [pending token, k drafts] in one main-model pass ─▶ keep the agreeing prefix + one token of
+           the main model's own ─▶ the MTP head over the kept rows (true hidden states) ─▶ k new drafts
+
+The MTP head's row p reads token p+1 and the hidden state of token p and predicts token p+2; its later draft
+steps feed back its own output in place of the main model's hidden state. After a verify pass every GDN layer
+holds its state after each verified token, so keeping a prefix is a selection (`accept_steps`), not a second
+pass; attention buffers and the head's own buffer roll back by length.
+
+Greedy: a draft is kept while it equals the main model's argmax, so the output is plain greedy decoding's.
+Sampling: rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft d ~ q is kept with probability
+min(1, p(d)/q(d)); at the first rejection the token is drawn from max(p - q, 0) normalised, and after k kept
+drafts from p. Each token then has the distribution plain sampling gives, p being the main model's filtered
+distribution (temperature, top-k, top-p, min-p) and q the head's, filtered alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qwenjax.inference.sampling import SamplingParams, filter_logits
+from qwenjax.model.cache import Cache, accept_steps
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """Counts over a generation, rows that were still generating only: `steps` verify passes per row,
+    `drafted` draft tokens offered, `accepted` kept."""
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts kept per verify pass (each pass also gives one token of the main model's own)."""
+        return self.accepted / self.steps if self.steps else 0.0
+
+    def __str__(self) -> str:
+        return (f"speculative: {self.accepted}/{self.drafted} drafts accepted ({self.acceptance_rate:.0%}), "
+                f"{self.mean_accepted + 1:.2f} tokens per verify pass")
+
+
+def _probs(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+    return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+
+
+def draft(mod, cache: Cache, tokens: jax.Array, hidden: jax.Array, start: jax.Array, mask: jax.Array | None,
+          k: int, sampling: SamplingParams, key: jax.Array):
+    """The MTP head over rows start .. (real rows of `tokens`/`hidden`), then k-1 draft steps on its own output:
+    (drafts [B, k] int32, their draft distributions [B, k, V] (None when greedy), the cache)."""
+    n_rows = tokens.shape[1] if mask is None else mask.sum(-1, dtype=jnp.int32)
+    drafts, dists = [], []
+    logits, h, cache = mod.mtp_extend(tokens, hidden, cache, start, attention_mask=mask, step=0)
+    for i in range(k):
+        if i:
+            logits, h, cache = mod.mtp_extend(drafts[-1][:, None], h[:, None], cache, start + n_rows + i - 1, step=i)
+        if sampling.greedy:
+            drafts.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        else:
+            q = _probs(logits, sampling)
+            drafts.append(jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1).astype(jnp.int32))
+            dists.append(q)
+    return jnp.stack(drafts, axis=1), (jnp.stack(dists, axis=1) if dists else None), cache
+
+
+def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int, sampling: SamplingParams):
+    """The prompt into the main model and the MTP head: (first token [B], drafts [B, k], their distributions,
+    the cache)."""
+    logits, cache, hidden = mod.extend(ids, cache, attention_mask=mask, fresh=True, return_hidden=True)
+    first = (jnp.argmax(logits, axis=-1) if sampling.greedy else
+             jax.random.categorical(jax.random.fold_in(key, 0), filter_logits(logits, sampling), axis=-1))
+    first = first.astype(jnp.int32)
+    n = mask.sum(-1, dtype=jnp.int32)
+    # row p reads token p+1: the prompt's, and for the last prompt token the one just sampled
+    shifted = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    tokens = jnp.where(jnp.arange(ids.shape[1])[None] == (n - 1)[:, None], first[:, None], shifted)
+    drafts, dists, cache = draft(mod, cache, tokens, hidden, jnp.zeros_like(n), mask, k, sampling,
+                                 jax.random.fold_in(key, 1))
+    return first, drafts, dists, cache
+
+
+def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Array | None, key: jax.Array,
+         sampling: SamplingParams):
+    """One verify pass: (emitted [B, k+1] of which each row's first `count` are its new tokens, count [B] (kept
+    drafts + 1), the next pending token [B], the next drafts and distributions, the cache)."""
+    b, k = drafts.shape
+    start = cache.lengths
+    logits, hidden, steps = mod.verify(jnp.concatenate([pending[:, None], drafts], axis=1), cache)  # [B, k+1, V]
+    if sampling.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        kept = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
+        last = jnp.take_along_axis(target, kept[:, None], axis=1)[:, 0]
+    else:
+        keys = jax.random.split(key, 2)
+        p = jax.vmap(lambda z: _probs(z, sampling), in_axes=1, out_axes=1)(logits)  # [B, k+1, V]
+        p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=2)[..., 0]
+        q_d = jnp.take_along_axis(dists, drafts[..., None], axis=2)[..., 0]
+        u = jax.random.uniform(keys[0], (b, k))
+        kept = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)  # u < p/q, without dividing by q
+        q_pad = jnp.concatenate([dists, jnp.zeros_like(dists[:, :1])], axis=1)  # after k kept drafts: p itself
+        at = lambda x: jnp.take_along_axis(x, kept[:, None, None], axis=1)[:, 0]
+        residual = jnp.maximum(at(p) - at(q_pad), 0.0)
+        last = jax.random.categorical(keys[1], jnp.log(residual), axis=-1).astype(jnp.int32)
+    cache = accept_steps(steps, kept + 1)
+    j = jnp.arange(k + 1)[None]
+    # the head's rows start .. start+kept: tokens d1 .. d_kept, then the main model's own token
+    emitted = jnp.where(j == kept[:, None], last[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1))
+    new_drafts, new_dists, cache = draft(mod, cache, emitted, hidden, start, j <= kept[:, None], k, sampling,
+                                         jax.random.fold_in(key, 7))
+    return emitted, kept + 1, last, new_drafts, new_dists, cache

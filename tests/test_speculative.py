@@ -1,0 +1,193 @@
+"""Speculative decoding's building blocks: a verify pass over several tokens keeps every GDN layer's state after
+each of them, and keeping a row's accepted prefix gives the cache that plain decoding of those tokens gives."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwenjax
+import qwenjax.validate
+from qwenjax.cli import main
+from qwenjax.demo import byte_tokenizer, write_tokenizer
+from qwenjax.model.cache import AttentionCache, GatedDeltaNetCache, accept_steps, init_cache
+from qwenjax.inference import speculative
+from qwenjax.inference.sampling import SamplingParams, filter_logits
+from qwenjax.inference.speculative import SpeculativeStats
+from qwenjax.testing import TINY_MOE, add_mtp_tensors_, hf_mtp_head, make_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec")
+    make_hf_checkpoint(path, seed=2)  # random weights of a size that makes every path matter (randomize_)
+    return qwenjax.from_pretrained(path, dtype="float32")
+
+
+def test_accepting_a_prefix_of_a_verify_pass_equals_plain_decoding(model):
+    """Rows of prompt lengths 9 and 4 verify 4 tokens each; row 0 keeps 2 of them, row 1 all 4. Against the same
+    tokens decoded one by one: every GDN window and state, the lengths, the attention keys and values held, and
+    the verify logits at the kept tokens equal the full forward's (1e-4). Several tokens in one pass take other
+    matrix-product paths than one at a time: equal to fp32 rounding (1e-5), not bit for bit."""
+    mod, cfg = model.module, model.config
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, cfg.vocab_size, (2, 13))
+    lens, accepted, t = np.array([9, 4]), np.array([2, 4]), 4
+    prompt = np.where(np.arange(9)[None] < lens[:, None], seq[:, :9], 0)
+    mask = (np.arange(9)[None] < lens[:, None]).astype(np.int32)
+    prefill = jax.jit(lambda i, c, mk: mod.extend(i, c, attention_mask=mk, fresh=True))
+    _, cache = prefill(jnp.asarray(prompt), init_cache(cfg, 2, 32, jnp.float32), jnp.asarray(mask))
+    drafts = seq[np.arange(2)[:, None], lens[:, None] + np.arange(t)]  # each row's next 4 tokens
+
+    logits, _, steps = jax.jit(mod.verify)(jnp.asarray(drafts), cache)
+    kept = accept_steps(steps, jnp.asarray(accepted))
+
+    step = jax.jit(lambda i, c, mk: mod.extend(i, c, attention_mask=mk))
+    plain = cache
+    for i in range(t):  # a row that has taken its accepted tokens appends nothing more
+        plain = step(jnp.asarray(drafts[:, i:i + 1]), plain, jnp.asarray((i < accepted)[:, None].astype(np.int32)))[1]
+
+    assert np.asarray(kept.lengths).tolist() == np.asarray(plain.lengths).tolist() == (lens + accepted).tolist()
+    for n, (a, b) in enumerate(zip(kept.layers, plain.layers)):
+        if isinstance(a, GatedDeltaNetCache):
+            np.testing.assert_allclose(a.conv, b.conv, atol=1e-5, err_msg=f"layer {n} conv window")
+            np.testing.assert_allclose(a.state, b.state, atol=1e-5, err_msg=f"layer {n} state")
+        else:
+            assert isinstance(a, AttentionCache)
+            for r in range(2):
+                held = lens[r] + accepted[r]
+                np.testing.assert_allclose(a.k[r, :held], b.k[r, :held], atol=1e-5, err_msg=f"layer {n} keys")
+                np.testing.assert_allclose(a.v[r, :held], b.v[r, :held], atol=1e-5, err_msg=f"layer {n} values")
+
+    full = np.asarray(jax.jit(lambda i: mod(i))(jnp.asarray(seq)))
+    for r in range(2):
+        for i in range(accepted[r]):
+            err = np.abs(np.asarray(logits)[r, i] - full[r, lens[r] + i]).max()
+            assert err < 1e-4, f"row {r}, verified token {i}: logits differ by {err:.2e}"
+
+
+# ---- speculative generation ---------------------------------------------------------------------------------------
+PROMPT_LENGTHS = (70, 5, 131, 1)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def mtp_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"spec-{request.param}")
+    overrides = {"num_experts": TINY_MOE["num_experts"]} if request.param == "moe" else {}
+    hf = make_hf_checkpoint(path, seed=3, **overrides)
+    add_mtp_tensors_(path, hf_mtp_head(hf.config, seed=4))
+    return qwenjax.from_pretrained(path, dtype="float32")
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _oracle_drafts(monkeypatch, prompts, plain, vocab):
+    """Replaces the head's drafts by the plain greedy continuation, wrong at every position divisible by 3: the
+    accept counts then run over 0 .. k (the head itself still runs and fills its cache)."""
+    width = max(len(p) + len(o) for p, o in zip(prompts, plain)) + 8
+    truth = np.zeros((len(prompts), width), np.int32)
+    for r, (p, o) in enumerate(zip(prompts, plain)):
+        truth[r, :len(p) + len(o)] = p + o
+    real = speculative.draft
+
+    def oracle(mod, cache, tokens, hidden, start, mask, k, sampling, key):
+        drafts, dists, cache = real(mod, cache, tokens, hidden, start, mask, k, sampling, key)
+        n_rows = tokens.shape[1] if mask is None else mask.sum(-1)
+        pos = (start + n_rows)[:, None] + jnp.arange(1, k + 1)  # the position each draft predicts
+        right = jnp.take_along_axis(jnp.asarray(truth), jnp.minimum(pos, width - 1), axis=1)
+        return jnp.where(pos % 3 != 0, right, (right + 1) % vocab).astype(jnp.int32), dists, cache
+
+    monkeypatch.setattr(speculative, "draft", oracle)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_speculative_greedy_equals_plain_greedy(mtp_model, monkeypatch, k):
+    """Prompts of 70, 5, 131 and 1 tokens; row 0 stops early at an eos. With the checkpoint's (random) head,
+    and with drafts that are right two times in three, so that rows keep different numbers of them."""
+    m = mtp_model
+    prompts = _prompts(m.config.vocab_size)
+    plain = qwenjax.generate(m, prompts, max_new_tokens=14)
+    eos = plain[0][6]
+    plain_eos = qwenjax.generate(m, prompts, max_new_tokens=14, eos_token_ids=eos)
+    stats = SpeculativeStats()
+    assert qwenjax.generate(m, prompts, max_new_tokens=14, eos_token_ids=eos, num_speculative_tokens=k,
+                            speculative_stats=stats) == plain_eos
+    assert stats.drafted == k * stats.steps > 0
+    _oracle_drafts(monkeypatch, prompts, plain, m.config.vocab_size)
+    fresh = m.replace()  # its own compile cache: the patched drafts are traced anew
+    stats = SpeculativeStats()
+    assert qwenjax.generate(fresh, prompts, max_new_tokens=14, num_speculative_tokens=k,
+                            speculative_stats=stats) == plain
+    if k > 1:
+        assert 0 < stats.accepted < stats.drafted  # some kept, some rejected
+    assert stats.steps < 4 * 14  # fewer verify passes than tokens
+
+
+def test_speculative_needs_an_mtp_head_and_a_valid_count(tmp_path, mtp_model):
+    with pytest.raises(qwenjax.validate.InputError, match="num_speculative_tokens"):
+        qwenjax.generate(mtp_model, [[1, 2]], max_new_tokens=2, num_speculative_tokens=-1)
+    make_hf_checkpoint(tmp_path, seed=1)
+    m = qwenjax.from_pretrained(tmp_path, dtype="float32")
+    with pytest.raises(qwenjax.validate.InputError, match="num_speculative_tokens=2: this model has no MTP head"):
+        qwenjax.generate(m, [[1, 2]], max_new_tokens=2, num_speculative_tokens=2)
+
+
+def test_speculative_sampling_has_plain_sampling_distribution(tmp_path, monkeypatch):
+    """Rejection sampling keeps plain sampling's distribution. A model of 8 tokens with a random head (far from
+    the model: most drafts are rejected, some kept), temperature 1 and top-k 6; 4,096 rows of one prompt each
+    sample 3 tokens with k = 2: the second and third come out of a verify pass (a kept draft, the residual
+    distribution after a rejection, or the bonus token). Their joint counts over the 512 triples against the
+    exact probabilities from the model's own logits: Pearson's chi-square, cells of expected count < 5 pooled,
+    must not reject at p = 0.001. As a control, drafts always kept (no rejection step) must be rejected."""
+    hf = make_hf_checkpoint(tmp_path, seed=5, vocab_size=8)
+    add_mtp_tensors_(tmp_path, hf_mtp_head(hf.config, seed=6))
+    m = qwenjax.from_pretrained(tmp_path, dtype="float32")
+    prompt, n, kw = [3, 1, 4, 1, 5], 4096, dict(temperature=1.0, top_k=6)
+    sampling = SamplingParams(**kw)
+    triples = np.array(np.meshgrid(*[np.arange(8)] * 3, indexing="ij")).reshape(3, -1).T  # [512, 3]
+    seqs = np.concatenate([np.tile(prompt, (len(triples), 1)), triples], axis=1)
+    logits = np.asarray(m(seqs))[:, len(prompt) - 1:len(prompt) + 2]  # the logits each sampled token came from
+    probs = np.asarray(jax.nn.softmax(jax.vmap(lambda z: filter_logits(z, sampling), 1, 1)(jnp.asarray(logits))))
+    exact = np.prod(np.take_along_axis(probs, triples[:, :, None], axis=2)[..., 0], axis=1)
+
+    def p_value(rows):
+        index = np.asarray(rows) @ np.array([64, 8, 1])
+        counts, expected = np.bincount(index, minlength=512), exact * n
+        big = expected >= 5
+        obs = np.append(counts[big], counts[~big].sum())
+        exp = np.append(expected[big], expected[~big].sum())
+        stat = float(np.sum((obs - exp) ** 2 / exp))
+        return float(jax.scipy.stats.chi2.sf(stat, len(obs) - 1))
+
+    spec = qwenjax.generate(m, [prompt] * n, max_new_tokens=3, seed=1, num_speculative_tokens=2, **kw)
+    assert p_value(spec) > 1e-3
+    real_step = speculative.step
+
+    def keep_every_draft(mod, cache, pending, drafts, dists, key, sampling):  # q(d) tiny: p(d)/q(d) always > u
+        rows, slots = jnp.arange(drafts.shape[0])[:, None], jnp.arange(drafts.shape[1])
+        return real_step(mod, cache, pending, drafts, jnp.zeros_like(dists).at[rows, slots, drafts].set(1e-30), key,
+                         sampling)
+
+    monkeypatch.setattr(speculative, "step", keep_every_draft)
+    wrong = qwenjax.generate(m.replace(), [prompt] * n, max_new_tokens=3, seed=1, num_speculative_tokens=2, **kw)
+    assert p_value(wrong) < 1e-3
+
+
+def test_cli_generate_speculative_prints_the_acceptance(tmp_path, capsys):
+    tok = byte_tokenizer()
+    hf = make_hf_checkpoint(tmp_path, seed=3, vocab_size=-(-tok.get_vocab_size() // 64) * 64)
+    add_mtp_tensors_(tmp_path, hf_mtp_head(hf.config, seed=4))
+    write_tokenizer(tmp_path, tok)
+    args = ["generate", "--model", str(tmp_path), "--prompt", "abc", "--raw", "--max-new-tokens", "8",
+            "--temperature", "0", "--dtype", "float32"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main(args + ["--speculative", "3"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out
+    assert "speculative: " in spec.err and "drafts accepted" in spec.err and "speculative" not in plain.err
