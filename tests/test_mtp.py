@@ -18,6 +18,7 @@ from qwenjax.checkpoint.hf import hf_key
 from qwenjax.checkpoint.safetensors_io import SafetensorsFile
 from qwenjax.cli import main
 from qwenjax.demo import byte_tokenizer, write_tokenizer
+from qwenjax.train.lora import LoRAConfig, add_lora
 from qwenjax.train.step import TrainConfig, accumulated_gradients, split_trainable
 from qwenjax.testing import TINY_MOE, add_mtp_tensors_, hf_mtp_head, make_hf_checkpoint, set_mtp_layers_
 
@@ -182,3 +183,12 @@ def test_finetune_cli_train_mtp_trains_the_head_alone(tmp_path):
     for k in src.keys():
         same = src.get(k).tobytes() == dst.get(k).tobytes()
         assert same != k.startswith("mtp."), f"{k}: {'unchanged' if same else 'changed'}"
+
+
+def test_lora_adapters_on_the_mtp_head_learn_from_its_loss(mtp_checkpoint):
+    path, _, _ = mtp_checkpoint
+    m = add_lora(qwenjax.from_pretrained(path, dtype="float32"), LoRAConfig(rank=2, targets=("fc", "q_proj")))
+    ids, mask = _batch()
+    grads, _ = _mtp_gradients(m, dict(input_ids=ids, attention_mask=mask), TrainConfig(mtp_weight=1.0))
+    assert np.abs(grads["fc.lora.b"]).max() > 0 and np.abs(grads["layers.0.self_attn.q_proj.lora.b"]).max() > 0
+    assert np.abs(grads["layers.3.self_attn.q_proj.lora.b"]).max() > 0  # the main model's (layer 3) learn too

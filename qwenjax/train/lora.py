@@ -24,6 +24,9 @@ ALL_TARGETS = ATTENTION_TARGETS + GDN_TARGETS + MLP_TARGETS
 # The vision tower's: block attention and MLP, and the patch merger's MLP (also named linear_fc1/2). Not in the
 # default targets: the tower is frozen unless asked for.
 VISION_TARGETS = ("qkv", "proj", "linear_fc1", "linear_fc2")
+# The MTP head's own projection (its decoder layer's linears carry the text model's names). Its adapters learn only
+# with an MTP loss term (`TrainConfig.mtp_weight`).
+MTP_TARGETS = ("fc",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,7 @@ class LoRAConfig:
             problems.append(f"rank={self.rank} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
-        known = ALL_TARGETS + VISION_TARGETS + ("lm_head",)
+        known = ALL_TARGETS + VISION_TARGETS + MTP_TARGETS + ("lm_head",)
         unknown = sorted(set(self.targets) - set(known))
         if unknown or not self.targets:
             problems.append(f"targets {unknown or '()'}: choose among {known}")
