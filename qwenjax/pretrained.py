@@ -144,6 +144,21 @@ def mtp_logits(m: Qwen35, input_ids, attention_mask=None) -> jax.Array:
         return fn(m.params, ids, mask)
 
 
+def with_mtp_head(m: Qwen35, seed: int = 0) -> Qwen35:
+    """Model `m` (which has no MTP head) with a new, randomly initialised one (`mtp_num_hidden_layers` = 1): to
+    train with `TrainConfig(mtp_weight=..., mtp_only=True)` for a checkpoint that shipped without its head. The
+    other parameters are `m`'s own arrays."""
+    if m.config.mtp_num_hidden_layers:
+        raise ValueError("this model already has an MTP head")
+    cfg = dataclasses.replace(m.config, mtp_num_hidden_layers=1)
+    graphdef, abstract = abstract_model(cfg, m.dtype, m.dtype, m.kernels)
+    head = jax.jit(lambda: nnx.state(Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(seed), param_dtype=m.dtype, dtype=m.dtype,
+                                                       kernels=m.kernels))["mtp"],
+                   out_shardings=param_shardings(abstract, m.mesh, m.rules)["mtp"])()
+    params = nnx.merge_state(m.params, nnx.State({"mtp": head}))
+    return dataclasses.replace(m, config=cfg, graphdef=graphdef, params=params)
+
+
 def with_kernels(graphdef: nnx.GraphDef, params: nnx.State, kernels: Kernels) -> nnx.GraphDef:
     """`graphdef` with every dispatching module's `kernels` attribute set to `kernels` (a resolved setting)."""
     module = nnx.merge(graphdef, params)

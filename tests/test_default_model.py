@@ -56,6 +56,32 @@ def test_bundled_model_has_learned_the_docs(bundled):
     assert doc < np.log(4096) - np.log(15) and noise > doc + 2.5, (doc, noise)
 
 
+def test_bundled_model_drafts_with_its_trained_mtp_head(bundled):
+    """The bundled model carries an MTP head trained by scripts/train_mtp_head.py: its card states the held-out
+    acceptance, and speculative greedy decoding with it gives plain greedy's tokens while keeping drafts."""
+    from qwenjax.inference.speculative import SpeculativeStats
+
+    m, tok = bundled
+    assert m.config.mtp_num_hidden_layers == 1 and "mtp" in m.params
+    card = json.load(open(os.path.join(DEFAULT_MODEL_DIR, "training.json")))["mtp_head"]
+    assert card["heldout_top1_t_plus_2"] > 0.2, card  # a random head: 1/4096
+    prompts = [tok.encode(DOC_TEXT)[:20], tok.encode(DOC_TEXT)[:7]]
+    plain = qwenjax.generate(m, prompts, max_new_tokens=24)
+    for k in (1, 3):
+        stats = SpeculativeStats()
+        assert qwenjax.generate(m, prompts, max_new_tokens=24, num_speculative_tokens=k,
+                                speculative_stats=stats) == plain
+        assert stats.accepted > 0.2 * stats.drafted, str(stats)
+
+
+def test_bundled_models_fit_together_in_20_mb():
+    from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
+
+    size = sum(os.path.getsize(os.path.join(d, f)) for d in (DEFAULT_MODEL_DIR, DEFAULT_VISION_MODEL_DIR)
+               for f in os.listdir(d))
+    assert size <= 20e6, f"{size / 1e6:.2f} MB"
+
+
 def test_cli_generate_without_model_completes_with_the_bundled_model(capsys):
     assert main(["generate", "--max-new-tokens", "24", "--dtype", "float32"]) == 0
     out, err = capsys.readouterr()

@@ -98,8 +98,10 @@ def _write(m, out_dir: str, params: nnx.State, storage: np.dtype | None, max_sha
         if not os.path.isfile(config_file):  # as save_pretrained writes it, with the dtype of the weights
             stored = storage if storage is not None else _compat.variable_value(params["embed_tokens"]["weight"]).dtype
             _write_json(config_file, hf_config_file(m.config, stored.name))
-        elif storage is not None:
-            _set_config_dtype(config_file, storage.name)
+        else:
+            if storage is not None:
+                _set_config_dtype(config_file, storage.name)
+            _set_config_mtp(config_file, m.config.mtp_num_hidden_layers)
         if os.path.exists(out_dir):  # overwrite: move the old one away first, so a failure leaves one of them
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-{os.getpid()}-", dir=parent)
             os.rename(out_dir, os.path.join(old, "d"))
@@ -150,6 +152,17 @@ def _set_config_dtype(config_file: str, name: str) -> None:
                 section[key] = name
     config.setdefault("dtype", name)
     _write_json(config_file, config)
+
+
+def _set_config_mtp(config_file: str, layers: int) -> None:
+    """Makes a copied config.json count the MTP layers written (a head added to a checkpoint that had none), in
+    `text_config` when there is one."""
+    with open(config_file) as f:
+        config = json.load(f)
+    section = config.get("text_config", config)
+    if layers and section.get("mtp_num_hidden_layers", 0) != layers:
+        section["mtp_num_hidden_layers"] = layers
+        _write_json(config_file, config)
 
 
 def _write_json(path: str, obj: dict) -> None:
