@@ -39,21 +39,20 @@ def _eos_ids(m, eos_token_ids) -> frozenset[int]:
     return frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
 
 
+def _flat_params_model(m):
+    """(leaves -> the module, the leaves' shardings): the jitted generation functions take the parameters as a
+    flat list of arrays (`jax.tree.leaves(m.params)`). Flattening the nnx State on every call took host time per
+    decode step from 3.9 to 6.1 ms at the 0.8B shape; on a 2-core CPU that time comes out of the device threads."""
+    graphdef, treedef = m.graphdef, jax.tree.structure(m.params)
+    return (lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)),
+            jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules)))
+
+
 def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None):
     """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself; a prefill with
-    images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes).
-
-    They take the parameters as a flat list of arrays (`jax.tree.leaves(m.params)`): flattening the nnx State
-    on every call took host time per decode step from 3.9 to 6.1 ms at the 0.8B shape; on a 2-core CPU that
-    time comes out of the device threads.
-    """
+    images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes)."""
     def build():
-        graphdef, treedef = m.graphdef, jax.tree.structure(m.params)
-        p_shard = jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules))
-
-        def model(leaves):
-            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
+        model, p_shard = _flat_params_model(m)
         if kind == "prefill":
             def fn(leaves, cache: Cache, ids, mask, rng, vision=None):
                 kw = {}
@@ -78,12 +77,7 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
 def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int):
     """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list."""
     def build():
-        graphdef, treedef = m.graphdef, jax.tree.structure(m.params)
-        p_shard = jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules))
-
-        def model(leaves):
-            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
+        model, p_shard = _flat_params_model(m)
         if kind == "prefill":
             def fn(leaves, cache, ids, mask, rng):
                 return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling)
