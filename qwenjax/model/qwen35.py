@@ -309,14 +309,10 @@ class Qwen35ForCausalLM(nnx.Module):
         inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=slots,
                              attend_cache=not fresh)
 
-        x = self.embed(input_ids, vision)
-        new_layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache, _ = layer(x, inputs, layer_cache)
-            new_layers.append(layer_cache)
+        x, new_layers = self._through_layers(self.embed(input_ids, vision), inputs, cache)
         hidden = self.norm(x)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
-        cache = dataclasses.replace(cache, layers=tuple(new_layers), lengths=cache.lengths + n_new,
+        cache = dataclasses.replace(cache, layers=new_layers, lengths=cache.lengths + n_new,
                                     rope_deltas=cache.rope_deltas if rope_deltas is None else rope_deltas)
         return (self.head(last)[:, 0], cache) + ((hidden,) if return_hidden else ())
 
@@ -331,10 +327,7 @@ class Qwen35ForCausalLM(nnx.Module):
         b, t = input_ids.shape
         valid = None if attention_mask is None else attention_mask.astype(bool)
         n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
-        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-        cos, sin = rope_cos_sin(self.config, slots + cache.rope_deltas[:, None])
-        inputs = LayerInputs(cos=cos, sin=sin, mask=jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None],
-                             valid=valid, write_index=slots, attend_cache=True)
+        inputs = self._inputs_after(cache, start, t, valid=valid)
         out, mtp_cache = self.mtp(self.embed(input_ids), hidden, inputs, step=step, cache=cache.mtp)
         last = jnp.take_along_axis(out, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
         return self.head(last), last, dataclasses.replace(cache, mtp=mtp_cache)
@@ -344,18 +337,26 @@ class Qwen35ForCausalLM(nnx.Module):
         `cache`. Returns (logits [B, T, vocab] at every new token, their final-normed hidden states [B, T, D],
         the cache with every token written and each GDN layer's window and state after each token, lengths not
         yet advanced): `qwenjax.model.cache.accept_steps` keeps each row's accepted prefix."""
-        b, t = input_ids.shape
-        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        inputs = self._inputs_after(cache, cache.lengths, input_ids.shape[1], valid=None, step_states=True)
+        x, new_layers = self._through_layers(self.embed(input_ids), inputs, cache)
+        hidden = self.norm(x)
+        return self.head(hidden), hidden, dataclasses.replace(cache, layers=new_layers)
+
+    def _inputs_after(self, cache: Cache, start: jax.Array, t: int, **kw) -> LayerInputs:
+        """LayerInputs for t new tokens written at cache slots start[r] .. of each row, at their positions, each
+        attending to the buffer up to itself."""
+        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)
         cos, sin = rope_cos_sin(self.config, slots + cache.rope_deltas[:, None])
-        inputs = LayerInputs(cos=cos, sin=sin, mask=jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None],
-                             valid=None, write_index=slots, attend_cache=True, step_states=True)
-        x = self.embed(input_ids)
+        return LayerInputs(cos=cos, sin=sin, mask=jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None],
+                           write_index=slots, attend_cache=True, **kw)
+
+    def _through_layers(self, x: jax.Array, inputs: LayerInputs, cache: Cache):
+        """x through every decoder layer with its cache: (x, the layers' updated caches)."""
         new_layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache, _ = layer(x, inputs, layer_cache)
             new_layers.append(layer_cache)
-        hidden = self.norm(x)
-        return self.head(hidden), hidden, dataclasses.replace(cache, layers=tuple(new_layers))
+        return x, tuple(new_layers)
 
 
 NO_MTP = ("this model has no MTP head: its config has mtp_num_hidden_layers = 0 or its checkpoint no mtp.* "
