@@ -205,8 +205,12 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
     generated: list[list[int]] = [[] for _ in range(batch)]
     with activation_sharding(m.mesh, m.rules):
         pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng)
+        passes = 1
+        # dispatch each verify pass before reading the previous one's tokens, as plain decoding does: its inputs
+        # are all on the device, and the host's bookkeeping then overlaps the pass
+        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes))
         queues = [[t] for t in np.asarray(pending).tolist()]
-        produced, passes = 0, 0
+        produced = 0
         while True:
             while all(queues[r] for r in range(batch) if not done[r]):
                 out: list[int | None] = []
@@ -223,9 +227,9 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
                 yield out
                 if done.all() or produced == max_new_tokens:
                     return
+            emitted, count, pending, drafts, dists, cache = in_flight
             passes += 1
-            emitted, count, pending, drafts, dists, cache = step(params, cache, pending, drafts, dists, rng,
-                                                                 np.int32(passes))
+            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes))
             emitted, count = np.asarray(emitted), np.asarray(count)
             for r in range(batch):
                 if done[r]:
