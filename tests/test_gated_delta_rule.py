@@ -179,6 +179,34 @@ def test_decode_step_matches_recurrent(ratio):
         gated_delta_rule_step(*make_inputs(0, t=2)[:5])
 
 
+@pytest.mark.parametrize("t", [3, 8, 9])
+def test_model_entry_point_short_sequences_and_every_state(t):
+    """`qwenjax.ops.gated_delta_rule.gated_delta_rule`: up to STEPWISE_MAX_TOKENS tokens go one at a time through
+    the decode step, more through the chunked form; either way the recurrence's o and final state, with grads.
+    `every_state` gives the state after each token: the recurrence's final state over each prefix."""
+    from qwenjax.ops import gated_delta_rule as ops
+
+    assert (t <= ops.STEPWISE_MAX_TOKENS) == (t < 9)
+    q, k, v, g, beta, s0 = make_inputs(40 + t, t=t, ratio=2, with_state=True)
+    cot = random_cotangents(2, v.shape, s0.shape)
+    model = lambda q, k, v, g, beta, s0: ops.gated_delta_rule(q, k, v, g, beta, initial_state=s0,
+                                                                implementation="xla")
+    rec = lambda q, k, v, g, beta, s0: gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=s0)
+    (o, state), grads = jax.jit(lambda *a: _outputs_and_grads(model, a, cot))(q, k, v, g, beta, s0)
+    (o_r, state_r), grads_r = jax.jit(lambda *a: _outputs_and_grads(rec, a, cot))(q, k, v, g, beta, s0)
+    assert_close(o, o_r, ATOL_FWD, what="o")
+    assert_close(state, state_r, ATOL_FWD, what="final state")
+    assert_grads_close(grads, grads_r, what="model entry point vs recurrent")
+
+    o_e, states = ops.gated_delta_rule(q, k, v, g, beta, initial_state=s0, implementation="xla", every_state=True)
+    assert states.shape == (q.shape[0], t, *s0.shape[1:])
+    assert_close(o_e, o_r, ATOL_FWD, what="o with every state")
+    for i in range(t):
+        _, prefix = gated_delta_rule_recurrent(q[:, :i + 1], k[:, :i + 1], v[:, :i + 1], g[:, :i + 1],
+                                               beta[:, :i + 1], initial_state=s0)
+        assert_close(states[:, i], prefix, ATOL_FWD, what=f"state after token {i}")
+
+
 # ---------------------------------------------------------------------------
 # 3. Hugging Face transformers reference
 # ---------------------------------------------------------------------------

@@ -128,6 +128,47 @@ def test_speculative_greedy_equals_plain_greedy(mtp_model, monkeypatch, k):
     assert stats.steps < 4 * 14  # fewer verify passes than tokens
 
 
+def test_recomputing_the_kept_tokens_equals_keeping_every_state(mtp_model):
+    """speculative.step's two rollbacks from the same cache and drafts (3 rows keeping 3, 1 and 0 of 3 drafts):
+    the same tokens, counts and next drafts, and the same cache: GDN windows and states, lengths, and the main
+    model's and the head's keys and values up to each row's length."""
+    m, k = mtp_model, 3
+    mod, sampling = m.module, SamplingParams()
+    prompts = _prompts(m.config.vocab_size)[:3]
+    plain = qwenjax.generate(m, prompts, max_new_tokens=k + 1)
+    ids = np.zeros((3, 192), np.int32)
+    mask = np.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)], mask[r, :len(p)] = p, 1
+    cache = init_cache(m.config, 3, 256, jnp.float32, mtp=True)
+    first, _, dists, cache = jax.jit(lambda c: speculative.prefill(mod, c, ids, mask, jax.random.key(0), k,
+                                                                 sampling))(cache)
+    assert np.asarray(first).tolist() == [o[0] for o in plain]
+    drafts = np.array([o[1:] for o in plain], np.int32)
+    for r, wrong_from in ((1, 1), (2, 0)):
+        drafts[r, wrong_from] = (drafts[r, wrong_from] + 1) % m.config.vocab_size
+    run = {rb: jax.jit(lambda c, rb=rb: speculative.step(mod, c, first, jnp.asarray(drafts), dists,
+                                                         jax.random.key(1), sampling, rollback=rb))(cache)
+           for rb in speculative.ROLLBACKS}
+    (*out_s, kept_s), (*out_r, kept_r) = ((*o[:5], o[5]) for o in run.values())
+    assert np.asarray(out_s[1]).tolist() == [k + 1, 2, 1]
+    for a, b in zip(out_s, out_r):
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lengths = np.asarray(kept_s.lengths)
+    np.testing.assert_array_equal(lengths, np.asarray(kept_r.lengths))
+    for n, (a, b) in enumerate(zip(kept_s.layers + (kept_s.mtp,), kept_r.layers + (kept_r.mtp,))):
+        if isinstance(a, GatedDeltaNetCache):
+            np.testing.assert_allclose(a.conv, b.conv, atol=1e-5, err_msg=f"layer {n} conv window")
+            np.testing.assert_allclose(a.state, b.state, atol=1e-5, err_msg=f"layer {n} state")
+        else:
+            for r in range(3):
+                np.testing.assert_allclose(a.k[r, :lengths[r]], b.k[r, :lengths[r]], atol=1e-5, err_msg=f"{n} k")
+                np.testing.assert_allclose(a.v[r, :lengths[r]], b.v[r, :lengths[r]], atol=1e-5, err_msg=f"{n} v")
+    with pytest.raises(ValueError, match="rollback"):
+        speculative.step(mod, cache, first, jnp.asarray(drafts), dists, jax.random.key(1), sampling, rollback="x")
+
+
 def test_speculative_needs_an_mtp_head_and_a_valid_count(tmp_path, mtp_model):
     with pytest.raises(qwenjax.validate.InputError, match="num_speculative_tokens"):
         qwenjax.generate(mtp_model, [[1, 2]], max_new_tokens=2, num_speculative_tokens=-1)

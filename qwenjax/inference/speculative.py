@@ -88,13 +88,27 @@ def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, 
     return first, drafts, dists, cache
 
 
+ROLLBACKS = ("states", "recompute")
+
+
 def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Array | None, key: jax.Array,
-         sampling: SamplingParams):
+         sampling: SamplingParams, rollback: str = "states"):
     """One verify pass: (emitted [B, k+1] of which each row's first `count` are its new tokens, count [B] (kept
-    drafts + 1), the next pending token [B], the next drafts and distributions, the cache)."""
+    drafts + 1), the next pending token [B], the next drafts and distributions, the cache).
+
+    `rollback`: how the GDN layers come to hold their state after each row's last kept token:
+    - "states": the verify pass keeps every layer's conv window and state after each token; keeping a prefix
+      selects them (`accept_steps`).
+    - "recompute": the verify pass keeps nothing per token; the kept tokens then run through the model again
+      from the cache before the pass (a second read of every weight, but no per-token state buffers).
+    BENCHMARKS.md measures both; generation uses "states".
+    """
+    if rollback not in ROLLBACKS:
+        raise ValueError(f"rollback={rollback!r}: choose one of {ROLLBACKS}")
     b, k = drafts.shape
     start = cache.lengths
-    logits, hidden, steps = mod.verify(jnp.concatenate([pending[:, None], drafts], axis=1), cache)  # [B, k+1, V]
+    verified = jnp.concatenate([pending[:, None], drafts], axis=1)
+    logits, hidden, steps = mod.verify(verified, cache, every_state=rollback == "states")  # [B, k+1, V]
     if sampling.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         kept = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
@@ -110,8 +124,11 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
         at = lambda x: jnp.take_along_axis(x, kept[:, None, None], axis=1)[:, 0]
         residual = jnp.maximum(at(p) - at(q_pad), 0.0)
         last = jax.random.categorical(keys[1], jnp.log(residual), axis=-1).astype(jnp.int32)
-    cache = accept_steps(steps, kept + 1)
     j = jnp.arange(k + 1)[None]
+    if rollback == "states":
+        cache = accept_steps(steps, kept + 1)
+    else:
+        cache = mod.extend(verified, cache, attention_mask=j <= kept[:, None])[1]
     # the head's rows start .. start+kept: tokens d1 .. d_kept, then the main model's own token
     emitted = jnp.where(j == kept[:, None], last[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1))
     new_drafts, new_dists, cache = draft(mod, cache, emitted, hidden, start, j <= kept[:, None], k, sampling,

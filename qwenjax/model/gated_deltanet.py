@@ -83,8 +83,7 @@ class GatedDeltaNet(nnx.Module):
 
         `step_states` (with a cache; a speculative verify pass of a few tokens): the cache returned holds the
         conv window and recurrent state after each new token, [B, T, ...], so that the caller can keep those
-        after any prefix (`qwenjax.model.cache.accept_steps`). The tokens then go one at a time through the
-        decode step's implementation, as plain decoding would run them.
+        after any prefix (`qwenjax.model.cache.accept_steps`).
 
         `valid` [B, T] marks real tokens (right padding after them): padding tokens are zeroed and neither
         decay nor update the state, so the state and conv window a cache keeps are those after each row's
@@ -117,19 +116,9 @@ class GatedDeltaNet(nnx.Module):
         v = qkv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
 
         with jax.named_scope("gated_delta_rule"):
-            if step_states:
-                outs, states, state = [], [], cache.state
-                for i in range(t):
-                    o_i, state = gated_delta_rule(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], g[:, i:i + 1],
-                                                  beta[:, i:i + 1], initial_state=state,
-                                                  implementation=self.kernels.gated_delta_rule)
-                    outs.append(o_i)
-                    states.append(state)
-                o, state = jnp.concatenate(outs, axis=1), jnp.stack(states, axis=1)
-            else:
-                o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
-                                            initial_state=None if cache is None else cache.state,
-                                            implementation=self.kernels.gated_delta_rule)
+            o, state = gated_delta_rule(q, k, v, g, beta, segment_ids=documents,
+                                        initial_state=None if cache is None else cache.state,
+                                        implementation=self.kernels.gated_delta_rule, every_state=step_states)
         o = self.norm(o, z).reshape(b, t, cfg.linear_value_dim)
         new_cache = None if cache is None else GatedDeltaNetCache(conv=window, state=state)
         return self.out_proj(o), new_cache

@@ -332,12 +332,14 @@ class Qwen35ForCausalLM(nnx.Module):
         last = jnp.take_along_axis(out, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
         return self.head(last), last, dataclasses.replace(cache, mtp=mtp_cache)
 
-    def verify(self, input_ids: jax.Array, cache: Cache) -> tuple[jax.Array, jax.Array, Cache]:
+    def verify(self, input_ids: jax.Array, cache: Cache, *,
+               every_state: bool = True) -> tuple[jax.Array, jax.Array, Cache]:
         """A speculative verify pass: input_ids [B, T] (the last sampled token and T-1 drafts) after each row of
         `cache`. Returns (logits [B, T, vocab] at every new token, their final-normed hidden states [B, T, D],
         the cache with every token written and each GDN layer's window and state after each token, lengths not
-        yet advanced): `qwenjax.model.cache.accept_steps` keeps each row's accepted prefix."""
-        inputs = self._inputs_after(cache, cache.lengths, input_ids.shape[1], valid=None, step_states=True)
+        yet advanced): `qwenjax.model.cache.accept_steps` keeps each row's accepted prefix. Without
+        `every_state` the GDN layers keep only their final state (for a caller that recomputes the prefix)."""
+        inputs = self._inputs_after(cache, cache.lengths, input_ids.shape[1], valid=None, step_states=every_state)
         x, new_layers = self._through_layers(self.embed(input_ids), inputs, cache)
         hidden = self.norm(x)
         return self.head(hidden), hidden, dataclasses.replace(cache, layers=new_layers)

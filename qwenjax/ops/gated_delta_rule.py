@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
@@ -34,20 +35,31 @@ def auto(platform: str) -> str:
     return "pallas_tpu" if platform == "tpu" else "xla"
 
 
+STEPWISE_MAX_TOKENS = 8  # up to this many tokens without documents run one at a time through the decode step
+
+
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
                      initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                     implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
+                     implementation: str = "auto", every_state: bool = False) -> tuple[jax.Array, jax.Array]:
     """o, final_state for q,k [B,T,HK,K], v [B,T,HV,V], g, beta [B,T,HV]; q/k are l2-normalised inside.
 
-    `implementation`: a name of IMPLEMENTATIONS ("auto" picks by the default backend). A single token (T == 1,
-    a decode step) takes the implementation's step function: the chunked form would pad it to a whole chunk.
+    `implementation`: a name of IMPLEMENTATIONS ("auto" picks by the default backend). A few tokens (T <=
+    STEPWISE_MAX_TOKENS, no segment_ids: a decode step, a speculative verify pass, a short continuation) go one
+    at a time through the implementation's step function: the chunked form would pad them to a whole chunk
+    (4 tokens: 2.8x slower through the whole model on XLA:CPU).
+    `every_state` (a verify pass, whose caller keeps the state after any prefix of its tokens): the state after
+    every token, [B, T, HV, K, V], instead of the final one; the tokens then always go one at a time.
 
-    Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V].
+    Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V] (or every state).
     """
     if implementation == "auto":
         implementation = auto(jax.default_backend())
     sequence, single_token = IMPLEMENTATIONS[implementation]
-    impl = single_token if q.shape[1] == 1 else sequence
+    t = q.shape[1]
+    if every_state or (t <= STEPWISE_MAX_TOKENS and segment_ids is None):
+        impl = functools.partial(_stepwise, single_token, every_state=every_state)
+    else:
+        impl = sequence
 
     def local(q, k, v, g, beta, initial_state, segment_ids):
         return impl(q, k, v, g, beta, initial_state=initial_state, segment_ids=segment_ids, use_qk_l2norm=True)
@@ -65,5 +77,18 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     tok, state = P(batch, None, heads), P(batch, heads)
     in_specs = (P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None, heads, None), tok, tok,
                 None if initial_state is None else state, None if segment_ids is None else P(batch, None))
-    return _compat.shard_map(local, mesh=ctx[0], in_specs=in_specs, out_specs=(P(batch, None, heads, None), state))(
+    out_specs = (P(batch, None, heads, None), tok if every_state else state)
+    return _compat.shard_map(local, mesh=ctx[0], in_specs=in_specs, out_specs=out_specs)(
         q, k, v, g, beta, initial_state, segment_ids)
+
+
+def _stepwise(single_token, q, k, v, g, beta, *, initial_state, segment_ids, use_qk_l2norm, every_state):
+    """The tokens one at a time through `single_token` (no segment_ids): (o, final state or every state)."""
+    del segment_ids
+    outs, states, state = [], [], initial_state
+    for i in range(q.shape[1]):
+        o_i, state = single_token(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], g[:, i:i + 1], beta[:, i:i + 1],
+                                  initial_state=state, use_qk_l2norm=use_qk_l2norm)
+        outs.append(o_i)
+        states.append(state)
+    return jnp.concatenate(outs, axis=1), (jnp.stack(states, axis=1) if every_state else state)

@@ -1,0 +1,199 @@
+"""Speculative decoding with the MTP head: what it gains on the bundled model, and what a verify pass costs at the
+0.8B shape, from which its gain on a real checkpoint can be projected.
+
+    python scripts/bench_speculative.py                        # both parts
+    python scripts/bench_speculative.py --part bundled --repeats 3
+    python scripts/bench_speculative.py --part shape --dtypes bfloat16 --ks 1,3
+
+Part "bundled": the bundled tiny-pydoc model and its trained head, batch 1, greedy, end-of-sequence disabled,
+`--new-tokens` tokens from the first 32 tokens of each of `--prompts` held-out pieces of its corpus (those
+scripts/train_default_model.py never trained on). Decode tokens/s = (new tokens - 1) / the time from the first
+streamed token to the last (prefill excluded), `qwenjax.stream(..., num_speculative_tokens=k)` for k = 0 (plain
+decoding), 1, 2, 3, taking turns on every prompt in every round so that all see the same drift of the machine.
+Medians over prompts x rounds; the mean accepted drafts per verify pass from `SpeculativeStats`.
+
+Part "shape": random weights of `--config` (default the 0.8B shape) with its MTP layer; acceptance is
+meaningless there, so this part times one call of each jitted function after a 128-token prompt, medians of
+`--calls` calls per round over `--repeats` rounds, relative to one plain decode step of the same round:
+- verify: the main model over k+1 tokens keeping every GDN state, and the selection of a prefix;
+- speculative step: verify + selection + the k draft steps of the MTP head (what one pass of generation costs),
+  with the "states" rollback (generation's) and the "recompute" one (the kept tokens run through the model again
+  instead of keeping every GDN state).
+A real checkpoint's speed-up at k is then (mean accepted + 1) / (speculative step cost / decode step cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPT_TOKENS = 32
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} cpus" if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def bundled(args) -> None:
+    import numpy as np
+
+    import qwenjax
+    from qwenjax.demo import DEFAULT_MODEL_DIR
+    from qwenjax.inference.speculative import SpeculativeStats
+    from qwenjax.inference.tokenizer import Tokenizer
+    from scripts.train_default_model import HOLDOUT_EVERY, pieces, python_docs
+
+    m = qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype=args.bundled_dtype)
+    tok = Tokenizer(DEFAULT_MODEL_DIR)
+    heldout = [t for i, t in enumerate(pieces(python_docs())) if i % HOLDOUT_EVERY == 0]
+    prompts = [ids[:PROMPT_TOKENS] for ids in map(tok.encode, heldout) if len(ids) >= PROMPT_TOKENS][:args.prompts]
+    ks = (0, 1, 2, 3)
+    n = args.new_tokens
+
+    def run(prompt, k):
+        stats = SpeculativeStats()
+        stamps, tokens = [], []
+        for out in qwenjax.stream(m, [prompt], max_new_tokens=n, eos_token_ids=[], num_speculative_tokens=k,
+                                  speculative_stats=stats):
+            stamps.append(time.perf_counter())
+            tokens.append(out[0])
+        return (n - 1) / (stamps[-1] - stamps[0]), tokens, stats
+
+    print(f"\n== bundled model ({DEFAULT_MODEL_DIR}, {args.bundled_dtype}): batch 1, greedy, {len(prompts)} held-out "
+          f"prompts of {PROMPT_TOKENS} tokens, {n} new tokens, {args.repeats} rounds")
+    plain = {}
+    for i, p in enumerate(prompts):  # warm-up (compiles), and the plain output every k must reproduce
+        for k in ks:
+            _, tokens, _ = run(p, k)
+            if k == 0:
+                plain[i] = tokens
+            elif tokens != plain[i]:
+                raise SystemExit(f"prompt {i}: k={k} output differs from plain greedy decoding")
+    rates = {k: [] for k in ks}
+    stats = {k: SpeculativeStats() for k in ks}
+    for _ in range(args.repeats):
+        for i, p in enumerate(prompts):
+            for k in ks:
+                rate, _, s = run(p, k)
+                rates[k].append(rate)
+                for f in ("steps", "drafted", "accepted"):
+                    setattr(stats[k], f, getattr(stats[k], f) + getattr(s, f))
+    base = statistics.median(rates[0])
+    print("| k | decode tokens/s (median) | vs plain | mean accepted per pass | tokens per pass | acceptance |")
+    print("|---|---|---|---|---|---|")
+    for k in ks:
+        r = statistics.median(rates[k])
+        s = stats[k]
+        extra = (f"{s.mean_accepted:.2f} | {s.mean_accepted + 1:.2f} | {s.acceptance_rate:.0%}" if k else
+                 "- | 1 | -")
+        print(f"| {k} | {r:.0f} | **{r / base:.2f}x** | {extra} |")
+
+
+def shape(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import qwenjax
+    from qwenjax.config import load_config
+    from qwenjax.inference import generate, speculative
+    from qwenjax.inference.sampling import SamplingParams
+    from qwenjax.model.cache import accept_steps
+
+    cfg = load_config(args.config)
+    if args.layers:
+        cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
+    if not cfg.mtp_num_hidden_layers:
+        cfg = cfg.replace(mtp_num_hidden_layers=1)
+    ks = [int(k) for k in args.ks.split(",")]
+    greedy = SamplingParams()
+    prompt = 128
+    for dtype in args.dtypes.split(","):
+        m = qwenjax.from_config(cfg, dtype=dtype)
+        model, _ = generate._flat_params_model(m)
+        params = jax.tree.leaves(m.params)
+        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt)).astype(np.int32)
+        mask = np.ones_like(ids)
+        rng = jax.random.key(0)
+        # every call below appends 1 .. k+1 tokens to the one cache they pass along
+        capacity = prompt + (1 + 3 * len(ks)) * (args.calls * args.repeats + 1) * (max(ks) + 1)
+        tokens, cache = generate._compiled(m, "prefill", greedy)(params, generate.new_cache(m, 1, capacity, mtp=True),
+                                                                ids, mask, rng)
+        print(f"\n== {args.config} shape{f' ({args.layers} layers)' if args.layers else ''}, random weights, "
+              f"{dtype}: one call after a {prompt}-token prompt, batch 1")
+        state = {"cache": cache}
+
+        def timed(fn):
+            t0 = time.perf_counter()
+            out = fn(state["cache"])
+            jax.block_until_ready(out)
+            state["cache"] = out[-1]
+            return time.perf_counter() - t0
+
+        plain_step = generate._compiled(m, "step", greedy)
+        calls = {"decode step": lambda c: plain_step(params, c, tokens, rng, np.int32(1))}
+        for k in ks:
+            drafts = jnp.zeros((1, k), jnp.int32)
+
+            def verify(leaves, c, toks):
+                logits, _, steps = model(leaves).verify(toks, c)
+                return jnp.argmax(logits, -1), accept_steps(steps, jnp.ones((1,), jnp.int32))
+
+            verify = jax.jit(verify, donate_argnums=1)
+            calls[f"verify k={k}"] = (lambda c, verify=verify, k=k: verify(params, c, jnp.zeros((1, k + 1), jnp.int32)))
+            for rollback in speculative.ROLLBACKS:
+                fn = jax.jit(lambda leaves, c, rollback=rollback: speculative.step(
+                    model(leaves), c, tokens, drafts, None, rng, greedy, rollback=rollback), donate_argnums=1)
+                calls[f"speculative step k={k}, {rollback}"] = (lambda c, fn=fn: fn(params, c))
+        for fn in calls.values():  # compile
+            timed(fn)
+        times = {name: [] for name in calls}
+        for _ in range(args.repeats):
+            for name, fn in calls.items():
+                times[name].append(statistics.median(timed(fn) for _ in range(args.calls)))
+        base = statistics.median(times["decode step"])
+        print("| call | ms (median) | vs one decode step |")
+        print("|---|---|---|")
+        for name in calls:
+            t = statistics.median(times[name])
+            print(f"| {name} | {t * 1e3:.1f} | **{t / base:.2f}x** |")
+        m = model = params = state["cache"] = None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("bundled", "shape", "both"), default="both")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts (bundled part)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--bundled-dtype", default="bfloat16", help="the bundled model's compute dtype, as the CLI's")
+    p.add_argument("--config", default="qwen3.5-0.8b", help="config file or configs/ name (shape part)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (multiple of 4)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--ks", default="1,2,3", help="draft counts of the shape part")
+    p.add_argument("--calls", type=int, default=3, help="timed calls per round (shape part)")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    import jax
+
+    print(f"machine: {cpu_name() if jax.default_backend() == 'cpu' else jax.devices()[0].device_kind}; "
+          f"jax {jax.__version__}")
+    if args.part in ("bundled", "both"):
+        bundled(args)
+    if args.part in ("shape", "both"):
+        shape(args)
+
+
+if __name__ == "__main__":
+    main()
