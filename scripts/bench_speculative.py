@@ -46,7 +46,6 @@ def cpu_name() -> str:
 
 
 def bundled(args) -> None:
-    import numpy as np
 
     import qwenjax
     from qwenjax.demo import DEFAULT_MODEL_DIR

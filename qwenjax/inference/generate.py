@@ -48,6 +48,20 @@ def _flat_params_model(m):
             jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules)))
 
 
+def _vision_kwargs(vision: tuple | None, grids: tuple | None) -> dict:
+    """`extend`'s keyword arguments for a prefill's images and videos: `vision` is what the jitted prefill takes,
+    (positions, rope deltas, pixels, video pixels) or None; `grids` the static (image_grid_thw, video_grid_thw)."""
+    if vision is None:
+        return {}
+    positions, deltas, pixels, video_pixels = vision
+    return dict(positions=positions, rope_deltas=deltas, vision=VisionInputs(pixels, grids[0], video_pixels, grids[1]))
+
+
+def _grids_key(grids: tuple | None) -> tuple | None:
+    """The compile-cache key of a prefill's grids (numpy arrays do not hash)."""
+    return None if grids is None else tuple(None if g is None else g.tobytes() for g in grids)
+
+
 def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None):
     """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself; a prefill with
     images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes)."""
@@ -55,12 +69,8 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
         model, p_shard = _flat_params_model(m)
         if kind == "prefill":
             def fn(leaves, cache: Cache, ids, mask, rng, vision=None):
-                kw = {}
-                if vision is not None:  # (positions, rope deltas, pixels, video pixels)
-                    positions, deltas, pixels, video_pixels = vision
-                    kw = dict(positions=positions, rope_deltas=deltas,
-                              vision=VisionInputs(pixels, grids[0], video_pixels, grids[1]))
-                logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True, **kw)
+                logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True,
+                                                     **_vision_kwargs(vision, grids))
                 return sample(logits, jax.random.fold_in(rng, 0), sampling), cache
         else:
             def fn(leaves, cache: Cache, tokens, rng, step):
@@ -70,24 +80,26 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
         return jax.jit(fn, in_shardings=(p_shard, *[None] * (4 if kind == "step" or grids is None else 5)),
                        donate_argnums=1)
 
-    key = None if grids is None else tuple(None if g is None else g.tobytes() for g in grids)
-    return m.compiled(("generate", kind, sampling, key), build)
+    return m.compiled(("generate", kind, sampling, _grids_key(grids)), build)
 
 
-def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int):
-    """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list."""
+def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids: tuple | None = None):
+    """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list; a
+    prefill with images or videos compiled once per set of `grids`, as `_compiled`'s."""
     def build():
         model, p_shard = _flat_params_model(m)
         if kind == "prefill":
-            def fn(leaves, cache, ids, mask, rng):
-                return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling)
+            def fn(leaves, cache, ids, mask, rng, vision=None):
+                return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling,
+                                           **_vision_kwargs(vision, grids))
         else:
             def fn(leaves, cache, pending, drafts, dists, rng, i):
                 return speculative.step(model(leaves), cache, pending, drafts, dists, jax.random.fold_in(rng, i),
                                         sampling)
-        return jax.jit(fn, in_shardings=(p_shard, *[None] * (4 if kind == "prefill" else 6)), donate_argnums=1)
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * (6 if kind == "step" else 4 if grids is None else 5)),
+                       donate_argnums=1)
 
-    return m.compiled(("speculative", kind, sampling, k), build)
+    return m.compiled(("speculative", kind, sampling, k, _grids_key(grids)), build)
 
 
 def new_cache(m, batch_size: int, max_len: int, *, mtp: bool = False) -> Cache:
@@ -153,21 +165,18 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         ids[r, :len(p)], mask[r, :len(p)] = p, 1
 
     vision = vision_inputs(m.config, ids, mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    if k:
-        if vision is not None:
-            raise InputError("num_speculative_tokens with images or videos: not supported yet (the MTP head would "
-                             "read the pad tokens' embeddings, not their vision features)")
-        yield from _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings,
-                                       tokenizer, speculative_stats)
-        return
-    prefill_args = ()
+    grids, prefill_args = None, ()
     if vision is not None:
+        grids = (vision.image_grid_thw, vision.video_grid_thw)
         positions, deltas = vision_positions(m.config, ids, mask, vision)
         prefill_args = ((positions, deltas, vision.pixel_values, vision.pixel_values_videos),)
+    if k:
+        yield from _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings,
+                                       tokenizer, speculative_stats, grids, prefill_args)
+        return
 
     rng = jax.random.key(seed)
-    prefill = _compiled(m, "prefill", sampling, None if vision is None else (vision.image_grid_thw,
-                                                                               vision.video_grid_thw))
+    prefill = _compiled(m, "prefill", sampling, grids)
     step = _compiled(m, "step", sampling)
     done = np.zeros(batch, bool)
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -193,18 +202,20 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
 
 
 def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings, tokenizer,
-                        stats) -> Iterator[list[int | None]]:
+                        stats, grids, prefill_args) -> Iterator[list[int | None]]:
     """`stream`'s loop with MTP drafts: each verify pass gives every row 1 .. k+1 tokens, queued and yielded one
-    per row per round, as plain decoding yields them."""
+    per row per round, as plain decoding yields them. `grids` and `prefill_args`: the prompt's images and videos,
+    as the plain prefill takes them."""
     batch = ids.shape[0]
     rng = jax.random.key(seed)
-    prefill = _compiled_speculative(m, "prefill", sampling, k)
+    prefill = _compiled_speculative(m, "prefill", sampling, k, grids)
     step = _compiled_speculative(m, "step", sampling, k)
     params = jax.tree.leaves(m.params)
     done = np.zeros(batch, bool)
     generated: list[list[int]] = [[] for _ in range(batch)]
     with activation_sharding(m.mesh, m.rules):
-        pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng)
+        pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng,
+                                                *prefill_args)
         passes = 1
         # dispatch each verify pass before reading the previous one's tokens, as plain decoding does: its inputs
         # are all on the device, and the host's bookkeeping then overlaps the pass

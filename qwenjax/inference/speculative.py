@@ -5,9 +5,12 @@
            the main model's own ─▶ the MTP head over the kept rows (true hidden states) ─▶ k new drafts
 
 The MTP head's row p reads token p+1 and the hidden state of token p and predicts token p+2; its later draft
-steps feed back its own output in place of the main model's hidden state. After a verify pass every GDN layer
-holds its state after each verified token, so keeping a prefix is a selection (`accept_steps`), not a second
-pass; attention buffers and the head's own buffer roll back by length.
+steps feed back its own output in place of the main model's hidden state. Over a prompt with images or videos
+it reads what training gave it (vLLM too): the embeddings after the vision features' scatter, at the multimodal
+positions; its draft rows and the decoding continue at text positions plus the prompt's rope delta, as plain
+decoding does. After a verify pass every GDN layer holds its state after each verified token, so keeping a prefix
+is a selection (`accept_steps`), not a second pass; attention buffers and the head's own buffer roll back by
+length.
 
 Greedy: a draft is kept while it equals the main model's argmax, so the output is plain greedy decoding's.
 Sampling: rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft d ~ q is kept with probability
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax.inference.sampling import SamplingParams, filter_logits
+from qwenjax.inputs import VisionInputs
 from qwenjax.model.cache import Cache, accept_steps
 
 
@@ -53,16 +57,18 @@ def _probs(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
 
 
-def draft(mod, cache: Cache, tokens: jax.Array, hidden: jax.Array, start: jax.Array, mask: jax.Array | None,
-          k: int, sampling: SamplingParams, key: jax.Array):
-    """The MTP head over rows start .. (real rows of `tokens`/`hidden`), then k-1 draft steps on its own output:
-    (drafts [B, k] int32, their draft distributions [B, k, V] (None when greedy), the cache)."""
-    n_rows = tokens.shape[1] if mask is None else mask.sum(-1, dtype=jnp.int32)
+def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Array, mask: jax.Array | None,
+          k: int, sampling: SamplingParams, key: jax.Array, positions: jax.Array | None = None):
+    """The MTP head over rows start .. (real rows of `embeds`/`hidden`, at `positions`: see `mtp_extend`), then
+    k-1 draft steps on its own output: (drafts [B, k] int32, their draft distributions [B, k, V] (None when
+    greedy), the cache)."""
+    n_rows = embeds.shape[1] if mask is None else mask.sum(-1, dtype=jnp.int32)
     drafts, dists = [], []
-    logits, h, cache = mod.mtp_extend(tokens, hidden, cache, start, attention_mask=mask, step=0)
+    logits, h, cache = mod.mtp_extend(embeds, hidden, cache, start, positions=positions, attention_mask=mask, step=0)
     for i in range(k):
         if i:
-            logits, h, cache = mod.mtp_extend(drafts[-1][:, None], h[:, None], cache, start + n_rows + i - 1, step=i)
+            logits, h, cache = mod.mtp_extend(mod.embed(drafts[-1][:, None]), h[:, None], cache,
+                                              start + n_rows + i - 1, step=i)
         if sampling.greedy:
             drafts.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
         else:
@@ -72,19 +78,23 @@ def draft(mod, cache: Cache, tokens: jax.Array, hidden: jax.Array, start: jax.Ar
     return jnp.stack(drafts, axis=1), (jnp.stack(dists, axis=1) if dists else None), cache
 
 
-def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int, sampling: SamplingParams):
+def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int, sampling: SamplingParams,
+            *, vision: VisionInputs | None = None, positions: jax.Array | None = None,
+            rope_deltas: jax.Array | None = None):
     """The prompt into the main model and the MTP head: (first token [B], drafts [B, k], their distributions,
-    the cache)."""
-    logits, cache, hidden = mod.extend(ids, cache, attention_mask=mask, fresh=True, return_hidden=True)
+    the cache). `vision`, `positions`, `rope_deltas`: a prompt's images or videos, as `extend` takes them."""
+    logits, cache, hidden, embeds = mod.extend(ids, cache, attention_mask=mask, fresh=True, return_hidden=True,
+                                               vision=vision, positions=positions, rope_deltas=rope_deltas)
     first = (jnp.argmax(logits, axis=-1) if sampling.greedy else
              jax.random.categorical(jax.random.fold_in(key, 0), filter_logits(logits, sampling), axis=-1))
     first = first.astype(jnp.int32)
     n = mask.sum(-1, dtype=jnp.int32)
-    # row p reads token p+1: the prompt's, and for the last prompt token the one just sampled
-    shifted = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    tokens = jnp.where(jnp.arange(ids.shape[1])[None] == (n - 1)[:, None], first[:, None], shifted)
-    drafts, dists, cache = draft(mod, cache, tokens, hidden, jnp.zeros_like(n), mask, k, sampling,
-                                 jax.random.fold_in(key, 1))
+    # row p reads token p+1's embedding: the prompt's (a vision feature at an image or video pad), and for the
+    # last prompt token the one just sampled; it sits at token p's position
+    shifted = jnp.concatenate([embeds[:, 1:], jnp.zeros_like(embeds[:, :1])], axis=1)
+    is_last = (jnp.arange(ids.shape[1])[None] == (n - 1)[:, None])[..., None]
+    drafts, dists, cache = draft(mod, cache, jnp.where(is_last, mod.embed(first[:, None]), shifted), hidden,
+                                 jnp.zeros_like(n), mask, k, sampling, jax.random.fold_in(key, 1), positions)
     return first, drafts, dists, cache
 
 
@@ -131,6 +141,6 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
         cache = mod.extend(verified, cache, attention_mask=j <= kept[:, None])[1]
     # the head's rows start .. start+kept: tokens d1 .. d_kept, then the main model's own token
     emitted = jnp.where(j == kept[:, None], last[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1))
-    new_drafts, new_dists, cache = draft(mod, cache, emitted, hidden, start, j <= kept[:, None], k, sampling,
-                                         jax.random.fold_in(key, 7))
+    new_drafts, new_dists, cache = draft(mod, cache, mod.embed(emitted), hidden, start, j <= kept[:, None], k,
+                                         sampling, jax.random.fold_in(key, 7))
     return emitted, kept + 1, last, new_drafts, new_dists, cache

@@ -282,8 +282,9 @@ class Qwen35ForCausalLM(nnx.Module):
                fresh: bool = False, vision: VisionInputs | None = None, positions: jax.Array | None = None,
                rope_deltas: jax.Array | None = None, return_hidden: bool = False):
         """Appends input_ids [B, T] to each row of `cache`; returns (logits [B, vocab] of each row's last new
-        token, the updated cache), and with `return_hidden` also the final-normed hidden states [B, T, D] of the
-        new tokens (what the MTP head reads).
+        token, the updated cache), and with `return_hidden` also what the MTP head reads of the new tokens: their
+        final-normed hidden states [B, T, D] and their input embeddings [B, T, D] (image and video pads holding
+        their vision features, which `embed` of the ids alone would not give).
 
         Args:
           attention_mask: [B, T], 1 for the tokens to append, 0 for right padding (rows may append different
@@ -309,26 +310,36 @@ class Qwen35ForCausalLM(nnx.Module):
         inputs = LayerInputs(cos=cos, sin=sin, mask=mask, valid=valid, write_index=slots,
                              attend_cache=not fresh)
 
-        x, new_layers = self._through_layers(self.embed(input_ids, vision), inputs, cache)
+        embeds = self.embed(input_ids, vision)
+        x, new_layers = self._through_layers(embeds, inputs, cache)
         hidden = self.norm(x)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
         cache = dataclasses.replace(cache, layers=new_layers, lengths=cache.lengths + n_new,
                                     rope_deltas=cache.rope_deltas if rope_deltas is None else rope_deltas)
-        return (self.head(last)[:, 0], cache) + ((hidden,) if return_hidden else ())
+        return (self.head(last)[:, 0], cache) + ((hidden, embeds) if return_hidden else ())
 
-    def mtp_extend(self, input_ids: jax.Array, hidden: jax.Array, cache: Cache, start: jax.Array, *,
-                   attention_mask: jax.Array | None = None, step: int = 0) -> tuple[jax.Array, jax.Array, Cache]:
-        """Runs the MTP head over rows start .. start+T-1 of each batch row: row p reads token p+1
-        (`input_ids` [B, T]) and the hidden state of token p (`hidden` [B, T, D]: the main model's final-normed
-        one, or for a draft step the head's own previous output), at position p, attending to the head's
-        cache rows up to p. Returns (logits [B, vocab] of each row's last real row: its prediction of token
-        p+2, that row's normed output [B, D] for the next draft step, the cache with the rows written to
-        `cache.mtp`). `attention_mask` [B, T]: 1 for real rows (right padding); `step` picks the layer."""
-        b, t = input_ids.shape
+    def mtp_extend(self, embeds: jax.Array, hidden: jax.Array, cache: Cache, start: jax.Array, *,
+                   positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                   step: int = 0) -> tuple[jax.Array, jax.Array, Cache]:
+        """Runs the MTP head over rows start .. start+T-1 of each batch row: row p reads the input embedding of
+        token p+1 (`embeds` [B, T, D]: `embed` of the token, or a prompt's embeddings from `extend`, whose image
+        and video pads hold their vision features, as in training) and the hidden state of token p (`hidden`
+        [B, T, D]: the main model's final-normed one, or for a draft step the head's own previous output), at
+        token p's position, attending to the head's cache rows up to p. Returns (logits [B, vocab] of each row's
+        last real row: its prediction of token p+2, that row's normed output [B, D] for the next draft step, the
+        cache with the rows written to `cache.mtp`).
+
+        Args:
+          positions: [B, T] or [3, B, T] rotary positions of the rows: a multimodal prompt's own (`extend`'s);
+            default the text positions, start + i + cache.rope_deltas, where decoding continues.
+          attention_mask: [B, T], 1 for real rows (right padding).
+          step: the draft step, which picks the head's layer.
+        """
+        b, t = embeds.shape[:2]
         valid = None if attention_mask is None else attention_mask.astype(bool)
         n_new = jnp.full((b,), t, jnp.int32) if valid is None else valid.sum(-1, dtype=jnp.int32)
-        inputs = self._inputs_after(cache, start, t, valid=valid)
-        out, mtp_cache = self.mtp(self.embed(input_ids), hidden, inputs, step=step, cache=cache.mtp)
+        inputs = self._inputs_after(cache, start, t, positions=positions, valid=valid)
+        out, mtp_cache = self.mtp(embeds, hidden, inputs, step=step, cache=cache.mtp)
         last = jnp.take_along_axis(out, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
         return self.head(last), last, dataclasses.replace(cache, mtp=mtp_cache)
 
@@ -344,11 +355,12 @@ class Qwen35ForCausalLM(nnx.Module):
         hidden = self.norm(x)
         return self.head(hidden), hidden, dataclasses.replace(cache, layers=new_layers)
 
-    def _inputs_after(self, cache: Cache, start: jax.Array, t: int, **kw) -> LayerInputs:
-        """LayerInputs for t new tokens written at cache slots start[r] .. of each row, at their positions, each
-        attending to the buffer up to itself."""
+    def _inputs_after(self, cache: Cache, start: jax.Array, t: int, positions: jax.Array | None = None,
+                      **kw) -> LayerInputs:
+        """LayerInputs for t new tokens written at cache slots start[r] .. of each row, at `positions` (default
+        their text positions, slots + cache.rope_deltas), each attending to the buffer up to itself."""
         slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-        cos, sin = rope_cos_sin(self.config, slots + cache.rope_deltas[:, None])
+        cos, sin = rope_cos_sin(self.config, slots + cache.rope_deltas[:, None] if positions is None else positions)
         return LayerInputs(cos=cos, sin=sin, mask=jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None],
                            write_index=slots, attend_cache=True, **kw)
 
