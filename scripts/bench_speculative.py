@@ -3,7 +3,7 @@
 
     python scripts/bench_speculative.py                        # both parts
     python scripts/bench_speculative.py --part bundled --repeats 3
-    python scripts/bench_speculative.py --part shape --dtypes bfloat16 --ks 1,3
+    python scripts/bench_speculative.py --part shape --configs qwen3.5-0.8b --dtypes bfloat16 --ks 1,3
 
 Part "bundled": the bundled tiny-pydoc model and its trained head, batch 1, greedy, end-of-sequence disabled,
 `--new-tokens` tokens from the first 32 tokens of each of `--prompts` held-out pieces of its corpus (those
@@ -12,9 +12,10 @@ streamed token to the last (prefill excluded), `qwenjax.stream(..., num_speculat
 decoding), 1, 2, 3, taking turns on every prompt in every round so that all see the same drift of the machine.
 Medians over prompts x rounds; the mean accepted drafts per verify pass from `SpeculativeStats`.
 
-Part "shape": random weights of `--config` (default the 0.8B shape) with its MTP layer; acceptance is
-meaningless there, so this part times one call of each jitted function after a 128-token prompt, medians of
-`--calls` calls per round over `--repeats` rounds, relative to one plain decode step of the same round:
+Part "shape": random weights of each of `--configs` (default the 0.8B shape) with an MTP layer; acceptance is
+meaningless there, so this part times one call of each jitted function after a 128-token prompt (at least 3
+calls and `--round-seconds` per function per round, median; the median over `--repeats` rounds), relative to one
+plain decode step in the same rounds:
 - verify: the main model over k+1 tokens keeping every GDN state, and the selection of a prefix;
 - speculative step: verify + selection + the k draft steps of the MTP head (what one pass of generation costs),
   with the "states" rollback (generation's) and the "recompute" one (the kept tokens run through the model again
@@ -25,6 +26,7 @@ A real checkpoint's speed-up at k is then (mean accepted + 1) / (speculative ste
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -100,74 +102,78 @@ def bundled(args) -> None:
 
 
 def shape(args) -> None:
+    from qwenjax.config import load_config, resolve_config
+
+    for name in args.configs.split(","):
+        cfg = load_config(resolve_config(name))
+        if args.layers:
+            cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
+        for dtype in args.dtypes.split(","):
+            shape_one(args, name, cfg.replace(mtp_num_hidden_layers=cfg.mtp_num_hidden_layers or 1), dtype)
+
+
+def shape_one(args, name, cfg, dtype) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import qwenjax
-    from qwenjax.config import load_config
     from qwenjax.inference import generate, speculative
     from qwenjax.inference.sampling import SamplingParams
     from qwenjax.model.cache import accept_steps
 
-    cfg = load_config(args.config)
-    if args.layers:
-        cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=cfg.layer_types[:args.layers])
-    if not cfg.mtp_num_hidden_layers:
-        cfg = cfg.replace(mtp_num_hidden_layers=1)
     ks = [int(k) for k in args.ks.split(",")]
     greedy = SamplingParams()
     prompt = 128
-    for dtype in args.dtypes.split(","):
-        m = qwenjax.from_config(cfg, dtype=dtype)
-        model, _ = generate._flat_params_model(m)
-        params = jax.tree.leaves(m.params)
-        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt)).astype(np.int32)
-        mask = np.ones_like(ids)
-        rng = jax.random.key(0)
-        # every call below appends 1 .. k+1 tokens to the one cache they pass along
-        capacity = prompt + (1 + 3 * len(ks)) * (args.calls * args.repeats + 1) * (max(ks) + 1)
-        tokens, cache = generate._compiled(m, "prefill", greedy)(params, generate.new_cache(m, 1, capacity, mtp=True),
-                                                                ids, mask, rng)
-        print(f"\n== {args.config} shape{f' ({args.layers} layers)' if args.layers else ''}, random weights, "
-              f"{dtype}: one call after a {prompt}-token prompt, batch 1")
-        state = {"cache": cache}
+    m = qwenjax.from_config(cfg, dtype=dtype)
+    model, _ = generate._flat_params_model(m)
+    params = jax.tree.leaves(m.params)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt)).astype(np.int32)
+    rng = jax.random.key(0)
+    # every call starts from this cache (nothing donated), so all read the same 128 held tokens
+    tokens, cache = generate._compiled(m, "prefill", greedy)(
+        params, generate.new_cache(m, 1, generate.CACHE_BUCKET, mtp=True), ids, np.ones_like(ids), rng)
+    print(f"\n== {name} shape{f' ({args.layers} layers)' if args.layers else ''}, random weights, "
+          f"{dtype}: one call after a {prompt}-token prompt, batch 1")
 
-        def timed(fn):
-            t0 = time.perf_counter()
-            out = fn(state["cache"])
-            jax.block_until_ready(out)
-            state["cache"] = out[-1]
-            return time.perf_counter() - t0
+    def timed(fn):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(cache))
+        return time.perf_counter() - t0
 
-        plain_step = generate._compiled(m, "step", greedy)
-        calls = {"decode step": lambda c: plain_step(params, c, tokens, rng, np.int32(1))}
-        for k in ks:
-            drafts = jnp.zeros((1, k), jnp.int32)
+    def decode_step(leaves, c):
+        logits, c = model(leaves).extend(tokens[:, None], c)
+        return jnp.argmax(logits, -1), c
 
-            def verify(leaves, c, toks):
-                logits, _, steps = model(leaves).verify(toks, c)
-                return jnp.argmax(logits, -1), accept_steps(steps, jnp.ones((1,), jnp.int32))
+    def verify(leaves, c, k):
+        logits, _, steps = model(leaves).verify(jnp.zeros((1, k + 1), jnp.int32), c)
+        return jnp.argmax(logits, -1), accept_steps(steps, jnp.ones((1,), jnp.int32))
 
-            verify = jax.jit(verify, donate_argnums=1)
-            calls[f"verify k={k}"] = (lambda c, verify=verify, k=k: verify(params, c, jnp.zeros((1, k + 1), jnp.int32)))
-            for rollback in speculative.ROLLBACKS:
-                fn = jax.jit(lambda leaves, c, rollback=rollback: speculative.step(
-                    model(leaves), c, tokens, drafts, None, rng, greedy, rollback=rollback), donate_argnums=1)
-                calls[f"speculative step k={k}, {rollback}"] = (lambda c, fn=fn: fn(params, c))
-        for fn in calls.values():  # compile
-            timed(fn)
-        times = {name: [] for name in calls}
-        for _ in range(args.repeats):
-            for name, fn in calls.items():
-                times[name].append(statistics.median(timed(fn) for _ in range(args.calls)))
-        base = statistics.median(times["decode step"])
-        print("| call | ms (median) | vs one decode step |")
-        print("|---|---|---|")
-        for name in calls:
-            t = statistics.median(times[name])
-            print(f"| {name} | {t * 1e3:.1f} | **{t / base:.2f}x** |")
-        m = model = params = state["cache"] = None
+    def speculative_step(leaves, c, k, rollback):
+        return speculative.step(model(leaves), c, tokens, jnp.zeros((1, k), jnp.int32), None, rng, greedy,
+                                rollback=rollback)
+
+    calls = {"decode step": functools.partial(jax.jit(decode_step), params)}
+    for k in ks:
+        calls[f"verify k={k}"] = functools.partial(jax.jit(verify, static_argnums=2), params, k=k)
+        for rollback in speculative.ROLLBACKS:
+            calls[f"speculative step k={k}, {rollback}"] = functools.partial(
+                jax.jit(speculative_step, static_argnums=(2, 3)), params, k=k, rollback=rollback)
+    for fn in calls.values():  # compile
+        timed(fn)
+    times = {call: [] for call in calls}
+    for _ in range(args.repeats):
+        for call, fn in calls.items():
+            runs = [timed(fn) for _ in range(3)]
+            while sum(runs) < args.round_seconds:
+                runs.append(timed(fn))
+            times[call].append(statistics.median(runs))
+    base = statistics.median(times["decode step"])
+    print("| call | ms (median) | vs one decode step |")
+    print("|---|---|---|")
+    for call in calls:
+        t = statistics.median(times[call])
+        print(f"| {call} | {t * 1e3:.1f} | **{t / base:.2f}x** |")
 
 
 def main() -> None:
@@ -176,12 +182,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts (bundled part)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--bundled-dtype", default="bfloat16", help="the bundled model's compute dtype, as the CLI's")
-    p.add_argument("--config", default="qwen3.5-0.8b", help="config file or configs/ name (shape part)")
+    p.add_argument("--configs", default="qwen3.5-0.8b", help="shape part: config files or configs/ names")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (multiple of 4)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--ks", default="1,2,3", help="draft counts of the shape part")
-    p.add_argument("--calls", type=int, default=3, help="timed calls per round (shape part)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--round-seconds", type=float, default=0.3,
+                   help="shape part: each call is timed at least 3 times and for this long in every round")
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
     import jax
