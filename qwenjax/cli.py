@@ -121,6 +121,20 @@ def _card(model_dir: str) -> dict:
         return json.load(f)
 
 
+def _token_ids_file(path: str) -> list[int]:
+    """argparse type of --draft-vocab: a JSON file holding a list of token ids (ranges are checked later)."""
+    import json
+
+    try:
+        with open(path) as f:
+            ids = json.load(f)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path!r}: {e}") from None
+    if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
+        raise argparse.ArgumentTypeError(f"{path!r}: needs a non-empty JSON list of token ids")
+    return ids
+
+
 def _sampling(args, m) -> dict:
     """Sampling settings: the flags, else the checkpoint's generation_config.json, else greedy."""
     gen = m.generation_config  # its fields' types and ranges were checked when the model was loaded
@@ -135,7 +149,8 @@ def _sampling(args, m) -> dict:
     return dict(temperature=pick(args.temperature, "temperature", 1.0, 0.0), top_k=pick(args.top_k, "top_k", 0, 0),
                 top_p=pick(args.top_p, "top_p", 1.0, 1.0), min_p=pick(args.min_p, "min_p", 0.0, 0.0),
                 seed=args.seed, max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
-                max_cache_len=args.max_cache_len, num_speculative_tokens=args.speculative)
+                max_cache_len=args.max_cache_len, num_speculative_tokens=args.speculative,
+                draft_vocab=args.draft_vocab)
 
 
 def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool,
@@ -312,6 +327,10 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--speculative", type=flag(int, minimum=0), default=0, metavar="K",
                    help="draft K tokens a step with the checkpoint's MTP head and verify them in one pass (same "
                         "output, greedy or sampled; the acceptance is printed at the end)")
+    p.add_argument("--draft-vocab", type=_token_ids_file, default=None, metavar="FILE",
+                   help="with --speculative: a JSON list of the token ids the head may draft (e.g. the most "
+                        "frequent ones; qwenjax.inference.speculative.frequent_tokens): cheaper draft steps, "
+                        "same output")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=4,tensor=2 (default: one device)")
 

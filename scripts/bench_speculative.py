@@ -10,7 +10,8 @@ Part "bundled": the bundled tiny-pydoc model and its trained head, batch 1, gree
 scripts/train_default_model.py never trained on). Decode tokens/s = (new tokens - 1) / the time from the first
 streamed token to the last (prefill excluded), `qwenjax.stream(..., num_speculative_tokens=k)` for k = 0 (plain
 decoding), 1, 2, 3, taking turns on every prompt in every round so that all see the same drift of the machine.
-Medians over prompts x rounds; the mean accepted drafts per verify pass from `SpeculativeStats`.
+Medians over prompts x rounds; the mean accepted drafts per verify pass from `SpeculativeStats`. k = 1, 2, 3
+again with a draft vocabulary (`draft_vocab`): the `--draft-vocab-size` most frequent tokens of the training split.
 
 Part "shape": random weights of each of `--configs` (default the 0.8B shape) with an MTP layer; acceptance is
 meaningless there, so this part times one call of each jitted function after a 128-token prompt (at least 3
@@ -19,7 +20,7 @@ plain decode step in the same rounds:
 - verify: the main model over k+1 tokens keeping every GDN state, and the selection of a prefix;
 - speculative step: verify + selection + the k draft steps of the MTP head (what one pass of generation costs),
   with the "states" rollback (generation's) and the "recompute" one (the kept tokens run through the model again
-  instead of keeping every GDN state).
+  instead of keeping every GDN state), and "states" with a draft vocabulary of `--draft-vocab-size` tokens.
 A real checkpoint's speed-up at k is then (mean accepted + 1) / (speculative step cost / decode step cost).
 """
 
@@ -51,22 +52,30 @@ def bundled(args) -> None:
 
     import qwenjax
     from qwenjax.demo import DEFAULT_MODEL_DIR
-    from qwenjax.inference.speculative import SpeculativeStats
+    from qwenjax.inference.speculative import SpeculativeStats, frequent_tokens
     from qwenjax.inference.tokenizer import Tokenizer
     from scripts.train_default_model import HOLDOUT_EVERY, pieces, python_docs
 
     m = qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype=args.bundled_dtype)
     tok = Tokenizer(DEFAULT_MODEL_DIR)
-    heldout = [t for i, t in enumerate(pieces(python_docs())) if i % HOLDOUT_EVERY == 0]
+    texts = pieces(python_docs())
+    heldout = [t for i, t in enumerate(texts) if i % HOLDOUT_EVERY == 0]
     prompts = [ids[:PROMPT_TOKENS] for ids in map(tok.encode, heldout) if len(ids) >= PROMPT_TOKENS][:args.prompts]
-    ks = (0, 1, 2, 3)
+    # runs: k, and the draft vocabulary's size (0: all): the most frequent tokens of the training split
+    runs = [(0, 0), (1, 0), (2, 0), (3, 0)]
+    vocabs = {0: None}
+    size = 1024 if args.draft_vocab_size is None else args.draft_vocab_size
+    if size:
+        vocabs[size] = frequent_tokens(tok, [t for i, t in enumerate(texts) if i % HOLDOUT_EVERY], size)
+        runs += [(1, size), (2, size), (3, size)]
     n = args.new_tokens
 
-    def run(prompt, k):
+    def run(prompt, kv):
+        k, size = kv
         stats = SpeculativeStats()
         stamps, tokens = [], []
         for out in qwenjax.stream(m, [prompt], max_new_tokens=n, eos_token_ids=[], num_speculative_tokens=k,
-                                  speculative_stats=stats):
+                                  speculative_stats=stats, draft_vocab=vocabs[size]):
             stamps.append(time.perf_counter())
             tokens.append(out[0])
         return (n - 1) / (stamps[-1] - stamps[0]), tokens, stats
@@ -75,30 +84,31 @@ def bundled(args) -> None:
           f"prompts of {PROMPT_TOKENS} tokens, {n} new tokens, {args.repeats} rounds")
     plain = {}
     for i, p in enumerate(prompts):  # warm-up (compiles), and the plain output every k must reproduce
-        for k in ks:
+        for k in runs:
             _, tokens, _ = run(p, k)
-            if k == 0:
+            if k == (0, 0):
                 plain[i] = tokens
             elif tokens != plain[i]:
-                raise SystemExit(f"prompt {i}: k={k} output differs from plain greedy decoding")
-    rates = {k: [] for k in ks}
-    stats = {k: SpeculativeStats() for k in ks}
+                raise SystemExit(f"prompt {i}: k, vocabulary = {k}: output differs from plain greedy decoding")
+    rates = {k: [] for k in runs}
+    stats = {k: SpeculativeStats() for k in runs}
     for _ in range(args.repeats):
         for i, p in enumerate(prompts):
-            for k in ks:
+            for k in runs:
                 rate, _, s = run(p, k)
                 rates[k].append(rate)
                 for f in ("steps", "drafted", "accepted"):
                     setattr(stats[k], f, getattr(stats[k], f) + getattr(s, f))
-    base = statistics.median(rates[0])
-    print("| k | decode tokens/s (median) | vs plain | mean accepted per pass | tokens per pass | acceptance |")
-    print("|---|---|---|---|---|---|")
-    for k in ks:
-        r = statistics.median(rates[k])
-        s = stats[k]
-        extra = (f"{s.mean_accepted:.2f} | {s.mean_accepted + 1:.2f} | {s.acceptance_rate:.0%}" if k else
+    base = statistics.median(rates[(0, 0)])
+    print("| k | draft vocabulary | decode tokens/s (median) | vs plain | mean accepted per pass | tokens per pass "
+          "| acceptance |")
+    print("|---|---|---|---|---|---|---|")
+    for kv in runs:
+        r = statistics.median(rates[kv])
+        s = stats[kv]
+        extra = (f"{s.mean_accepted:.2f} | {s.mean_accepted + 1:.2f} | {s.acceptance_rate:.0%}" if kv[0] else
                  "- | 1 | -")
-        print(f"| {k} | {r:.0f} | **{r / base:.2f}x** | {extra} |")
+        print(f"| {kv[0]} | {kv[1] or 'all'} | {r:.0f} | **{r / base:.2f}x** | {extra} |")
 
 
 def shape(args) -> None:
@@ -149,9 +159,13 @@ def shape_one(args, name, cfg, dtype) -> None:
         logits, _, steps = model(leaves).verify(jnp.zeros((1, k + 1), jnp.int32), c)
         return jnp.argmax(logits, -1), accept_steps(steps, jnp.ones((1,), jnp.int32))
 
-    def speculative_step(leaves, c, k, rollback):
+    def speculative_step(leaves, c, k, rollback, vocab=None):
         return speculative.step(model(leaves), c, tokens, jnp.zeros((1, k), jnp.int32), None, rng, greedy,
-                                rollback=rollback)
+                                rollback=rollback, vocab=vocab)
+
+    # a draft vocabulary of the first ids (its cost does not depend on which tokens)
+    vocab_size = 32768 if args.draft_vocab_size is None else args.draft_vocab_size
+    vocab = speculative.DraftVocab.of(m.module, jnp.arange(min(vocab_size, cfg.vocab_size))) if vocab_size else None
 
     calls = {"decode step": functools.partial(jax.jit(decode_step), params)}
     for k in ks:
@@ -159,6 +173,9 @@ def shape_one(args, name, cfg, dtype) -> None:
         for rollback in speculative.ROLLBACKS:
             calls[f"speculative step k={k}, {rollback}"] = functools.partial(
                 jax.jit(speculative_step, static_argnums=(2, 3)), params, k=k, rollback=rollback)
+        if vocab is not None:
+            calls[f"speculative step k={k}, states, draft vocabulary {vocab.ids.size}"] = functools.partial(
+                jax.jit(speculative_step, static_argnums=(2, 3)), params, k=k, rollback="states", vocab=vocab)
     for fn in calls.values():  # compile
         timed(fn)
     times = {call: [] for call in calls}
@@ -186,6 +203,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (multiple of 4)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--ks", default="1,2,3", help="draft counts of the shape part")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="also draft from this many tokens (bundled: the most frequent of its training split; default "
+                        "1024; shape: the first ids, default 32768; 0: not)")
     p.add_argument("--round-seconds", type=float, default=0.3,
                    help="shape part: each call is timed at least 3 times and for this long in every round")
     p.add_argument("--repeats", type=int, default=5)

@@ -5,8 +5,10 @@
 
 The model trained by scripts/train_default_model.py has no `mtp.*` head. This script
 1. adds a randomly initialised one (`qwenjax.pretrained.with_mtp_head`);
-2. trains the head alone on the frozen model with qwenjax's trainer (`TrainConfig(mtp_weight=1, mtp_only=True)`,
-   the same Python-docs corpus and held-out split as the model's own training);
+2. trains the head alone on the frozen model with qwenjax's trainer (`TrainConfig(mtp_weight=1, mtp_only=True)`)
+   on what it will draft against: the model's own greedy continuations of the first 32 tokens of each training
+   piece of the Python-docs corpus (the model's own training split; `--continuation-tokens 0`: the pieces
+   themselves). Trained on the corpus, the head was right 69% of the time at k = 1 (2026-12-04);
 3. measures it on the held-out pieces: the head's loss and top-1 accuracy at token t+2, and the acceptance of
    greedy speculative decoding with k = 1, 2, 3 drafts (`qwenjax.generate(..., num_speculative_tokens=k)`);
 4. exports the model with the head in bf16 (the tokenizer file without indentation, so that both bundled models
@@ -26,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qwenjax.demo import DEFAULT_MODEL_DIR, install_model_dir  # noqa: E402
 from scripts.train_default_model import HOLDOUT_EVERY, pieces, python_docs  # noqa: E402
+
+PROMPT_TOKENS = 32  # the held-out acceptance's prompts, and the continuations' (--continuation-tokens)
 
 
 def heldout_mtp(m, tok, texts: list[str], pack_len: int) -> tuple[float, float]:
@@ -50,6 +54,21 @@ def heldout_mtp(m, tok, texts: list[str], pack_len: int) -> tuple[float, float]:
         correct += int((jnp.argmax(logits, -1) == targets).sum())
         count += len(row) - 2
     return total / count, correct / count
+
+
+def greedy_continuations(m, tok, texts: list[str], new_tokens: int, batch: int = 64) -> list[str]:
+    """Each text's first PROMPT_TOKENS tokens and the model's greedy continuation of them: the head then learns
+    to predict what it will be asked to draft (the main model's own greedy text), not the corpus."""
+    import qwenjax
+
+    prompts = [ids[:PROMPT_TOKENS] for ids in map(tok.encode, texts) if len(ids) >= PROMPT_TOKENS]
+    out = []
+    for i in range(0, len(prompts), batch):
+        rows = prompts[i:i + batch]
+        for prompt, new in zip(rows, qwenjax.generate(m, rows, max_new_tokens=new_tokens)):
+            out.append(tok.decode(prompt + new, skip_special_tokens=True))
+    print(f"{len(out)} greedy continuations of {new_tokens} tokens", flush=True)
+    return out
 
 
 def acceptance(m, tok, texts: list[str], prompt_tokens: int, new_tokens: int) -> dict[str, dict]:
@@ -77,6 +96,9 @@ def main() -> None:
     p.add_argument("--pack-len", type=int, default=512)
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--continuation-tokens", type=int, default=96,
+                   help="train on the model's greedy continuations of this many tokens after each training text's "
+                        f"first {PROMPT_TOKENS} (0: on the texts themselves)")
     p.add_argument("--work", help="scratch directory (default: a temporary one, removed at the end)")
     args = p.parse_args()
 
@@ -94,14 +116,16 @@ def main() -> None:
     texts = pieces(python_docs())
     train_texts = [t for i, t in enumerate(texts) if i % HOLDOUT_EVERY]
     heldout = [t for i, t in enumerate(texts) if i % HOLDOUT_EVERY == 0]
-    data = os.path.join(work, "train.jsonl")
-    with open(data, "w", encoding="utf-8") as f:
-        for text in train_texts:
-            f.write(json.dumps({"text": text}) + "\n")
     with open(os.path.join(args.model, "training.json")) as f:
         card = json.load(f)
 
     model = with_mtp_head(qwenjax.from_pretrained(args.model, dtype="float32"), seed=args.seed)
+    if args.continuation_tokens:
+        train_texts = greedy_continuations(model, Tokenizer(args.model), train_texts, args.continuation_tokens)
+    data = os.path.join(work, "train.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        for text in train_texts:
+            f.write(json.dumps({"text": text}) + "\n")
     train = TrainConfig(learning_rate=args.lr, warmup_steps=min(30, args.steps // 10), total_steps=args.steps,
                         final_lr_ratio=0.05, weight_decay=0.1, seed=args.seed, mtp_weight=1.0, mtp_only=True)
     run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=max(1, min(500, args.steps)))
@@ -111,12 +135,15 @@ def main() -> None:
     tok = Tokenizer(args.model)
     loss, top1 = heldout_mtp(trained, tok, heldout, args.pack_len)
     print(f"MTP head, held out: loss {loss:.3f} nats at token t+2, top-1 accuracy {top1:.1%}", flush=True)
-    accept = acceptance(trained, tok, heldout[:24], prompt_tokens=32, new_tokens=48)
+    accept = acceptance(trained, tok, heldout[:24], prompt_tokens=PROMPT_TOKENS, new_tokens=48)
 
     export = qwenjax.export_hf(trained, os.path.join(work, "export"), dtype="bfloat16", overwrite=True)
     card["mtp_head"] = {
         "what": "the MTP head (mtp.*) trained alone on the frozen model by scripts/train_mtp_head.py",
         "command": "python scripts/train_mtp_head.py " + " ".join(sys.argv[1:]),
+        "trained_on": (f"the model's greedy continuations of {args.continuation_tokens} tokens after the first "
+                       f"{PROMPT_TOKENS} tokens of each training text" if args.continuation_tokens else
+                       "the training texts"),
         "steps": args.steps, "rows": args.rows, "pack_len": args.pack_len, "learning_rate": args.lr,
         "train_mtp_loss_last_20_steps": round(sum(h["mtp_loss"] for h in history[-20:]) / len(history[-20:]), 4),
         "heldout_mtp_loss": round(loss, 4), "heldout_top1_t_plus_2": round(top1, 4),

@@ -3,6 +3,8 @@ each of them, and keeping a row's accepted prefix gives the cache that plain dec
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,8 +99,8 @@ def _oracle_drafts(monkeypatch, prompts, plain, vocab):
         truth[r, :len(p) + len(o)] = p + o
     real = speculative.draft
 
-    def oracle(mod, cache, embeds, hidden, start, mask, k, sampling, key, positions=None):
-        drafts, dists, cache = real(mod, cache, embeds, hidden, start, mask, k, sampling, key, positions)
+    def oracle(mod, cache, embeds, hidden, start, mask, k, sampling, key, *args, **kwargs):
+        drafts, dists, cache = real(mod, cache, embeds, hidden, start, mask, k, sampling, key, *args, **kwargs)
         n_rows = embeds.shape[1] if mask is None else mask.sum(-1)
         pos = (start + n_rows)[:, None] + jnp.arange(1, k + 1)  # the position each draft predicts
         right = jnp.take_along_axis(jnp.asarray(truth), jnp.minimum(pos, width - 1), axis=1)
@@ -238,8 +240,8 @@ def test_prefill_drafts_read_the_vision_features(vision_mtp_model):
 
 def test_sharded_speculative_generation_equals_single_device(tmp_path, monkeypatch):
     """mesh data=2, fsdp=2, tensor=2 (dense): speculative greedy equals single-device speculative greedy and plain
-    greedy, with the checkpoint's head and with drafts that verify passes partly keep (the head's cache sharded
-    like the attention layers')."""
+    greedy, with the checkpoint's head (also drafting from a third of the vocabulary) and with drafts that verify
+    passes partly keep (the head's cache sharded like the attention layers')."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
     hf = make_hf_checkpoint(tmp_path, seed=3)
@@ -250,6 +252,8 @@ def test_sharded_speculative_generation_equals_single_device(tmp_path, monkeypat
     plain = qwenjax.generate(single, prompts, max_new_tokens=10)
     assert qwenjax.generate(single, prompts, max_new_tokens=10, num_speculative_tokens=2) == plain
     assert qwenjax.generate(sharded, prompts, max_new_tokens=10, num_speculative_tokens=2) == plain
+    assert qwenjax.generate(sharded, prompts, max_new_tokens=10, num_speculative_tokens=2,
+                            draft_vocab=list(range(0, single.config.vocab_size, 3))) == plain
     _oracle_drafts(monkeypatch, prompts, plain, single.config.vocab_size)
     stats = SpeculativeStats()
     assert qwenjax.generate(sharded.replace(), prompts, max_new_tokens=10, num_speculative_tokens=2,
@@ -266,13 +270,68 @@ def test_speculative_needs_an_mtp_head_and_a_valid_count(tmp_path, mtp_model):
         qwenjax.generate(m, [[1, 2]], max_new_tokens=2, num_speculative_tokens=2)
 
 
+def test_a_draft_vocabulary_drafts_its_tokens_by_the_full_heads_rows(mtp_model):
+    """speculative.draft with a DraftVocab of 40 tokens: greedy drafts are the argmax of the whole LM head's logits
+    over those tokens; sampled ones come from the softmax of those logits (filtered), 0 elsewhere."""
+    m = mtp_model
+    mod, cfg = m.module, m.config
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 6)).astype(np.int32)
+    cache = init_cache(cfg, 2, 32, jnp.float32, mtp=True)
+    _, cache, hidden, embeds = jax.jit(lambda c: mod.extend(ids, c, fresh=True, return_hidden=True))(cache)
+    vocab_ids = np.sort(np.random.default_rng(6).choice(cfg.vocab_size, 40, replace=False)).astype(np.int32)
+    vocab = speculative.DraftVocab.of(mod, jnp.asarray(vocab_ids))
+    start = jnp.zeros((2,), jnp.int32)
+    h, _ = mod.mtp_extend(embeds, hidden, cache, start)
+    full = np.asarray(mod.head(h))[:, vocab_ids]  # the whole head's logits at the vocabulary's tokens
+    greedy = speculative.draft(mod, cache, embeds, hidden, start, None, 1, SamplingParams(), jax.random.key(0),
+                               vocab=vocab)[0]
+    np.testing.assert_array_equal(np.asarray(greedy)[:, 0], vocab_ids[full.argmax(-1)])
+    sampling = SamplingParams(temperature=0.7, top_k=10)
+    drafts, dists, _ = speculative.draft(mod, cache, embeds, hidden, start, None, 1, sampling, jax.random.key(1),
+                                         vocab=vocab)
+    q = np.asarray(dists)[:, 0]
+    expected = np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(full), sampling), axis=-1))
+    np.testing.assert_allclose(q[:, vocab_ids], expected, atol=1e-6)
+    assert np.all(np.delete(q, vocab_ids, axis=1) == 0)
+    assert set(np.asarray(drafts)[:, 0].tolist()) <= set(vocab_ids.tolist())
+
+
+def test_speculative_greedy_with_a_draft_vocabulary_equals_plain_greedy(mtp_model, monkeypatch):
+    """The same output from a draft vocabulary of the tokens plain greedy writes plus 30 others; bad vocabularies
+    are refused, naming the entry."""
+    m = mtp_model
+    prompts = _prompts(m.config.vocab_size)
+    plain = qwenjax.generate(m, prompts, max_new_tokens=10)
+    vocab = sorted(set(sum(plain, [])) | set(range(30)))
+    stats = SpeculativeStats()
+    assert qwenjax.generate(m, prompts, max_new_tokens=10, num_speculative_tokens=2, draft_vocab=vocab,
+                            speculative_stats=stats) == plain
+    assert stats.drafted == 2 * stats.steps > 0
+    bad = [([], "non-empty"), ([1, 2, 1], r"draft_vocab\[2\] = 1 repeats draft_vocab\[0\]"),
+           ([5, m.config.vocab_size], r"draft_vocab\[1\] = .* is not a token id"), ([[1, 2]], "non-empty list")]
+    for draft_vocab, match in bad:
+        with pytest.raises(qwenjax.validate.InputError, match=match):
+            qwenjax.generate(m, [[1, 2]], max_new_tokens=2, num_speculative_tokens=1, draft_vocab=draft_vocab)
+    with pytest.raises(qwenjax.validate.InputError, match="needs num_speculative_tokens > 0"):
+        qwenjax.generate(m, [[1, 2]], max_new_tokens=2, draft_vocab=[1, 2])
+
+
+def test_frequent_tokens_counts_and_breaks_ties_by_id():
+    class Words:
+        def encode(self, text):
+            return [int(w) for w in text.split()]
+
+    assert speculative.frequent_tokens(Words(), ["5 3 3 9", "9 3 7 7", "1"], 3) == [3, 7, 9]
+
+
 def test_speculative_sampling_has_plain_sampling_distribution(tmp_path, monkeypatch):
     """Rejection sampling keeps plain sampling's distribution. A model of 8 tokens with a random head (far from
     the model: most drafts are rejected, some kept), temperature 1 and top-k 6; 4,096 rows of one prompt each
     sample 3 tokens with k = 2: the second and third come out of a verify pass (a kept draft, the residual
     distribution after a rejection, or the bonus token). Their joint counts over the 512 triples against the
     exact probabilities from the model's own logits: Pearson's chi-square, cells of expected count < 5 pooled,
-    must not reject at p = 0.001. As a control, drafts always kept (no rejection step) must be rejected."""
+    must not reject at p = 0.001, with the whole vocabulary to draft from and with 5 of the 8 tokens. As a
+    control, drafts always kept (no rejection step) must be rejected."""
     hf = make_hf_checkpoint(tmp_path, seed=5, vocab_size=8)
     add_mtp_tensors_(tmp_path, hf_mtp_head(hf.config, seed=6))
     m = qwenjax.from_pretrained(tmp_path, dtype="float32")
@@ -295,12 +354,16 @@ def test_speculative_sampling_has_plain_sampling_distribution(tmp_path, monkeypa
 
     spec = qwenjax.generate(m, [prompt] * n, max_new_tokens=3, seed=1, num_speculative_tokens=2, **kw)
     assert p_value(spec) > 1e-3
+    # drafting from 5 of the 8 tokens: the head's q is 0 elsewhere, and the output distribution is the same
+    spec = qwenjax.generate(m, [prompt] * n, max_new_tokens=3, seed=1, num_speculative_tokens=2,
+                            draft_vocab=[0, 2, 3, 5, 7], **kw)
+    assert p_value(spec) > 1e-3
     real_step = speculative.step
 
-    def keep_every_draft(mod, cache, pending, drafts, dists, key, sampling):  # q(d) tiny: p(d)/q(d) always > u
+    def keep_every_draft(mod, cache, pending, drafts, dists, key, sampling, **kw):  # q(d) tiny: p(d)/q(d) > u
         rows, slots = jnp.arange(drafts.shape[0])[:, None], jnp.arange(drafts.shape[1])
         return real_step(mod, cache, pending, drafts, jnp.zeros_like(dists).at[rows, slots, drafts].set(1e-30), key,
-                         sampling)
+                         sampling, **kw)
 
     monkeypatch.setattr(speculative, "step", keep_every_draft)
     wrong = qwenjax.generate(m.replace(), [prompt] * n, max_new_tokens=3, seed=1, num_speculative_tokens=2, **kw)
@@ -320,3 +383,14 @@ def test_cli_generate_speculative_prints_the_acceptance(tmp_path, capsys):
     spec = capsys.readouterr()
     assert spec.out == plain.out
     assert "speculative: " in spec.err and "drafts accepted" in spec.err and "speculative" not in plain.err
+    vocab = tmp_path / "draft_vocab.json"
+    vocab.write_text(json.dumps(list(range(0, 300, 2))))
+    assert main(args + ["--speculative", "2", "--draft-vocab", str(vocab)]) == 0
+    assert capsys.readouterr().out == plain.out
+    vocab.write_text(json.dumps({"ids": [1]}))
+    with pytest.raises(SystemExit):
+        main(args + ["--speculative", "2", "--draft-vocab", str(vocab)])
+    assert "--draft-vocab" in capsys.readouterr().err
+    vocab.write_text(json.dumps([1, 10 ** 6]))
+    assert main(args + ["--speculative", "2", "--draft-vocab", str(vocab)]) == 2
+    assert "draft_vocab[1] = 1000000 is not a token id" in capsys.readouterr().err

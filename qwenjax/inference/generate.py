@@ -89,17 +89,45 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
     def build():
         model, p_shard = _flat_params_model(m)
         if kind == "prefill":
-            def fn(leaves, cache, ids, mask, rng, vision=None):
-                return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling,
+            def fn(leaves, cache, ids, mask, rng, vocab, vision=None):
+                return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
                                            **_vision_kwargs(vision, grids))
         else:
-            def fn(leaves, cache, pending, drafts, dists, rng, i):
+            def fn(leaves, cache, pending, drafts, dists, rng, i, vocab):
                 return speculative.step(model(leaves), cache, pending, drafts, dists, jax.random.fold_in(rng, i),
-                                        sampling)
-        return jax.jit(fn, in_shardings=(p_shard, *[None] * (6 if kind == "step" else 4 if grids is None else 5)),
+                                        sampling, vocab=vocab)
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * (7 if kind == "step" else 5 if grids is None else 6)),
                        donate_argnums=1)
 
     return m.compiled(("speculative", kind, sampling, k, _grids_key(grids)), build)
+
+
+def _compiled_draft_vocab(m):
+    """The jitted `DraftVocab.of`: a draft vocabulary's ids and their rows of the LM head, gathered once."""
+    def build():
+        model, p_shard = _flat_params_model(m)
+        return jax.jit(lambda leaves, ids: speculative.DraftVocab.of(model(leaves), ids), in_shardings=(p_shard, None))
+
+    return m.compiled(("draft_vocab",), build)
+
+
+def _draft_vocab_ids(draft_vocab, vocab_size: int, k: int) -> np.ndarray | None:
+    """`draft_vocab` checked: distinct token ids, for speculative decoding; as int32, or None."""
+    if draft_vocab is None:
+        return None
+    if not k:
+        raise InputError("draft_vocab is the MTP head's draft vocabulary: it needs num_speculative_tokens > 0")
+    ids = np.asarray(draft_vocab)
+    if ids.ndim != 1 or ids.size == 0 or not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != bool):
+        raise InputError(f"draft_vocab must be a non-empty list of token ids; got shape {ids.shape}, {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        raise InputError(f"draft_vocab[{bad[0]}] = {ids[bad[0]]} is not a token id (vocab_size={vocab_size})")
+    seen: dict[int, int] = {}
+    for i, t in enumerate(ids.tolist()):
+        if seen.setdefault(t, i) != i:
+            raise InputError(f"draft_vocab[{i}] = {t} repeats draft_vocab[{seen[t]}]")
+    return ids.astype(np.int32)
 
 
 def new_cache(m, batch_size: int, max_len: int, *, mtp: bool = False) -> Cache:
@@ -118,7 +146,8 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
            eos_token_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
            max_cache_len: int | None = None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
            video_grid_thw=None, num_speculative_tokens: int = 0,
-           speculative_stats: speculative.SpeculativeStats | None = None) -> Iterator[list[int | None]]:
+           speculative_stats: speculative.SpeculativeStats | None = None,
+           draft_vocab: Sequence[int] | None = None) -> Iterator[list[int | None]]:
     """Like `generate`, but yields after every step a list with each row's new token (None once it stopped)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     check_range(check(max_new_tokens, int, "max_new_tokens"), "max_new_tokens", minimum=1)
@@ -126,6 +155,7 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
                     minimum=0)
     if k and not m.config.mtp_num_hidden_layers:
         raise InputError(f"num_speculative_tokens={k}: {NO_MTP}")
+    draft_vocab = _draft_vocab_ids(draft_vocab, m.config.vocab_size, k)
     check_range(check(seed, int, "seed"), "seed", minimum=0, maximum=MAX_SEED)
     if max_cache_len is not None:
         check_range(check(max_cache_len, int, "max_cache_len"), "max_cache_len", minimum=1)
@@ -172,7 +202,7 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         prefill_args = ((positions, deltas, vision.pixel_values, vision.pixel_values_videos),)
     if k:
         yield from _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings,
-                                       tokenizer, speculative_stats, grids, prefill_args)
+                                       tokenizer, speculative_stats, grids, prefill_args, draft_vocab)
         return
 
     rng = jax.random.key(seed)
@@ -202,10 +232,10 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
 
 
 def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings, tokenizer,
-                        stats, grids, prefill_args) -> Iterator[list[int | None]]:
+                        stats, grids, prefill_args, draft_vocab) -> Iterator[list[int | None]]:
     """`stream`'s loop with MTP drafts: each verify pass gives every row 1 .. k+1 tokens, queued and yielded one
     per row per round, as plain decoding yields them. `grids` and `prefill_args`: the prompt's images and videos,
-    as the plain prefill takes them."""
+    as the plain prefill takes them; `draft_vocab`: checked token ids or None."""
     batch = ids.shape[0]
     rng = jax.random.key(seed)
     prefill = _compiled_speculative(m, "prefill", sampling, k, grids)
@@ -214,12 +244,13 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
     done = np.zeros(batch, bool)
     generated: list[list[int]] = [[] for _ in range(batch)]
     with activation_sharding(m.mesh, m.rules):
+        vocab = None if draft_vocab is None else _compiled_draft_vocab(m)(params, draft_vocab)
         pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng,
-                                                *prefill_args)
+                                                vocab, *prefill_args)
         passes = 1
         # dispatch each verify pass before reading the previous one's tokens, as plain decoding does: its inputs
         # are all on the device, and the host's bookkeeping then overlaps the pass
-        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes))
+        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab)
         queues = [[t] for t in np.asarray(pending).tolist()]
         produced = 0
         while True:
@@ -240,7 +271,7 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
                     return
             emitted, count, pending, drafts, dists, cache = in_flight
             passes += 1
-            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes))
+            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab)
             emitted, count = np.asarray(emitted), np.asarray(count)
             for r in range(batch):
                 if done[r]:
@@ -276,6 +307,8 @@ def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]
       num_speculative_tokens: k > 0 drafts k tokens a step with the checkpoint's MTP head and verifies them in
         one pass of the main model (`qwenjax.inference.speculative`): greedy output is plain greedy's, sampled
         output has plain sampling's distribution. `speculative_stats` (a `SpeculativeStats`) counts the drafts.
+      draft_vocab: the token ids the MTP head may draft (e.g. `speculative.frequent_tokens`; default all): its
+        draft steps then read only their rows of the LM head (`speculative.DraftVocab`). The output is the same.
     """
     rows: list[list[int]] | None = None
     for out in stream(m, input_ids, attention_mask, **kwargs):

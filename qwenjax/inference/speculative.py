@@ -21,6 +21,7 @@ distribution (temperature, top-k, top-p, min-p) and q the head's, filtered alike
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from qwenjax.inference.sampling import SamplingParams, filter_logits
 from qwenjax.inputs import VisionInputs
 from qwenjax.model.cache import Cache, accept_steps
+from qwenjax.ops.matmul import matmul_wt
 
 
 @dataclasses.dataclass
@@ -57,32 +59,71 @@ def _probs(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftVocab:
+    """The tokens the MTP head may draft: ids [N] (distinct) and their rows of the LM head [N, D].
+
+    A draft step's LM head reads the whole vocabulary: at the 0.8B shape 254M weights, a third of what a decode
+    step reads. Drafting from the N most frequent tokens reads N rows instead. Output stays exact: a draft only
+    proposes (greedy keeps it only if it is the main model's argmax), and with sampling the head's distribution q
+    is simply 0 outside the N tokens, which rejection sampling allows (SGLang's `--speculative-token-map`,
+    FR-Spec)."""
+    ids: jax.Array
+    weight: jax.Array
+
+    @classmethod
+    def of(cls, mod, ids: jax.Array) -> DraftVocab:
+        return cls(ids=ids, weight=mod.head_weight()[ids])
+
+
+def frequent_tokens(tokenizer, texts, size: int) -> list[int]:
+    """The `size` token ids most frequent in `texts` (ties: the lower id), sorted: a `draft_vocab`."""
+    counts = collections.Counter()
+    for text in texts:
+        counts.update(tokenizer.encode(text))
+    return sorted(t for t, _ in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:size])
+
+
+def _draft_logits(mod, h: jax.Array, vocab: DraftVocab | None) -> jax.Array:
+    if vocab is None:
+        return mod.head(h)
+    with jax.named_scope("draft_lm_head"):
+        return matmul_wt(h, vocab.weight.astype(h.dtype), implementation=mod.kernels.cpu_matvec).astype(h.dtype)
+
+
 def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Array, mask: jax.Array | None,
-          k: int, sampling: SamplingParams, key: jax.Array, positions: jax.Array | None = None):
+          k: int, sampling: SamplingParams, key: jax.Array, positions: jax.Array | None = None,
+          vocab: DraftVocab | None = None):
     """The MTP head over rows start .. (real rows of `embeds`/`hidden`, at `positions`: see `mtp_extend`), then
     k-1 draft steps on its own output: (drafts [B, k] int32, their draft distributions [B, k, V] (None when
-    greedy), the cache)."""
+    greedy), the cache). `vocab`: the tokens it may draft (default all)."""
     n_rows = embeds.shape[1] if mask is None else mask.sum(-1, dtype=jnp.int32)
     drafts, dists = [], []
-    logits, h, cache = mod.mtp_extend(embeds, hidden, cache, start, positions=positions, attention_mask=mask, step=0)
+    h, cache = mod.mtp_extend(embeds, hidden, cache, start, positions=positions, attention_mask=mask, step=0)
     for i in range(k):
         if i:
-            logits, h, cache = mod.mtp_extend(mod.embed(drafts[-1][:, None]), h[:, None], cache,
-                                              start + n_rows + i - 1, step=i)
+            h, cache = mod.mtp_extend(mod.embed(drafts[-1][:, None]), h[:, None], cache, start + n_rows + i - 1,
+                                      step=i)
+        logits = _draft_logits(mod, h, vocab)
         if sampling.greedy:
-            drafts.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            d = jnp.argmax(logits, axis=-1)
         else:
             q = _probs(logits, sampling)
-            drafts.append(jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1).astype(jnp.int32))
+            d = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1)
+            if vocab is not None:  # q over the whole vocabulary: 0 outside the draft vocabulary
+                q = jnp.zeros((q.shape[0], mod.config.vocab_size), q.dtype).at[:, vocab.ids].set(q)
             dists.append(q)
+        drafts.append((d if vocab is None else vocab.ids[d]).astype(jnp.int32))
     return jnp.stack(drafts, axis=1), (jnp.stack(dists, axis=1) if dists else None), cache
 
 
 def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int, sampling: SamplingParams,
             *, vision: VisionInputs | None = None, positions: jax.Array | None = None,
-            rope_deltas: jax.Array | None = None):
+            rope_deltas: jax.Array | None = None, vocab: DraftVocab | None = None):
     """The prompt into the main model and the MTP head: (first token [B], drafts [B, k], their distributions,
-    the cache). `vision`, `positions`, `rope_deltas`: a prompt's images or videos, as `extend` takes them."""
+    the cache). `vision`, `positions`, `rope_deltas`: a prompt's images or videos, as `extend` takes them;
+    `vocab`: the tokens the head may draft (default all)."""
     logits, cache, hidden, embeds = mod.extend(ids, cache, attention_mask=mask, fresh=True, return_hidden=True,
                                                vision=vision, positions=positions, rope_deltas=rope_deltas)
     first = (jnp.argmax(logits, axis=-1) if sampling.greedy else
@@ -94,7 +135,7 @@ def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, 
     shifted = jnp.concatenate([embeds[:, 1:], jnp.zeros_like(embeds[:, :1])], axis=1)
     is_last = (jnp.arange(ids.shape[1])[None] == (n - 1)[:, None])[..., None]
     drafts, dists, cache = draft(mod, cache, jnp.where(is_last, mod.embed(first[:, None]), shifted), hidden,
-                                 jnp.zeros_like(n), mask, k, sampling, jax.random.fold_in(key, 1), positions)
+                                 jnp.zeros_like(n), mask, k, sampling, jax.random.fold_in(key, 1), positions, vocab)
     return first, drafts, dists, cache
 
 
@@ -102,7 +143,7 @@ ROLLBACKS = ("states", "recompute")
 
 
 def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Array | None, key: jax.Array,
-         sampling: SamplingParams, rollback: str = "states"):
+         sampling: SamplingParams, rollback: str = "states", vocab: DraftVocab | None = None):
     """One verify pass: (emitted [B, k+1] of which each row's first `count` are its new tokens, count [B] (kept
     drafts + 1), the next pending token [B], the next drafts and distributions, the cache).
 
@@ -111,7 +152,7 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
       selects them (`accept_steps`).
     - "recompute": the verify pass keeps nothing per token; the kept tokens then run through the model again
       from the cache before the pass (a second read of every weight, but no per-token state buffers).
-    BENCHMARKS.md measures both; generation uses "states".
+    BENCHMARKS.md measures both; generation uses "states". `vocab`: the tokens the head may draft (default all).
     """
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback={rollback!r}: choose one of {ROLLBACKS}")
@@ -142,5 +183,5 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
     # the head's rows start .. start+kept: tokens d1 .. d_kept, then the main model's own token
     emitted = jnp.where(j == kept[:, None], last[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1))
     new_drafts, new_dists, cache = draft(mod, cache, mod.embed(emitted), hidden, start, j <= kept[:, None], k,
-                                         sampling, jax.random.fold_in(key, 7))
+                                         sampling, jax.random.fold_in(key, 7), vocab=vocab)
     return emitted, kept + 1, last, new_drafts, new_dists, cache

@@ -163,6 +163,10 @@ class Qwen35ForCausalLM(nnx.Module):
         with jax.named_scope("lm_head"):
             return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
+    def head_weight(self) -> jax.Array:
+        """The LM head's weight [vocab, D] (the embedding when tied)."""
+        return (self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)[...]
+
     def embed(self, input_ids: jax.Array, vision: VisionInputs | PackedVision | None = None) -> jax.Array:
         """Token embeddings [B, T, D]; with `vision`, each image (video) pad token's embedding replaced by the
         next vision feature, in order (the caller has checked that the counts match)."""
@@ -320,14 +324,14 @@ class Qwen35ForCausalLM(nnx.Module):
 
     def mtp_extend(self, embeds: jax.Array, hidden: jax.Array, cache: Cache, start: jax.Array, *,
                    positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                   step: int = 0) -> tuple[jax.Array, jax.Array, Cache]:
+                   step: int = 0) -> tuple[jax.Array, Cache]:
         """Runs the MTP head over rows start .. start+T-1 of each batch row: row p reads the input embedding of
         token p+1 (`embeds` [B, T, D]: `embed` of the token, or a prompt's embeddings from `extend`, whose image
         and video pads hold their vision features, as in training) and the hidden state of token p (`hidden`
         [B, T, D]: the main model's final-normed one, or for a draft step the head's own previous output), at
-        token p's position, attending to the head's cache rows up to p. Returns (logits [B, vocab] of each row's
-        last real row: its prediction of token p+2, that row's normed output [B, D] for the next draft step, the
-        cache with the rows written to `cache.mtp`).
+        token p's position, attending to the head's cache rows up to p. Returns (the normed output [B, D] of
+        each row's last real row: through the LM head its prediction of token p+2, and what the next draft step
+        reads; the cache with the rows written to `cache.mtp`).
 
         Args:
           positions: [B, T] or [3, B, T] rotary positions of the rows: a multimodal prompt's own (`extend`'s);
@@ -341,7 +345,7 @@ class Qwen35ForCausalLM(nnx.Module):
         inputs = self._inputs_after(cache, start, t, positions=positions, valid=valid)
         out, mtp_cache = self.mtp(embeds, hidden, inputs, step=step, cache=cache.mtp)
         last = jnp.take_along_axis(out, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-        return self.head(last), last, dataclasses.replace(cache, mtp=mtp_cache)
+        return last, dataclasses.replace(cache, mtp=mtp_cache)
 
     def verify(self, input_ids: jax.Array, cache: Cache, *,
                every_state: bool = True) -> tuple[jax.Array, jax.Array, Cache]:
