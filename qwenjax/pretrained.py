@@ -144,18 +144,21 @@ def mtp_logits(m: Qwen35, input_ids, attention_mask=None) -> jax.Array:
         return fn(m.params, ids, mask)
 
 
-def with_mtp_head(m: Qwen35, seed: int = 0) -> Qwen35:
+def with_mtp_head(m: Qwen35, seed: int = 0, *, replace: bool = False) -> Qwen35:
     """Model `m` (which has no MTP head) with a new, randomly initialised one (`mtp_num_hidden_layers` = 1): to
     train with `TrainConfig(mtp_weight=..., mtp_only=True)` for a checkpoint that shipped without its head. The
-    other parameters are `m`'s own arrays."""
+    other parameters are `m`'s own arrays. `replace`: a head `m` has is dropped for the new one."""
+    kernels, params = m.kernels, m.params
     if m.config.mtp_num_hidden_layers:
-        raise ValueError("this model already has an MTP head")
+        if not replace:
+            raise ValueError("this model already has an MTP head (replace=True drops it for a new one)")
+        params = nnx.State({k: v for k, v in params.items() if k != "mtp"})
     cfg = dataclasses.replace(m.config, mtp_num_hidden_layers=1)
-    graphdef, abstract = abstract_model(cfg, m.dtype, m.dtype, m.kernels)
+    graphdef, abstract = abstract_model(cfg, m.dtype, m.dtype, kernels)
     head = jax.jit(lambda: nnx.state(Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(seed), param_dtype=m.dtype, dtype=m.dtype,
-                                                       kernels=m.kernels))["mtp"],
+                                                       kernels=kernels))["mtp"],
                    out_shardings=param_shardings(abstract, m.mesh, m.rules)["mtp"])()
-    params = nnx.merge_state(m.params, nnx.State({"mtp": head}))
+    params = nnx.merge_state(params, nnx.State({"mtp": head}))
     return dataclasses.replace(m, config=cfg, graphdef=graphdef, params=params)
 
 

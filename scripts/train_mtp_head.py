@@ -119,7 +119,8 @@ def main() -> None:
     with open(os.path.join(args.model, "training.json")) as f:
         card = json.load(f)
 
-    model = with_mtp_head(qwenjax.from_pretrained(args.model, dtype="float32"), seed=args.seed)
+    # a new head in place of any the model has: the result does not depend on an earlier run's
+    model = with_mtp_head(qwenjax.from_pretrained(args.model, dtype="float32"), seed=args.seed, replace=True)
     if args.continuation_tokens:
         train_texts = greedy_continuations(model, Tokenizer(args.model), train_texts, args.continuation_tokens)
     data = os.path.join(work, "train.jsonl")

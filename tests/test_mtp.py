@@ -98,6 +98,22 @@ def test_a_checkpoint_without_mtp_tensors_loads_and_mtp_logits_says_why(tmp_path
         qwenjax.mtp_logits(m, [[1, 2, 3]])
 
 
+def test_with_mtp_head_adds_a_head_and_replaces_one_only_when_asked(tmp_path):
+    from qwenjax.pretrained import with_mtp_head
+
+    make_hf_checkpoint(tmp_path, seed=1)
+    m = with_mtp_head(qwenjax.from_pretrained(tmp_path, dtype="float32"), seed=0)
+    assert m.config.mtp_num_hidden_layers == 1
+    assert qwenjax.mtp_logits(m, [[1, 2, 3]]).shape == (1, 2, m.config.vocab_size)
+    with pytest.raises(ValueError, match="already has an MTP head"):
+        with_mtp_head(m, seed=1)
+    fresh = with_mtp_head(m, seed=1, replace=True)
+    old, new = (jax.tree.leaves(x.params["mtp"]) for x in (m, fresh))
+    assert [a.shape for a in old] == [b.shape for b in new]
+    assert not np.allclose(m.params["mtp"]["fc"]["weight"][...], fresh.params["mtp"]["fc"]["weight"][...])
+    np.testing.assert_array_equal(m.params["norm"]["weight"][...], fresh.params["norm"]["weight"][...])
+
+
 def _mtp_gradients(m, batch, cfg):
     params, frozen = split_trainable(m.params, cfg)
     run = jax.jit(lambda p, f, b: accumulated_gradients(m.graphdef, cfg, p, b, f))
