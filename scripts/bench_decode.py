@@ -16,8 +16,8 @@ embedding only for its looked-up rows), so tokens/s <= copy bandwidth / weight b
 the targets are set against. A step must also read and write each row's fp32 GDN state and read its KV cache;
 at batch 1 that is a few percent of the weights, at batch 32 about as much again, so a second, tighter bound counts
 weights + cache bytes (at the mean cache length over the run).
-The copy bandwidth counts bytes read plus written (STREAM 'copy'): measured at the start of every round: a 1 GiB numpy copy on the CPU, a 1 GiB jax
-device-to-device copy when JAX runs on a GPU (transformers then runs on CUDA too).
+The copy bandwidth counts bytes read plus written (STREAM 'copy'): measured at the start of every round: a 1 GiB
+numpy copy on the CPU, a 1 GiB jax device-to-device copy when JAX runs on a GPU (transformers then runs on CUDA too).
 Needs the `test` extra (torch, transformers). With flash-linear-attention installed, transformers uses its
 kernels for the gated delta rule on CUDA.
 """
@@ -170,9 +170,11 @@ def main() -> None:
               f"greedy tokens identical in {agree}/{args.batch} rows; copy bandwidth in the rounds "
               f"{min(bw_runs) / 1e9:.1f}-{max(bw_runs) / 1e9:.1f} GB/s, median {bw / 1e9:.1f}")
         print(f"  {'qwenjax':>13}: {ours * 1e3:8.2f} ms/step  {args.batch / ours:9.1f} tokens/s  "
-              f"({args.batch / ours / bound:.0%} of the weight bound, {args.batch / ours / tight:.0%} of weights + cache)")
+              f"({args.batch / ours / bound:.0%} of the weight bound, "
+              f"{args.batch / ours / tight:.0%} of weights + cache)")
         print(f"  {'transformers':>13}: {ref * 1e3:8.2f} ms/step  {args.batch / ref:9.1f} tokens/s  "
-              f"({args.batch / ref / bound:.0%} of the weight bound, {args.batch / ref / tight:.0%} of weights + cache)")
+              f"({args.batch / ref / bound:.0%} of the weight bound, "
+              f"{args.batch / ref / tight:.0%} of weights + cache)")
         print(f"  qwenjax / transformers decode throughput: {ref / ours:.2f}x")
         hf = m = None  # free both models before the next dtype
         gc.collect()

@@ -31,7 +31,6 @@ def _copy(src, dst):
 
 def _rewrite(path, edit):
     """Re-saves model.safetensors after edit(dict of numpy arrays) (via the safetensors package, torch tensors)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     file = os.path.join(path, "model.safetensors")

@@ -82,7 +82,8 @@ def _kill_after(n):
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"),
                                          ("--clip-norm", "-1"), ("--lr", "-1e-3")])
 def test_finetune_refuses_nonsensical_optimiser_flags(flag, value, capsys, tmp_path):
-    err = _flag_error(["finetune", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), f"{flag}={value}"], capsys)
+    err = _flag_error(["finetune", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), f"{flag}={value}"],
+                      capsys)
     assert f"argument {flag}" in err and value in err
     assert not os.path.exists(tmp_path / "o")
 
@@ -267,7 +268,8 @@ def test_generation_config_is_checked_by_field(setup, tmp_path, edit, message):
 
 
 def test_a_model_too_large_for_the_machine_is_refused_before_allocating(tmp_path, capsys):
-    with pytest.raises(OutOfMemoryError, match=r"the parameters: .* GiB needed.*embed_tokens.weight \[1000000000, 64\]"):
+    huge = r"the parameters: .* GiB needed.*embed_tokens.weight \[1000000000, 64\]"
+    with pytest.raises(OutOfMemoryError, match=huge):
         qwenjax.from_config(config_from_dict({**TINY_TEXT, "vocab_size": 10 ** 9}))
     file = tmp_path / "huge.json"
     file.write_text(json.dumps({**TINY_TEXT, "vocab_size": 10 ** 9}))

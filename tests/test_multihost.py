@@ -11,7 +11,6 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 import qwenjax
 from multihost_finetune_worker import RUN, TRAIN

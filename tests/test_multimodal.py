@@ -58,7 +58,8 @@ def _pad(rows):
 def _hf_logits(hf, ids, mask, **vision):
     kw = {k: torch.from_numpy(np.asarray(v)) for k, v in vision.items() if v is not None}
     # what transformers' processor returns beside input_ids: 1 on image pads, 2 on video pads
-    kw["mm_token_type_ids"] = torch.from_numpy((ids == TOKENS["image_token_id"]) + 2 * (ids == TOKENS["video_token_id"]))
+    kw["mm_token_type_ids"] = torch.from_numpy((ids == TOKENS["image_token_id"])
+                                               + 2 * (ids == TOKENS["video_token_id"]))
     with torch.no_grad():
         out = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw)
     return out.logits.float().numpy()
@@ -191,7 +192,8 @@ def test_cli_chat_attaches_images_to_a_turn_and_keeps_them(vision_checkpoint, mo
     from qwenjax.cli import main
 
     path, image = vision_checkpoint
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {image}\nWhat is it?\n/image /no/such.png\nAnd now?\n/exit\n"))
+    monkeypatch.setattr("sys.stdin",
+                        io.StringIO(f"/image {image}\nWhat is it?\n/image /no/such.png\nAnd now?\n/exit\n"))
     assert main(["chat", "--model", str(path), "--max-new-tokens", "2", "--no-thinking", "--temperature", "0",
                  "--dtype", "float32"]) == 0
     err = capsys.readouterr().err

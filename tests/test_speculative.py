@@ -132,6 +132,7 @@ def test_speculative_greedy_equals_plain_greedy(mtp_model, monkeypatch, k):
     assert stats.steps < 4 * 14  # fewer verify passes than tokens
 
 
+@pytest.mark.parametrize("mtp_model", ["dense"], indirect=True)  # MoE adds nothing here
 def test_recomputing_the_kept_tokens_equals_keeping_every_state(mtp_model):
     """speculative.step's two rollbacks from the same cache and drafts (3 rows keeping 3, 1 and 0 of 3 drafts):
     the same tokens, counts and next drafts, and the same cache: GDN windows and states, lengths, and the main
@@ -270,6 +271,7 @@ def test_speculative_needs_an_mtp_head_and_a_valid_count(tmp_path, mtp_model):
         qwenjax.generate(m, [[1, 2]], max_new_tokens=2, num_speculative_tokens=2)
 
 
+@pytest.mark.parametrize("mtp_model", ["dense"], indirect=True)  # MoE adds nothing here
 def test_a_draft_vocabulary_drafts_its_tokens_by_the_full_heads_rows(mtp_model):
     """speculative.draft with a DraftVocab of 40 tokens: greedy drafts are the argmax of the whole LM head's logits
     over those tokens; sampled ones come from the softmax of those logits (filtered), 0 elsewhere."""
@@ -296,7 +298,8 @@ def test_a_draft_vocabulary_drafts_its_tokens_by_the_full_heads_rows(mtp_model):
     assert set(np.asarray(drafts)[:, 0].tolist()) <= set(vocab_ids.tolist())
 
 
-def test_speculative_greedy_with_a_draft_vocabulary_equals_plain_greedy(mtp_model, monkeypatch):
+@pytest.mark.parametrize("mtp_model", ["dense"], indirect=True)  # MoE adds nothing here
+def test_speculative_greedy_with_a_draft_vocabulary_equals_plain_greedy(mtp_model):
     """The same output from a draft vocabulary of the tokens plain greedy writes plus 30 others; bad vocabularies
     are refused, naming the entry."""
     m = mtp_model
