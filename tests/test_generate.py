@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import qwenjax
 from qwenjax.inference.generate import generate
 from qwenjax.inference.sampling import SamplingParams, filter_logits, sample
-from qwenjax.model.cache import init_cache
+from qwenjax.model.cache import AttentionCache, init_cache
 
 torch = pytest.importorskip("torch")
 from qwenjax.testing import make_hf_checkpoint  # noqa: E402
@@ -79,6 +79,34 @@ def test_prefill_and_decode_equal_full_forward(ckpt):
     _, cache = mod.extend(jnp.asarray(ids[:, :40]), cache, fresh=True)
     logits, cache = mod.extend(jnp.asarray(ids[:, 40:99]), cache)
     assert np.abs(np.asarray(logits) - full[:, 98]).max() < 1e-4
+
+
+def test_attention_buffers_write_only_the_new_slots(one_ckpt):
+    """A 16-bit float attention buffer is held as its bits: written at given slots (past the end dropped), read
+    back exactly; and a bf16 decode step or verify pass never makes an fp32 copy of a buffer (XLA:CPU scatters
+    into a bf16 buffer by converting all of it, which made each step's cost grow with the cache)."""
+    c = AttentionCache.zeros((2, 8, 1, 4), jnp.bfloat16)
+    assert c.k.dtype == jnp.uint16 and c.dtype == jnp.bfloat16
+    new = jax.random.normal(jax.random.key(0), (2, 3, 1, 4))
+    k, v = c.write(jnp.array([[0, 1, 2], [6, 7, 8]]), new, -new).read()  # row 1's third slot is past the end
+    assert k.dtype == v.dtype == jnp.bfloat16
+    want = np.zeros((2, 8, 1, 4), np.float32)
+    want[0, :3], want[1, 6:] = np.asarray(new[0].astype(jnp.bfloat16)), np.asarray(new[1, :2].astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(k, np.float32), want)
+    np.testing.assert_array_equal(np.asarray(v, np.float32), -want)
+    assert AttentionCache.zeros((1, 2, 1, 4), jnp.float32).k.dtype == jnp.float32
+
+    from qwenjax.inference import generate as gen
+    m = qwenjax.from_pretrained(one_ckpt, dtype="bfloat16")
+    cfg, params = m.config, jax.tree.leaves(m.params)
+    model, _ = gen._flat_params_model(m)
+    cache = gen.new_cache(m, 2, 512, mtp=True)
+    buffer = f"f32[2,512,{cfg.num_key_value_heads},{cfg.head_dim}]"
+    step = gen._compiled(m, "step", SamplingParams())
+    hlo = step.lower(params, cache, jnp.zeros((2,), jnp.int32), jax.random.key(0), np.int32(1)).compile().as_text()
+    assert buffer not in hlo
+    verify = jax.jit(lambda leaves, c: model(leaves).verify(jnp.zeros((2, 3), jnp.int32), c))
+    assert buffer not in verify.lower(params, cache).compile().as_text()
 
 
 def test_eos_stops_only_its_row(one_ckpt):

@@ -132,13 +132,15 @@ def _draft_vocab_ids(draft_vocab, vocab_size: int, k: int) -> np.ndarray | None:
 
 def new_cache(m, batch_size: int, max_len: int, *, mtp: bool = False) -> Cache:
     """An empty cache for model `m`, laid out over its mesh (with the MTP head's buffer when `mtp`)."""
-    abstract = jax.eval_shape(lambda: init_cache(m.config, batch_size, max_len, m.dtype, mtp=mtp))
-    shardings = cache_shardings(abstract, m.mesh, m.rules)
-    check_fits(f"a cache of {max_len:,} tokens x {batch_size} row(s)",
-               ((jax.tree_util.keystr(path), a, s) for (path, a), s in
-                zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings))), m.mesh)
-    make = jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype, mtp=mtp), out_shardings=shardings)
-    return make()
+    def build():  # compiled once per shape: a request's time to first token must not include a compilation
+        abstract = jax.eval_shape(lambda: init_cache(m.config, batch_size, max_len, m.dtype, mtp=mtp))
+        shardings = cache_shardings(abstract, m.mesh, m.rules)
+        check_fits(f"a cache of {max_len:,} tokens x {batch_size} row(s)",
+                   ((jax.tree_util.keystr(path), a, s) for (path, a), s in
+                    zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings))), m.mesh)
+        return jax.jit(lambda: init_cache(m.config, batch_size, max_len, m.dtype, mtp=mtp), out_shardings=shardings)
+
+    return m.compiled(("new_cache", batch_size, max_len, mtp), build)()
 
 
 def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temperature: float = 0.0,

@@ -45,11 +45,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, kv, hd)
         new_cache = None
         if cache is not None:
-            rows = jnp.arange(b)[:, None]
-            new_cache = AttentionCache(k=cache.k.at[rows, write_index].set(k.astype(cache.k.dtype), mode="drop"),
-                                       v=cache.v.at[rows, write_index].set(v.astype(cache.v.dtype), mode="drop"))
+            new_cache = cache.write(write_index, k, v)
             if attend_cache:
-                k, v = new_cache.k.astype(k.dtype), new_cache.v.astype(v.dtype)
+                k, v = (x.astype(k.dtype) for x in new_cache.read())
         with jax.named_scope("dot_product_attention"):
             o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=not attend_cache)
         return self.o_proj(o.reshape(b, t, h * hd) * jax.nn.sigmoid(gate)), new_cache
