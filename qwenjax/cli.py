@@ -4,6 +4,7 @@
     qwenjax generate --model DIR --prompt "Hi" --no-thinking
     qwenjax generate --model DIR --image cat.png --prompt "What is in the picture?"
     qwenjax chat --model DIR                          # interactive, with history; /image PATH, /reset, /exit
+    qwenjax serve --model DIR --max-batch 16        # OpenAI-compatible server on http://127.0.0.1:8000/v1
     qwenjax forward                                   # random 0.8B-shape model, 512-token prefill speed
     qwenjax forward --model DIR --seq 2048 --mesh fsdp=4,tensor=2
 """
@@ -137,17 +138,11 @@ def _token_ids_file(path: str) -> list[int]:
 
 def _sampling(args, m) -> dict:
     """Sampling settings: the flags, else the checkpoint's generation_config.json, else greedy."""
-    gen = m.generation_config  # its fields' types and ranges were checked when the model was loaded
-    sample = gen.get("do_sample", False)
+    from qwenjax.inference.sampling import with_checkpoint_defaults
 
-    def pick(flag_value, field: str, checkpoint_default, off):
-        if flag_value is not None:
-            return flag_value
-        value = gen.get(field)
-        return (checkpoint_default if value is None else value) if sample else off
-
-    return dict(temperature=pick(args.temperature, "temperature", 1.0, 0.0), top_k=pick(args.top_k, "top_k", 0, 0),
-                top_p=pick(args.top_p, "top_p", 1.0, 1.0), min_p=pick(args.min_p, "min_p", 0.0, 0.0),
+    # the checkpoint's fields' types and ranges were checked when the model was loaded
+    return dict(**with_checkpoint_defaults(m.generation_config, temperature=args.temperature, top_k=args.top_k,
+                                           top_p=args.top_p, min_p=args.min_p),
                 seed=args.seed, max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
                 max_cache_len=args.max_cache_len, num_speculative_tokens=args.speculative,
                 draft_vocab=args.draft_vocab)
@@ -364,6 +359,35 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    import qwenjax
+    from qwenjax.demo import DEFAULT_MODEL_DIR
+    from qwenjax.inference.tokenizer import Tokenizer
+    from qwenjax.serve.api import create_app
+    from qwenjax.serve.engine import Engine
+
+    path = args.model or DEFAULT_MODEL_DIR
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: no such directory")
+    if args.model is None:
+        print(f"No --model given: serving the bundled {path} — a small Qwen3.5 trained from scratch on Python's "
+              "documentation (it completes text; its chat replies are not a chat model's). Pass --model DIR for a "
+              "real checkpoint.", file=sys.stderr, flush=True)
+    tokenizer = Tokenizer(path)
+    m = qwenjax.from_pretrained(path, dtype=args.dtype, mesh=args.mesh)
+    name = args.served_model_name or os.path.basename(os.path.normpath(path))
+    engine = Engine(m, max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                    max_queue=args.max_queue, prefix_cache_bytes=args.prefix_cache_mb << 20, tokenizer=tokenizer)
+    print(f"compiling for {args.max_batch} rows of {args.max_len} tokens ...", file=sys.stderr, flush=True)
+    engine.start()
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(engine, tokenizer, name), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qwenjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -428,6 +452,27 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (rows over data x fsdp; default: one device)")
     t.add_argument("--seed", type=SEED, default=0)
     t.set_defaults(fn=cmd_finetune)
+    v = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, prefix cache, tools)")
+    v.add_argument("--model", help="local Hugging Face checkpoint directory (default: the bundled tiny-pydoc model)")
+    v.add_argument("--served-model-name", help="the model name clients use (default: the directory's name)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=flag(int, minimum=0, maximum=65535), default=8000)
+    v.add_argument("--max-batch", type=POSITIVE_INT, default=16, help="rows decoded together")
+    v.add_argument("--max-len", type=flag(int, minimum=2), default=4096,
+                   help="tokens per row: a request's prompt plus its max_tokens")
+    v.add_argument("--prefill-chunk", type=flag(int, minimum=64), default=256,
+                   help="the longest prefill call, a multiple of 64: long prompts prefill in chunks between the "
+                        "running rows' decode steps")
+    v.add_argument("--max-queue", type=flag(int, minimum=0), default=256,
+                   help="requests waiting for a row beyond which the server answers 429")
+    v.add_argument("--prefix-cache-mb", type=flag(int, minimum=0), default=1024,
+                   help="memory for prefix-cache snapshots (GDN states and KV), 0 turns it off")
+    v.add_argument("--shutdown-timeout", type=flag(float, minimum=0), default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    v.add_argument("--mesh", default=None, help="e.g. data=2,tensor=2 (default: one device)")
+    v.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     if getattr(args, "warmup", 0) is None:
         args.warmup = max(1, args.steps // 20)

@@ -116,6 +116,71 @@ def accept_steps(cache: Cache, accepted: jax.Array) -> Cache:
     return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=cache.lengths + accepted)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSnapshot:
+    """What one row of a cache holds after its first `end` tokens, for a prefix cache: each GDN layer's window
+    and state there, and each attention layer's keys and values from slot `start` on ([size, KV, head_dim],
+    as held: a 16-bit float's bits), valid up to `end`. The slots before `start` come from the snapshots of
+    shorter prefixes."""
+    gdn: tuple[GatedDeltaNetCache, ...]            # one per GDN layer, leading batch axis dropped
+    kv: tuple[tuple[jax.Array, jax.Array], ...]     # one (k, v) per attention layer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+
+def take_row(cache: Cache, row: jax.Array, start: jax.Array, size: int) -> RowSnapshot:
+    """Row `row`'s GDN state and its attention slots start .. start+size-1 (zeros past the buffer)."""
+    pick = lambda x: jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False)
+    slots = start + jnp.arange(size)
+    segment = lambda x: jnp.take(pick(x), slots, axis=0, mode="fill", fill_value=0)
+    return RowSnapshot(
+        gdn=tuple(GatedDeltaNetCache(conv=pick(c.conv), state=pick(c.state))
+                  for c in cache.layers if isinstance(c, GatedDeltaNetCache)),
+        kv=tuple((segment(c.k), segment(c.v)) for c in cache.layers if isinstance(c, AttentionCache)))
+
+
+def put_row(cache: Cache, row: jax.Array, snapshot: RowSnapshot, start: jax.Array, end: jax.Array, *,
+            state: bool) -> Cache:
+    """`cache` with row `row`'s attention slots start .. end-1 taken from `snapshot` (`take_row`'s, of the
+    same `start`) and, with `state`, its GDN layers' window and state too and its length set to `end`: restoring a
+    prefix writes each snapshot of the chain, the last one with `state`."""
+    size = snapshot.kv[0][0].shape[0] if snapshot.kv else 0
+    slots = start + jnp.arange(size)
+    slots = jnp.where(slots < end, slots, cache.max_len)  # past the prefix: dropped
+    gdn, kv = iter(snapshot.gdn), iter(snapshot.kv)
+    put = lambda buf, new: buf.at[row, slots].set(new, mode="drop")
+
+    def layer(c):
+        if isinstance(c, AttentionCache):
+            k, v = next(kv)
+            return dataclasses.replace(c, k=put(c.k, k), v=put(c.v, v))
+        g = next(gdn)
+        if not state:
+            return c
+        return GatedDeltaNetCache(conv=c.conv.at[row].set(g.conv), state=c.state.at[row].set(g.state))
+
+    layers = tuple(layer(c) for c in cache.layers)
+    if not state:
+        return dataclasses.replace(cache, layers=layers)
+    return dataclasses.replace(cache, layers=layers, lengths=cache.lengths.at[row].set(end),
+                               rope_deltas=cache.rope_deltas.at[row].set(0))
+
+
+def reset_row(cache: Cache, row: jax.Array) -> Cache:
+    """`cache` with row `row` empty: no tokens, GDN windows and states zero (attention slots past a row's length
+    are never read)."""
+    def layer(c):
+        if isinstance(c, AttentionCache):
+            return c
+        return GatedDeltaNetCache(conv=c.conv.at[row].set(0), state=c.state.at[row].set(0))
+
+    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers),
+                               lengths=cache.lengths.at[row].set(0), rope_deltas=cache.rope_deltas.at[row].set(0))
+
+
 _CACHE_AXES = {
     AttentionCache: {"k": ("batch", None, "kv_heads", None), "v": ("batch", None, "kv_heads", None)},
     GatedDeltaNetCache: {"conv": ("batch", None, "gdn_qkv"), "state": ("batch", "gdn_heads", None, None)},

@@ -1,0 +1,434 @@
+"""The OpenAI-compatible HTTP API over an `Engine` (FastAPI): /v1/chat/completions, /v1/completions (streamed
+as server-sent events or not), /v1/models, /health, /metrics (Prometheus text).
+
+Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: a bad request is a 400 naming the
+field, an unknown model a 404, a full queue a 429. Sampling settings a request leaves out come from the
+checkpoint's generation_config.json, as `qwenjax generate` takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from qwenjax.inference.generate import MAX_SEED
+from qwenjax.inference.sampling import SamplingParams, with_checkpoint_defaults
+from qwenjax.inference.tokenizer import THINK_OPEN, StreamDecoder
+from qwenjax.serve.engine import Engine, Finished, QueueFull, Request, Tokens
+from qwenjax.serve.reply_parser import ReplyParser, collect
+from qwenjax.validate import InputError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
+
+
+class _Sampling(BaseModel):
+    """The fields both endpoints share. Unknown fields are ignored (clients send their own extras)."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=-1)  # -1 and 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    n: StrictInt = Field(1, ge=1, le=16)
+    stream: StrictBool = False
+    stream_options: dict | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+
+
+class ChatBody(_Sampling):
+    messages: list[dict] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    chat_template_kwargs: dict | None = None
+
+
+def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
+    """The app serving `engine` (started and stopped with the app) under the model name `model_name`."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if engine._thread is None:
+            await asyncio.to_thread(engine.start)
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="qwenjax", lifespan=lifespan)
+    refused = {"count": 0}
+    started = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}"
+                           f" (got {json.dumps(first.get('input'), default=str)[:200]})", where)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        if exc.status == 429:
+            refused["count"] += 1
+        return _error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.get("/health")
+    async def health():
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "qwenjax", "max_model_len": engine.max_len}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_metrics(engine, refused["count"]))
+
+    def sampling_of(body: _Sampling) -> tuple[SamplingParams, int]:
+        top_k = body.top_k if body.top_k is None or body.top_k >= 0 else 0
+        try:
+            params = SamplingParams(**with_checkpoint_defaults(
+                engine.m.generation_config, temperature=body.temperature, top_k=top_k, top_p=body.top_p,
+                min_p=body.min_p))
+        except InputError as e:
+            raise APIError(400, str(e)) from None
+        seed = body.seed if body.seed is not None else uuid.uuid4().int & MAX_SEED
+        return params, seed
+
+    def check_model(body: _Sampling) -> None:
+        if body.model is not None and body.model != model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                           "model", "model_not_found")
+
+    def stops_of(body: _Sampling) -> tuple[str, ...]:
+        stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if any(not s for s in stops):
+            raise APIError(400, "stop: a stop string is empty", "stop")
+        return stops
+
+    def submit(prompt: list[int], body: _Sampling, max_tokens: int | None, n: int, snapshot_at=()):
+        """n engine requests for `prompt`, each with an asyncio queue of its events."""
+        params, seed = sampling_of(body)
+        loop = asyncio.get_running_loop()
+        room = engine.max_len - len(prompt)
+        if room < 1:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this server's rows hold {engine.max_len} "
+                                "(--max-len), which leaves no room for a reply", "messages")
+        handles = []
+        try:
+            for i in range(n):
+                queue: asyncio.Queue = asyncio.Queue()
+                request = Request(prompt=prompt, on_event=lambda ev, q=queue: loop.call_soon_threadsafe(
+                    q.put_nowait, ev), max_tokens=max_tokens or room, sampling=params, seed=(seed + i) & MAX_SEED,
+                    stop_strings=stops_of(body), snapshot_at=snapshot_at)
+                engine.submit(request)
+                handles.append((request, queue))
+        except (QueueFull, InputError) as e:
+            for request, _ in handles:
+                engine.cancel(request)
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error") from None
+            raise APIError(400, str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
+        return handles
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        check_model(body)
+        prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(
+            body.prompt[0], int) else [body.prompt]
+        token_prompts = []
+        for i, p in enumerate(prompts):
+            ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, f"prompt[{i}] is empty", "prompt")
+            token_prompts.append(ids)
+        handles = []
+        for ids in token_prompts:
+            handles += submit(ids, body, body.max_tokens or 16, body.n)
+        stops = stops_of(body)
+        choices = [_TextChoice(tokenizer, stops) for _ in handles]
+        return await _respond(http, body, handles, choices, "text_completion", model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HTTPRequest):
+        check_model(body)
+        messages = [_message(i, m) for i, m in enumerate(body.messages)]
+        kwargs = dict(body.chat_template_kwargs or {})
+        thinking_flag = kwargs.pop("enable_thinking", True)
+        tools = None if body.tool_choice == "none" else body.tools
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=thinking_flag, **kwargs)
+            history = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=thinking_flag,
+                                                    add_generation_prompt=False, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
+        prompt = tokenizer.encode(text)
+        history_ids = tokenizer.encode(history)
+        # where the conversation so far ends: the next turn starts with it, so the prefix cache keeps it
+        snapshot_at = (len(history_ids),) if prompt[:len(history_ids)] == history_ids else ()
+        handles = submit(prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at)
+        opened = text.rstrip().endswith(THINK_OPEN)
+        choices = [_ChatChoice(tokenizer, stops_of(body), opened, tools) for _ in handles]
+        return await _respond(http, body, handles, choices, "chat.completion", model_name)
+
+    return app
+
+
+def _message(i: int, message: dict) -> dict:
+    """An OpenAI message as the chat template takes it: text parts joined, tool-call arguments as objects."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise APIError(400, f"messages[{i}] needs a string 'role'", f"messages[{i}].role")
+    out = dict(message)
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part is not supported (text parts "
+                                    "only)", f"messages[{i}].content[{j}]")
+            texts.append(part["text"])
+        out["content"] = "".join(texts)
+    elif content is None:
+        out["content"] = ""
+    elif not isinstance(content, str):
+        raise APIError(400, f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content")
+    calls = []
+    for j, call in enumerate(message.get("tool_calls") or ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs function.name", f"messages[{i}].tool_calls")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
+                               f"messages[{i}].tool_calls") from None
+        calls.append({**call, "function": {**function, "arguments": arguments}, **function, "arguments": arguments})
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+class _TextChoice:
+    """A completion's text as it grows: stop strings cut off (and what may begin one held back while streaming)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.decoder, self.stops = StreamDecoder(tokenizer), stops
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, ids: list[int]) -> None:
+        for t in ids:
+            self.text += self.decoder.push(t)
+        for s in self.stops:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+
+    def new_text(self, final: bool) -> str:
+        hold = 0 if final or self.stopped else max(
+            (k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        piece = self.text[self.sent:len(self.text) - hold]
+        self.sent += len(piece)
+        return piece
+
+    def delta(self, final: bool) -> dict | None:
+        piece = self.new_text(final)
+        return {"text": piece} if piece else None
+
+    def message(self) -> dict:
+        return {"text": self.text}
+
+
+class _ChatChoice(_TextChoice):
+    def __init__(self, tokenizer, stops, opened_thinking: bool, tools):
+        super().__init__(tokenizer, stops)
+        self.parser = ReplyParser(opened_thinking, tools, parse_tools=bool(tools))
+        self.deltas: list = []
+        self.role_sent = False
+        self.calls_sent = 0
+
+    def delta(self, final: bool) -> list[dict]:
+        piece = self.new_text(final)
+        new = self.parser.feed(piece) + (self.parser.finish() if final else [])
+        self.deltas += new
+        out = []
+        if not self.role_sent:
+            out.append({"role": "assistant", "content": ""})
+            self.role_sent = True
+        for d in new:
+            if d.tool_call is not None:
+                out.append({"tool_calls": [d.tool_call.openai(self.calls_sent)]})
+                self.calls_sent += 1
+            elif d.reasoning:
+                out.append({"reasoning_content": d.reasoning})
+            elif d.content:
+                out.append({"content": d.content})
+        return out
+
+    def message(self) -> dict:
+        reasoning, content, calls = collect(self.deltas)
+        msg = {"role": "assistant", "content": content or (None if calls else ""),
+               "reasoning_content": reasoning or None}
+        if calls:
+            msg["tool_calls"] = [c.openai() for c in calls]
+        return msg
+
+
+async def _respond(http: HTTPRequest, body: _Sampling, handles, choices, kind: str, model_name: str):
+    rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    finished: list[Finished | None] = [None] * len(handles)
+    engine_cancel = [lambda r=r: _cancel(r) for r, _ in handles]
+
+    async def events():
+        """(choice index, event) as they come, from every choice's queue."""
+        pending = {asyncio.ensure_future(q.get()): i for i, (_, q) in enumerate(handles)}
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if not done and await http.is_disconnected():
+                raise asyncio.CancelledError
+            for fut in done:
+                i = pending.pop(fut)
+                event = fut.result()
+                if isinstance(event, Finished):
+                    finished[i] = event
+                else:
+                    pending[asyncio.ensure_future(handles[i][1].get())] = i
+                yield i, event
+
+    def reason(i: int) -> str:
+        f = finished[i]
+        if f.reason == "stop" or choices[i].stopped:
+            calls = getattr(getattr(choices[i], "parser", None), "calls", 0)
+            return "tool_calls" if calls else "stop"
+        return {"length": "length", "cancelled": "abort", "error": "error"}[f.reason]
+
+    def usage() -> dict:
+        prompt = sum(f.prompt_tokens for f in finished[::max(body.n, 1)])
+        completion = sum(f.completion_tokens for f in finished)
+        cached = sum(f.cached_tokens for f in finished[::max(body.n, 1)])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def chunk(choice_list, with_usage=None) -> str:
+        obj = {"id": rid, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "created": created,
+               "model": model_name, "choices": choice_list}
+        if with_usage is not None:
+            obj["usage"] = with_usage
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    if not body.stream:
+        try:
+            async for i, event in events():
+                if isinstance(event, Tokens):
+                    choices[i].push(event.ids)
+        finally:
+            for cancel in engine_cancel:
+                cancel()
+        errors = [f.error for f in finished if f.reason == "error"]
+        if errors:
+            return _error(500, f"generation failed: {errors[0]}", kind="server_error")
+        out = []
+        for i, c in enumerate(choices):
+            c.delta(final=True)
+            entry = {"index": i, "finish_reason": reason(i)}
+            if kind == "chat.completion":
+                entry["message"] = c.message()
+            else:
+                entry.update(text=c.message()["text"], logprobs=None)
+            out.append(entry)
+        return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": out,
+                "usage": usage()}
+
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    async def stream():
+        try:
+            async for i, event in events():
+                final = isinstance(event, Finished)
+                if not final:
+                    choices[i].push(event.ids)
+                deltas = choices[i].delta(final)
+                for d in (deltas if isinstance(deltas, list) else [deltas] if deltas else []):
+                    if kind == "chat.completion":
+                        yield chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": None}])
+                    else:
+                        yield chunk([{"index": i, **d, "logprobs": None, "finish_reason": None}])
+                if final:
+                    end = {"index": i, "finish_reason": reason(i), "logprobs": None}
+                    end.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
+                    yield chunk([end])
+            if include_usage:
+                yield chunk([], usage())
+            yield "data: [DONE]\n\n"
+        finally:  # a client gone mid-stream: its rows are freed at the engine's next turn
+            for cancel in engine_cancel:
+                cancel()
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def _cancel(request: Request) -> None:
+    request.cancelled = True
+
+
+def _metrics(engine: Engine, refused: int) -> str:
+    s, cache = engine.stats, engine.prefix_cache
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, value, labels: str = ""):
+        if not any(line.startswith(f"# HELP {name} ") for line in lines):
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+        lines.append(f"{name}{labels} {value}")
+
+    for reason_name in ("stop", "length", "cancelled", "error"):
+        metric("qwenjax_requests_total", "counter", "Requests finished, by reason.", s.requests[reason_name],
+               f'{{reason="{reason_name}"}}')
+    metric("qwenjax_requests_refused_total", "counter", "Requests refused with 429 (queue full).", refused)
+    metric("qwenjax_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", s.prompt_tokens)
+    metric("qwenjax_prefill_tokens_total", "counter", "Prompt tokens prefilled (not restored from the prefix "
+           "cache).", s.prefilled_tokens)
+    metric("qwenjax_cached_prompt_tokens_total", "counter", "Prompt tokens restored from the prefix cache.",
+           s.cached_tokens)
+    metric("qwenjax_generation_tokens_total", "counter", "Tokens generated.", s.generated_tokens)
+    metric("qwenjax_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
+           f"{s.tokens_per_second():.3f}")
+    metric("qwenjax_decode_steps_total", "counter", "Batched decode steps run.", s.decode_steps)
+    metric("qwenjax_queue_length", "gauge", "Requests waiting for a row.", engine.queue_length)
+    metric("qwenjax_running_rows", "gauge", "Rows holding a request.", engine.running)
+    metric("qwenjax_max_rows", "gauge", "Rows of the batched cache (--max-batch).", engine.max_batch)
+    metric("qwenjax_prefix_cache_lookups_total", "counter", "Prefix cache lookups.", cache.lookups)
+    metric("qwenjax_prefix_cache_hits_total", "counter", "Prefix cache lookups that restored a prefix.", cache.hits)
+    metric("qwenjax_prefix_cache_hit_rate", "gauge", "Prefix cache hits / lookups.",
+           f"{cache.hits / cache.lookups if cache.lookups else 0.0:.4f}")
+    metric("qwenjax_prefix_cache_bytes", "gauge", "Memory held by prefix cache snapshots.", cache.nbytes)
+    metric("qwenjax_prefix_cache_entries", "gauge", "Prefix cache snapshots.", len(cache))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,408 @@
+"""Continuous batching: one batched cache of `max_batch` rows, requests joining and leaving between decode steps.
+
+    submit ──▶ queue ──admit──▶ free row ──prefix cache: restore the longest cached prefix──▶ prefill the rest,
+    one chunk per loop turn ──▶ first token ──▶ decode steps with every running row ──▶ eos / stop / length /
+    cancel ──▶ snapshot into the prefix cache, row freed
+
+A background thread runs the loop. Each turn runs at most one prefill chunk (a long prompt never stalls the other
+rows' streams for longer than one chunk) and one decode step for all rows; rows not decoding are masked out of
+it (they append nothing, their GDN state is untouched). Every row samples with its own settings and its own
+key, `fold_in(key(seed), token index)`: a seeded request gets the same tokens however it is batched.
+
+Events go to each request's `on_event` from the engine thread: `Tokens` as they are sampled, then one `Finished`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+import time
+import traceback
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenjax.inference.generate import _eos_ids, _flat_params_model, _hits_stop, new_cache
+from qwenjax.inference.sampling import RowSampling, SamplingParams, sample_rows
+from qwenjax.model import cache as cache_lib
+from qwenjax.serve.prefix_cache import PrefixCache
+from qwenjax.sharding import activation_sharding
+from qwenjax.validate import InputError
+
+MIN_CHUNK = 64  # prefill chunks are 64 · 4^i tokens (the GDN chunk is 64): few compiled shapes, little padding
+
+
+class QueueFull(Exception):
+    """The engine's queue holds `max_queue` requests already (a server answers 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: str             # "stop" (eos or a stop string), "length", "cancelled" or "error"
+    prompt_tokens: int
+    cached_tokens: int      # prompt tokens restored from the prefix cache, not prefilled
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation. `snapshot_at`: prompt lengths worth a prefix-cache snapshot besides the block boundaries
+    (a chat server passes where the conversation's history ends: the next turn starts with it)."""
+    prompt: list[int]
+    on_event: Callable[[Tokens | Finished], None]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] | None = None  # default: the model's eos tokens
+    snapshot_at: tuple[int, ...] = ()
+    cancelled: bool = False  # set by `Engine.cancel`; the row is freed at the next turn
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    request: Request
+    done: int                  # prompt tokens in the cache
+    cached: int                # of which restored from the prefix cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def decoding(self) -> bool:
+        return self.done == len(self.request.prompt)
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters for /metrics (read from other threads: plain ints, written only by the engine thread)."""
+    requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by finish reason
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
+
+    def tokens_per_second(self, window_s: float = 10.0) -> float:
+        """Generated tokens per second over the last `window_s` seconds."""
+        now = time.monotonic()
+        n = sum(count for t, count in list(self.recent) if now - t <= window_s)
+        return n / window_s
+
+
+class Engine:
+    """Serves generation requests from many threads on one model. `start()` runs the loop in a thread;
+    `submit` queues a request (raises QueueFull past `max_queue`); `cancel` drops one; `stop()` ends the loop,
+    finishing every request still queued or running as cancelled.
+
+    Args:
+      m: a `qwenjax.Qwen35`.
+      max_batch: rows decoded together.
+      max_len: cache capacity per row: a request's prompt plus its max_tokens must fit.
+      prefill_chunk: the longest prefill call (tokens), a multiple of 64.
+      max_queue: requests waiting for a row beyond which `submit` refuses.
+      prefix_cache_bytes: memory for the prefix cache's snapshots (0: off).
+      tokenizer: reads generated text for stop strings.
+    """
+
+    def __init__(self, m, *, max_batch: int = 8, max_len: int = 4096, prefill_chunk: int = 256,
+                 max_queue: int = 256, prefix_cache_bytes: int = 1 << 30, tokenizer=None):
+        if prefill_chunk < MIN_CHUNK or prefill_chunk % MIN_CHUNK:
+            raise InputError(f"prefill_chunk={prefill_chunk}: must be a positive multiple of {MIN_CHUNK}")
+        if max_batch < 1 or max_len < 2:
+            raise InputError(f"max_batch={max_batch}, max_len={max_len}: need max_batch >= 1 and max_len >= 2")
+        limit = m.config.max_position_embeddings
+        if max_len > limit:
+            raise InputError(f"max_len={max_len} is past the model's max_position_embeddings={limit}")
+        self.m, self.tokenizer = m, tokenizer
+        self.max_batch, self.max_len, self.prefill_chunk, self.max_queue = max_batch, max_len, prefill_chunk, max_queue
+        self.eos = _eos_ids(m, None)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.stats = Stats()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._rows: list[_Row | None] = [None] * max_batch
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._params = jax.tree.leaves(m.params)
+        self._cache = None
+        self._model, self._param_shardings = _flat_params_model(m)
+
+    # ---- the public side (any thread) ----------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        n = len(request.prompt)
+        if n == 0:
+            raise InputError("the prompt is empty: generation needs at least one prompt token")
+        vocab = self.m.config.vocab_size
+        bad = next((i for i, t in enumerate(request.prompt) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"prompt token {bad} is {request.prompt[bad]}, not a token id (vocab_size={vocab})")
+        if request.max_tokens < 1:
+            raise InputError(f"max_tokens={request.max_tokens}: must be at least 1")
+        if n + request.max_tokens > self.max_len:
+            raise InputError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} it needs "
+                             f"{n + request.max_tokens} cache slots, but a row holds {self.max_len} (the server's "
+                             "--max-len)")
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting already (the server's queue limit)")
+            self._queue.append(request)
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._lock:
+            self._lock.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    def start(self, warmup: bool = True) -> Engine:
+        """Starts the loop thread (after compiling the common programs, with `warmup`)."""
+        with activation_sharding(self.m.mesh, self.m.rules):
+            self._cache = new_cache(self.m, self.max_batch, self.max_len)
+            if warmup:
+                self._warmup()
+        self._thread = threading.Thread(target=self._run, name="qwenjax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- compiled programs ---------------------------------------------------------------------------------------
+    def _step_fn(self, used: frozenset[str]):
+        def build():
+            model = self._model
+
+            def fn(leaves, cache, tokens, active, sampling, seeds, counters):
+                logits, cache = model(leaves).extend(tokens[:, None], cache, attention_mask=active[:, None])
+                return sample_rows(logits, _row_keys(seeds, counters), sampling), cache
+
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 6), donate_argnums=1)
+
+        return self.m.compiled(("serve_step", self.max_batch, self.max_len, used), build)
+
+    def _prefill_fn(self, size: int, reset: bool, used: frozenset[str]):
+        def build():
+            model = self._model
+
+            def fn(leaves, cache, row, ids, n, sampling, seeds, counters):
+                if reset:
+                    cache = cache_lib.reset_row(cache, row)
+                sub = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, 0), cache)
+                logits, sub = model(leaves).extend(ids, sub, attention_mask=jnp.arange(size)[None] < n,
+                                                   fresh=reset)
+                cache = jax.tree.map(lambda x, s: jax.lax.dynamic_update_slice_in_dim(x, s, row, 0), cache, sub)
+                return sample_rows(logits, _row_keys(seeds, counters), sampling), cache
+
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 7), donate_argnums=1)
+
+        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, reset, used), build)
+
+    def _take_fn(self, size: int):
+        return self.m.compiled(("serve_take_row", size),
+                               lambda: jax.jit(lambda cache, row, start: cache_lib.take_row(cache, row, start, size)))
+
+    def _put_fn(self, last: bool):
+        return self.m.compiled(("serve_put_row", last), lambda: jax.jit(
+            lambda cache, row, snap, start, end: cache_lib.put_row(cache, row, snap, start, end, state=last),
+            donate_argnums=0))
+
+    def _warmup(self) -> None:
+        """Compiles the greedy decode step and the first prefill chunk of each size (one greedy token each)."""
+        greedy = RowSampling.of([SamplingParams()])
+        zeros = np.zeros(1, np.uint32)
+        size = MIN_CHUNK
+        while size <= self.prefill_chunk:
+            for reset in (True, False):
+                _, self._cache = self._prefill_fn(size, reset, greedy.used)(
+                    self._params, self._cache, np.int32(0), np.zeros((1, size), np.int32), np.int32(1), greedy,
+                    np.zeros((1, 2), np.uint32), zeros)
+            size = _next_chunk_size(size, self.prefill_chunk)
+        batch = RowSampling.of([SamplingParams()] * self.max_batch)
+        _, self._cache = self._step_fn(batch.used)(
+            self._params, self._cache, np.zeros(self.max_batch, np.int32), np.zeros(self.max_batch, bool), batch,
+            np.zeros((self.max_batch, 2), np.uint32), np.zeros(self.max_batch, np.uint32))
+        self._cache = cache_lib.reset_row(self._cache, 0)
+
+    # ---- the loop (engine thread) --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with activation_sharding(self.m.mesh, self.m.rules):
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._queue and not any(self._rows):
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._turn()
+                except Exception as e:  # a failed program: fail what was running, start from a fresh cache
+                    traceback.print_exc()
+                    for r, row in enumerate(self._rows):
+                        if row is not None:
+                            self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                    self._cache = new_cache(self.m, self.max_batch, self.max_len)
+        for r, row in enumerate(self._rows):
+            if row is not None:
+                self._finish(r, "cancelled")
+        with self._lock:
+            waiting, self._queue = list(self._queue), collections.deque()
+        for request in waiting:
+            _send(request, Finished("cancelled", len(request.prompt), 0, 0))
+
+    def _turn(self) -> None:
+        for r, row in enumerate(self._rows):
+            if row is not None and row.request.cancelled:
+                self._finish(r, "cancelled")
+        self._admit()
+        prefilling = [r for r, row in enumerate(self._rows) if row is not None and not row.decoding]
+        if prefilling:  # oldest first
+            self._prefill_chunk(min(prefilling, key=lambda r: self._rows[r].request.arrived))
+        if any(row is not None and row.decoding and row.generated for row in self._rows):
+            self._decode_step()
+
+    def _admit(self) -> None:
+        while None in self._rows:
+            with self._lock:
+                if not self._queue:
+                    return
+                request = self._queue.popleft()
+            if request.cancelled:
+                _send(request, Finished("cancelled", len(request.prompt), 0, 0))
+                continue
+            r = self._rows.index(None)
+            node = self.prefix_cache.lookup(request.prompt)
+            for i, n in enumerate(chain := node.chain()):
+                self._cache = self._put_fn(i == len(chain) - 1)(self._cache, np.int32(r), n.snapshot,
+                                                                np.int32(n.start), np.int32(n.depth))
+            self._rows[r] = _Row(request, done=node.depth, cached=node.depth)
+            self.stats.prompt_tokens += len(request.prompt)
+            self.stats.cached_tokens += node.depth
+
+    def _chunk_end(self, row: _Row) -> int:
+        """Where row's next prefill chunk ends: at most prefill_chunk tokens, at the next block boundary (a
+        multiple of prefill_chunk) or snapshot point, or at the prompt's end."""
+        n, done = len(row.request.prompt), row.done
+        end = min(n, (done // self.prefill_chunk + 1) * self.prefill_chunk)
+        return min([end] + [p for p in row.request.snapshot_at if done < p < end])
+
+    def _prefill_chunk(self, r: int) -> None:
+        row = self._rows[r]
+        request = row.request
+        end = self._chunk_end(row)
+        n = end - row.done
+        size = MIN_CHUNK
+        while size < n:
+            size = _next_chunk_size(size, self.prefill_chunk)
+        ids = np.zeros((1, size), np.int32)
+        ids[0, :n] = request.prompt[row.done:end]
+        sampling = RowSampling.of([request.sampling])
+        token, self._cache = self._prefill_fn(size, row.done == 0, sampling.used)(
+            self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
+            np.zeros(1, np.uint32))
+        row.done = end
+        self.stats.prefilled_tokens += n
+        if end < len(request.prompt):
+            if end % self.prefill_chunk == 0 or end in request.snapshot_at:
+                self._snapshot(r, request.prompt[:end])
+            return
+        if end in request.snapshot_at:
+            self._snapshot(r, request.prompt[:end])
+        self._emit(r, [int(np.asarray(token)[0])])
+
+    def _decode_step(self) -> None:
+        b = self.max_batch
+        tokens, active, counters = np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.uint32)
+        params, seeds = [SamplingParams()] * b, [0] * b
+        for r, row in enumerate(self._rows):
+            if row is not None and row.decoding and row.generated:
+                tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
+                params[r], seeds[r] = row.request.sampling, row.request.seed
+        sampling = RowSampling.of(params)
+        new, self._cache = self._step_fn(sampling.used)(self._params, self._cache, tokens, active, sampling,
+                                                        _seed_words(seeds), counters)
+        new = np.asarray(new)
+        self.stats.decode_steps += 1
+        for r in np.flatnonzero(active):
+            self._emit(int(r), [int(new[r])])
+
+    def _emit(self, r: int, ids: list[int]) -> None:
+        """Hands row r's new tokens to its request, and finishes the row on eos, a stop string or its length."""
+        row = self._rows[r]
+        request = row.request
+        stop_ids = self.eos if request.stop_token_ids is None else request.stop_token_ids
+        row.generated.extend(ids)
+        self.stats.generated_tokens += len(ids)
+        self.stats.recent.append((time.monotonic(), len(ids)))
+        _send(request, Tokens(ids))
+        if ids[-1] in stop_ids or (request.stop_strings and
+                                   _hits_stop(self.tokenizer, row.generated, request.stop_strings)):
+            self._finish(r, "stop")
+        elif len(row.generated) >= request.max_tokens:
+            self._finish(r, "length")
+
+    def _finish(self, r: int, reason: str, error: str | None = None) -> None:
+        row = self._rows[r]
+        self._rows[r] = None
+        if reason != "error" and row.decoding and len(row.generated) > 1:
+            try:  # what the row holds: the prompt and every generated token but the last (never fed back)
+                self._snapshot(r, row.request.prompt + row.generated[:-1])
+            except Exception:
+                traceback.print_exc()
+        self.stats.requests[reason] += 1
+        _send(row.request, Finished(reason, len(row.request.prompt), row.cached, len(row.generated), error))
+
+    def _snapshot(self, r: int, tokens: Sequence[int]) -> None:
+        def take(start: int, end: int):
+            size = max(MIN_CHUNK, 1 << math.ceil(math.log2(end - start)))
+            return self._take_fn(size)(self._cache, np.int32(r), np.int32(start))
+
+        self.prefix_cache.insert(tokens, take)
+
+
+def _send(request: Request, event: Tokens | Finished) -> None:
+    """Delivers an event; a receiver that fails (a client gone) cancels its request, never the engine."""
+    try:
+        request.on_event(event)
+    except Exception:
+        traceback.print_exc()
+        request.cancelled = True
+
+
+def _next_chunk_size(size: int, limit: int) -> int:
+    return size * 4 if size * 4 <= limit else (limit if size < limit else size * 4)
+
+
+def _seed_words(seeds: Sequence[int]) -> np.ndarray:
+    """Seeds (0 .. 2^63-1) as the two 32-bit words of a threefry key, [B, 2] uint32."""
+    s = np.array(seeds, np.uint64)
+    return np.stack([s >> np.uint64(32), s & np.uint64(0xFFFFFFFF)], -1).astype(np.uint32)
+
+
+def _row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """Each row's key for its token `counters[r]`: fold_in(key of seeds[r], counters[r])."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.wrap_key_data(s, impl="threefry2x32"), c))(
+        seeds, counters)

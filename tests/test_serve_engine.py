@@ -1,0 +1,174 @@
+"""The serving engine in process: continuous batching and the prefix cache give exactly what `qwenjax.generate`
+gives each request alone; and the chat reply parser (thinking, tool calls), whole and streamed."""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import numpy as np
+import pytest
+
+import qwenjax
+from qwenjax.demo import DEFAULT_MODEL_DIR
+from qwenjax.inference.sampling import SamplingParams
+from qwenjax.inference.tokenizer import Tokenizer
+from qwenjax.serve.engine import Engine, Finished, QueueFull, Request
+from qwenjax.serve.reply_parser import ReplyParser, collect, parse_tool_call
+from qwenjax.validate import InputError
+
+LENGTHS = [70, 5, 131, 1, 300, 17, 64, 65, 200, 3, 40, 90, 128, 256, 12, 33]
+
+
+@pytest.fixture(scope="module")
+def model():
+    # fp32: a batch of 16 rows and a batch of one run different XLA:CPU matmul kernels, whose bf16 results
+    # differ in the last bit, and a greedy choice between two near-equal tokens can follow that bit (measured:
+    # 2 of 16 random prompts diverge after 12+ tokens in bf16 at batch 8; none at batch 1, none in fp32)
+    return qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = Engine(model, max_batch=16, max_len=512, prefill_chunk=256, tokenizer=Tokenizer(DEFAULT_MODEL_DIR))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def _submit(engine, prompt, max_tokens, **kw) -> queue.Queue:
+    q = queue.Queue()
+    q.request = engine.submit(Request(prompt=list(prompt), on_event=q.put, max_tokens=max_tokens, **kw))
+    return q
+
+
+def _collect(q) -> tuple[list[int], Finished]:
+    tokens = []
+    while True:
+        event = q.get(timeout=300)
+        if isinstance(event, Finished):
+            return tokens, event
+        tokens += event.ids
+
+
+def test_continuous_batching_equals_generate_alone(model, engine):
+    """16 concurrent greedy requests, prompts of 1 to 300 tokens (two prefill chunks for the longest), some
+    stopping early at eos: each gets the tokens `generate` gives it alone."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 4000, n).tolist() for n in LENGTHS]
+    eos = {r: None for r in range(len(prompts))}
+    queues = [_submit(engine, p, 24, stop_token_ids=frozenset()) for p in prompts]
+    served = [_collect(q) for q in queues]
+    for r, (p, (tokens, done)) in enumerate(zip(prompts, served)):
+        alone = qwenjax.generate(model, [p], max_new_tokens=24, eos_token_ids=())[0]
+        assert tokens == alone, f"row {r} (prompt of {len(p)} tokens)"
+        assert (done.reason, done.prompt_tokens, done.completion_tokens) == ("length", len(p), 24)
+        eos[r] = alone[5]
+    # the same prompts again, each stopping at its own 6th token: rows leave the batch at different steps
+    queues = [_submit(engine, p, 24, stop_token_ids=frozenset({eos[r]})) for r, p in enumerate(prompts)]
+    for r, q in enumerate(queues):
+        tokens, done = _collect(q)
+        alone = qwenjax.generate(model, [prompts[r]], max_new_tokens=24, eos_token_ids=eos[r])[0]
+        assert tokens == alone and done.reason == "stop", f"row {r}"
+
+
+def test_prefix_cache_is_exact_and_prefills_only_the_rest(model, engine):
+    """A second turn restores the first turn's prompt and reply from the prefix cache (GDN state and KV) and
+    prefills only its new tokens; its tokens equal those of a cache-off engine."""
+    rng = np.random.default_rng(1)
+    first = rng.integers(5, 4000, 150).tolist()
+    reply, _ = _collect(_submit(engine, first, 20, stop_token_ids=frozenset()))
+    second = first + reply[:-1] + rng.integers(5, 4000, 30).tolist()  # the reply's last token was never fed
+    prefilled = engine.stats.prefilled_tokens
+    tokens, done = _collect(_submit(engine, second, 20, stop_token_ids=frozenset()))
+    assert done.cached_tokens == len(first) + len(reply) - 1
+    assert engine.stats.prefilled_tokens - prefilled == len(second) - done.cached_tokens == 30
+    off = Engine(model, max_batch=2, max_len=512, prefix_cache_bytes=0).start(warmup=False)
+    try:
+        assert _collect(_submit(off, second, 20, stop_token_ids=frozenset()))[0] == tokens
+        assert off.prefix_cache.hits == 0
+    finally:
+        off.stop()
+    # a block boundary of a long prompt (256 tokens) serves another prompt sharing only that block
+    shared = rng.integers(5, 4000, 256).tolist()
+    _collect(_submit(engine, shared + [11] * 40, 4, stop_token_ids=frozenset()))
+    other = shared + [12] * 40
+    tokens, done = _collect(_submit(engine, other, 8, stop_token_ids=frozenset()))
+    assert done.cached_tokens == 256
+    assert tokens == qwenjax.generate(model, [other], max_new_tokens=8, eos_token_ids=())[0]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    """Each row samples with its own key (seed, token index): the same request gives the same tokens alone and
+    beside 15 others with other settings."""
+    prompt = list(range(100, 140))
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01)
+    alone, _ = _collect(_submit(engine, prompt, 16, sampling=params, seed=7, stop_token_ids=frozenset()))
+    others = [_submit(engine, list(range(200 + i, 230 + i)), 16, sampling=SamplingParams(temperature=1.0 + i / 10),
+                      seed=i, stop_token_ids=frozenset()) for i in range(15)]
+    again = _submit(engine, prompt, 16, sampling=params, seed=7, stop_token_ids=frozenset())
+    [_collect(q) for q in others]
+    assert _collect(again)[0] == alone
+    other_seed, _ = _collect(_submit(engine, prompt, 16, sampling=params, seed=8, stop_token_ids=frozenset()))
+    assert other_seed != alone
+
+
+def test_cancel_frees_the_row_and_bad_requests_are_refused(model, engine):
+    q = _submit(engine, [5] * 10, 400, stop_token_ids=frozenset())
+    assert q.get(timeout=300).ids  # running
+    engine.cancel(q.request)
+    tokens, done = _collect(q)
+    assert done.reason == "cancelled" and done.completion_tokens < 400 and engine.running == 0
+    with pytest.raises(InputError, match="needs 513 cache slots"):
+        engine.submit(Request(prompt=[5] * 13, on_event=print, max_tokens=500))
+    with pytest.raises(InputError, match="prompt token 1 is 4096"):
+        engine.submit(Request(prompt=[5, 4096], on_event=print, max_tokens=5))
+    with pytest.raises(InputError, match="empty"):
+        engine.submit(Request(prompt=[], on_event=print, max_tokens=5))
+    full = Engine(model, max_batch=1, max_len=64, max_queue=0)  # not started: nothing leaves the queue
+    with pytest.raises(QueueFull):
+        full.submit(Request(prompt=[5], on_event=print, max_tokens=5))
+
+
+# ---- the reply parser -------------------------------------------------------------------------------------------
+XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+            "</parameter>\n</function>\n</tool_call>")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+
+
+def _streamed(parser: ReplyParser, text: str, step: int):
+    deltas = []
+    for i in range(0, len(text), step):
+        deltas += parser.feed(text[i:i + step])
+    return collect(deltas + parser.finish())
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 10_000])
+def test_reply_parser_thinking_answer_and_xml_tool_call(step):
+    text = "Let me look.\n</think>\n\nI will check." + XML_CALL
+    reasoning, content, calls = _streamed(ReplyParser(thinking=True, tools=TOOLS), text, step)
+    assert (reasoning, content) == ("Let me look.", "I will check.")
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris", "days": 3})]
+
+
+@pytest.mark.parametrize("step", [1, 3, 10_000])
+def test_reply_parser_tool_call_inside_thinking_and_json_form(step):
+    text = ('I need the weather. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+            "</think>\n\n" + XML_CALL.replace("Paris", "Rome"))
+    reasoning, content, calls = _streamed(ReplyParser(thinking=True, tools=TOOLS), text, step)
+    assert reasoning == "I need the weather." and content == ""
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Oslo", "Rome"]
+
+
+def test_reply_parser_keeps_what_is_not_a_call():
+    # no thinking block opened by the prompt; an unclosed call at the end and a broken one stay text
+    reasoning, content, calls = _streamed(ReplyParser(thinking=False, tools=TOOLS),
+                                          "<think>hm</think>Answer <tool_call>oops</tool_call> end", 4)
+    assert (reasoning, content, calls) == ("hm", "Answer <tool_call>oops</tool_call> end", [])
+    # an XML parameter typed "string" stays a string; untyped values are read as JSON when they parse
+    call = parse_tool_call("<function=f>\n<parameter=city>\n42\n</parameter>\n<parameter=n>\n[1, 2]\n</parameter>"
+                           "\n</function>", [{"function": {"name": "f", "parameters": {"properties": {
+                               "city": {"type": "string"}}}}}])
+    assert json.loads(call.arguments) == {"city": "42", "n": [1, 2]}
+    assert parse_tool_call("not a call") is None
