@@ -22,7 +22,7 @@ LENGTHS = [70, 5, 131, 1, 300, 17, 64, 65, 200, 3, 40, 90, 128, 256, 12, 33]
 
 @pytest.fixture(scope="module")
 def model():
-    # fp32: a batch of 16 rows and a batch of one run different XLA:CPU matmul kernels, whose bf16 results
+    # fp32: in bf16 a batch of 1-4 rows runs the C++ matvec kernel and a larger one XLA's dot, whose results
     # differ in the last bit, and a greedy choice between two near-equal tokens can follow that bit (measured:
     # 2 of 16 random prompts diverge after 12+ tokens in bf16 at batch 8; none at batch 1, none in fp32)
     return qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype="float32")

@@ -1,0 +1,151 @@
+"""`qwenjax serve` under load against sequential `qwenjax.generate` calls, in one run.
+
+    python scripts/bench_serve.py                      # the bundled model, concurrency 1, 4, 16, 64
+
+First the baseline: every request's prompt through `qwenjax.generate` alone, one after another, in this process.
+Then a real `qwenjax serve` process on localhost, and at each concurrency level that many client threads, each
+sending its streamed requests one after another. Reported per level: total generated tokens/s (and against the
+baseline), p50/p99 time to first token, p50/p99 time per token after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+PROMPT = "Section {i}. The {topic} module"
+TOPICS = ["os", "json", "re", "sys", "math", "time", "random", "pathlib", "socket", "typing", "itertools", "csv"]
+
+
+def prompts(n: int) -> list[str]:
+    return [PROMPT.format(i=i, topic=TOPICS[i % len(TOPICS)]) for i in range(n)]
+
+
+def baseline(model_dir: str, dtype: str, texts: list[str], max_tokens: int) -> tuple[float, int]:
+    """(seconds, tokens) of sequential `generate` calls over `texts` (after one untimed call per prompt bucket)."""
+    import qwenjax
+    from qwenjax.inference.tokenizer import Tokenizer
+
+    m, tok = qwenjax.from_pretrained(model_dir, dtype=dtype), Tokenizer(model_dir)
+    ids = [tok.encode(t) for t in texts]
+    qwenjax.generate(m, [ids[0]], max_new_tokens=max_tokens, temperature=0.0)  # compile
+    t0, tokens = time.perf_counter(), 0
+    for p in ids:
+        tokens += len(qwenjax.generate(m, [p], max_new_tokens=max_tokens, temperature=0.0)[0])
+    return time.perf_counter() - t0, tokens
+
+
+def one_request(port: int, text: str, max_tokens: int) -> tuple[float, float, float, int]:
+    """(start, first token, end) times and generated tokens of one streamed completion."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+    first, tokens = None, 0
+    for line in iter(response.readline, b""):
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        chunk = json.loads(line[6:])
+        if first is None and chunk["choices"] and chunk["choices"][0].get("text"):
+            first = time.perf_counter()
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    conn.close()
+    return start, first or end, end, tokens
+
+
+def level(port: int, concurrency: int, texts: list[str], max_tokens: int) -> dict:
+    per_client = [texts[i::concurrency] for i in range(concurrency)]
+
+    def client(mine: list[str]):
+        return [one_request(port, t, max_tokens) for t in mine]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = [r for rs in pool.map(client, per_client) for r in rs]
+    wall = time.perf_counter() - t0
+    ttft = np.array([first - start for start, first, _, _ in results])
+    tpot = np.array([(end - first) / (n - 1) for _, first, end, n in results if n > 1])
+    tokens = sum(n for *_, n in results)
+    return dict(wall=wall, tokens=tokens, requests=len(results), ttft=ttft, tpot=tpot)
+
+
+def main() -> int:
+    from qwenjax.demo import DEFAULT_MODEL_DIR
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests-per-client", type=int, default=4, help="at the highest concurrency")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512)
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    texts = prompts(max(levels) * args.requests_per_client)
+
+    seconds, tokens = baseline(args.model, args.dtype, texts, args.max_tokens)
+    base_rate = tokens / seconds
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "qwenjax.cli", "serve", "--model", args.model, "--port",
+                               str(port), "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-len",
+                               str(args.max_len), "--max-queue", str(len(texts)), "--log-level", "warning"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("qwenjax serve did not start")
+                time.sleep(0.5)
+        level(port, 4, texts[:8], args.max_tokens)  # compile what the warm-up left (sampling variants, chunks)
+        rows = [(c, level(port, c, texts[:c * args.requests_per_client] if c < max(levels) else texts,
+                          args.max_tokens)) for c in levels]
+    finally:
+        server.terminate()
+        server.wait()
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    import jax
+
+    print(f"machine: {cpu}, {os.cpu_count()} cpus; jax {jax.__version__}; model {args.model} ({args.dtype}); "
+          f"--max-batch {args.max_batch}; {args.max_tokens} new tokens a request, greedy")
+    print(f"baseline: {len(texts)} sequential qwenjax.generate calls: {tokens} tokens in {seconds:.1f} s = "
+          f"{base_rate:.0f} tokens/s")
+    print("| concurrency | requests | tokens/s | vs sequential generate | TTFT p50 / p99 (ms) | "
+          "per token p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for c, r in rows:
+        rate = r["tokens"] / r["wall"]
+        print(f"| {c} | {r['requests']} | {rate:.0f} | **{rate / base_rate:.2f}x** | "
+              f"{np.percentile(r['ttft'], 50) * 1e3:.0f} / {np.percentile(r['ttft'], 99) * 1e3:.0f} | "
+              f"{np.percentile(r['tpot'], 50) * 1e3:.1f} / {np.percentile(r['tpot'], 99) * 1e3:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""A real `qwenjax serve` process on localhost, talked to with the official `openai` client and raw HTTP: the
+endpoints, streaming, thinking split from the answer, usage and the prefix cache, bad requests, a load of 64
+clients against a bounded queue, a client killed mid-stream, and SIGTERM."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import qwenjax
+from qwenjax.demo import DEFAULT_MODEL_DIR
+from qwenjax.inference.tokenizer import Tokenizer, split_thinking
+
+openai = pytest.importorskip("openai")
+
+MAX_BATCH, MAX_LEN, MAX_QUEUE = 8, 512, 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwenjax.cli", "serve", "--port", str(port), "--max-batch", str(MAX_BATCH),
+         "--max-len", str(MAX_LEN), "--max-queue", str(MAX_QUEUE), "--dtype", "float32", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"qwenjax serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("qwenjax serve did not answer /health within 300 s")
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same checkpoint in this process: what each request must get alone."""
+    return qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype="float32"), Tokenizer(DEFAULT_MODEL_DIR)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-pydoc"]
+    metrics = _metrics(server[1])
+    for name in ("qwenjax_requests_total{reason=\"stop\"}", "qwenjax_prompt_tokens_total",
+                 "qwenjax_generation_tokens_total", "qwenjax_generation_tokens_per_second", "qwenjax_queue_length",
+                 "qwenjax_running_rows", "qwenjax_prefix_cache_hit_rate"):
+        assert name in metrics
+
+
+def test_completions_greedy_equal_generate(client, reference):
+    m, tok = reference
+    prompt = "The os module provides"
+    alone = qwenjax.generate(m, [tok.encode(prompt)], max_new_tokens=24, temperature=0.0)[0]
+    r = client.completions.create(model="tiny-pydoc", prompt=prompt, max_tokens=24, temperature=0)
+    assert r.choices[0].text == tok.decode(alone)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(tok.encode(prompt)), len(alone))
+    streamed = client.completions.create(model="tiny-pydoc", prompt=prompt, max_tokens=24, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    # token ids as the prompt, a stop string cut from the text, two prompts at once
+    r = client.completions.create(model="tiny-pydoc", prompt=[tok.encode(prompt), tok.encode("A list")],
+                                  max_tokens=24, temperature=0, stop=[" "])
+    assert r.choices[0].text == tok.decode(alone).split(" ")[0] and r.choices[0].finish_reason == "stop"
+    assert len(r.choices) == 2 and " " not in r.choices[1].text
+
+
+def test_chat_splits_thinking_and_counts_cached_tokens(client, reference):
+    m, tok = reference
+    messages = [{"role": "user", "content": "What does the json module do?"}]
+    prompt = tok.encode(tok.apply_chat_template(messages))
+    alone = qwenjax.generate(m, [prompt], max_new_tokens=48, eos_token_ids=2)[0]
+    thinking, answer = split_thinking(tok.decode(alone), prompt_opened_thinking=True)
+    r = client.chat.completions.create(model="tiny-pydoc", messages=messages, max_tokens=48, temperature=0)
+    msg = r.choices[0].message
+    assert (msg.reasoning_content or "", msg.content) == (thinking, answer)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(alone))
+    chunks = list(client.chat.completions.create(model="tiny-pydoc", messages=messages, max_tokens=48,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas).strip() == thinking
+    assert "".join(d.content or "" for d in deltas).strip() == answer
+    assert chunks[-1].usage.completion_tokens == len(alone)
+    # the next turn starts with this conversation: the prefix cache restores it, only the new turn is prefilled
+    turn2 = messages + [{"role": "assistant", "content": "It reads and writes JSON."},
+                        {"role": "user", "content": "And pickle?"}]
+    prompt2 = tok.encode(tok.apply_chat_template(turn2))
+    r2 = client.chat.completions.create(model="tiny-pydoc", messages=turn2, max_tokens=16, temperature=0)
+    history = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
+    assert r2.usage.prompt_tokens_details.cached_tokens == len(history) > 0
+    alone2 = qwenjax.generate(m, [prompt2], max_new_tokens=16, eos_token_ids=2)[0]
+    assert (r2.choices[0].message.reasoning_content or "", r2.choices[0].message.content) == split_thinking(
+        tok.decode(alone2), prompt_opened_thinking=True)
+
+
+def _post(url: str, path: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@contextlib.contextmanager
+def _stream(url: str, path: str, body: dict):
+    """(status, an iterator of the response's non-empty lines) of a streamed POST; leaving closes the connection."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        yield response.status, (line.decode().rstrip("\r\n") for line in iter(response.readline, b"")
+                                if line.strip())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("body, status, names", [
+    (b'{"model": "tiny-pydoc", "messages": [', 400, "not valid JSON"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-4"),
+    ({"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "--max-len"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 2.5}, 400, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
+])
+def test_bad_requests_get_a_4xx_naming_the_culprit(server, body, status, names):
+    code, answer = _post(server[1], "/v1/chat/completions", body)
+    assert code == status and names in answer["error"]["message"], answer
+    assert answer["error"]["type"] in ("invalid_request_error", "model_not_found") or code == 404
+    code, answer = _post(server[1], "/v1/completions", {"prompt": "The", "max_tokens": 2})
+    assert code == 200 and answer["usage"]["completion_tokens"] == 2  # still serving
+
+
+def test_load_64_clients_every_request_answered_or_refused(server):
+    """64 clients x 3 requests against 8 rows and a queue of 16: each answered in full or refused with a 429."""
+    url = server[1]
+
+    def client_run(i: int) -> list[int]:
+        codes = []
+        for j in range(3):
+            body = {"prompt": f"Client {i} request {j}:", "max_tokens": 8, "temperature": 0.7, "seed": i}
+            if j == 1:
+                with _stream(url, "/v1/completions", {**body, "stream": True}) as (status, lines):
+                    lines = list(lines)
+                codes.append(status)
+                if status == 200:
+                    assert lines[-1] == "data: [DONE]"
+                    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
+                else:
+                    assert json.loads(lines[0])["error"]["type"] == "rate_limit_error"
+                continue
+            status, answer = _post(url, "/v1/completions", body)
+            codes.append(status)
+            if status == 200:
+                assert answer["usage"]["completion_tokens"] >= 1
+            else:
+                assert answer["error"]["type"] == "rate_limit_error"
+        return codes
+
+    before = _metrics(url)
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        codes = [c for result in pool.map(client_run, range(64)) for c in result]
+    assert len(codes) == 192 and set(codes) <= {200, 429} and codes.count(200) >= MAX_BATCH + MAX_QUEUE
+    after = _metrics(url)
+    answered = sum(after[f'qwenjax_requests_total{{reason="{r}"}}'] - before[f'qwenjax_requests_total{{reason="{r}"}}']
+                   for r in ("stop", "length"))
+    assert answered == codes.count(200)
+    assert after["qwenjax_requests_refused_total"] - before["qwenjax_requests_refused_total"] == codes.count(429)
+
+
+def test_a_client_killed_mid_stream_frees_its_row(server):
+    url = server[1]
+    before = _metrics(url)['qwenjax_requests_total{reason="cancelled"}']
+    with _stream(url, "/v1/completions", {"prompt": "Once", "max_tokens": 480, "stream": True,
+                                          "temperature": 0}) as (status, lines):
+        assert status == 200 and next(lines).startswith("data: ")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        metrics = _metrics(url)
+        if metrics["qwenjax_running_rows"] == 0 and metrics['qwenjax_requests_total{reason="cancelled"}'] > before:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the row was not freed: {metrics}")
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(server):
+    """Last in this file: it stops the server."""
+    proc, url = server
+    with _stream(url, "/v1/completions", {"prompt": "The", "max_tokens": 64, "stream": True,
+                                          "temperature": 0}) as (status, lines):
+        next(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    if os.name == "posix":
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2)
