@@ -193,17 +193,29 @@ class Engine:
             self._thread.join(timeout)
 
     # ---- compiled programs ---------------------------------------------------------------------------------------
-    def _step_fn(self, used: frozenset[str]):
+    def _step_fn(self, rows: int, used: frozenset[str]):
+        """The decode step over the first `rows` rows of the cache (rows are taken lowest first, so a few
+        running requests do not pay for the whole batch)."""
         def build():
             model = self._model
 
             def fn(leaves, cache, tokens, active, sampling, seeds, counters):
-                logits, cache = model(leaves).extend(tokens[:, None], cache, attention_mask=active[:, None])
-                return sample_rows(logits, _row_keys(seeds, counters), sampling), cache
+                sub = cache if rows == self.max_batch else jax.tree.map(lambda x: x[:rows], cache)
+                logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
+                if rows < self.max_batch:
+                    sub = jax.tree.map(lambda x, s: jax.lax.dynamic_update_slice_in_dim(x, s, 0, 0), cache, sub)
+                return sample_rows(logits, _row_keys(seeds, counters), sampling), sub
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 6), donate_argnums=1)
 
-        return self.m.compiled(("serve_step", self.max_batch, self.max_len, used), build)
+        return self.m.compiled(("serve_step", self.max_batch, self.max_len, rows, used), build)
+
+    def _step_rows(self, n: int) -> int:
+        """The compiled step size for rows 0 .. n-1: 1, 4, 16, ... up to max_batch."""
+        size = 1
+        while size < n:
+            size *= 4
+        return min(size, self.max_batch)
 
     def _prefill_fn(self, size: int, reset: bool, used: frozenset[str]):
         def build():
@@ -232,7 +244,7 @@ class Engine:
             donate_argnums=0))
 
     def _warmup(self) -> None:
-        """Compiles the greedy decode step and the first prefill chunk of each size (one greedy token each)."""
+        """Compiles the greedy decode step of each size and the prefill chunks (one greedy token each)."""
         greedy = RowSampling.of([SamplingParams()])
         zeros = np.zeros(1, np.uint32)
         size = MIN_CHUNK
@@ -242,10 +254,13 @@ class Engine:
                     self._params, self._cache, np.int32(0), np.zeros((1, size), np.int32), np.int32(1), greedy,
                     np.zeros((1, 2), np.uint32), zeros)
             size = _next_chunk_size(size, self.prefill_chunk)
-        batch = RowSampling.of([SamplingParams()] * self.max_batch)
-        _, self._cache = self._step_fn(batch.used)(
-            self._params, self._cache, np.zeros(self.max_batch, np.int32), np.zeros(self.max_batch, bool), batch,
-            np.zeros((self.max_batch, 2), np.uint32), np.zeros(self.max_batch, np.uint32))
+        rows = 0
+        while rows < self.max_batch:
+            rows = self._step_rows(rows + 1)
+            batch = RowSampling.of([SamplingParams()] * rows)
+            _, self._cache = self._step_fn(rows, batch.used)(
+                self._params, self._cache, np.zeros(rows, np.int32), np.zeros(rows, bool), batch,
+                np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
         self._cache = cache_lib.reset_row(self._cache, 0)
 
     # ---- the loop (engine thread) --------------------------------------------------------------------------------
@@ -334,20 +349,21 @@ class Engine:
         self._emit(r, [int(np.asarray(token)[0])])
 
     def _decode_step(self) -> None:
-        b = self.max_batch
+        decoding = [r for r, row in enumerate(self._rows) if row is not None and row.decoding and row.generated]
+        b = self._step_rows(max(decoding) + 1)
         tokens, active, counters = np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.uint32)
         params, seeds = [SamplingParams()] * b, [0] * b
-        for r, row in enumerate(self._rows):
-            if row is not None and row.decoding and row.generated:
-                tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
-                params[r], seeds[r] = row.request.sampling, row.request.seed
+        for r in decoding:
+            row = self._rows[r]
+            tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
+            params[r], seeds[r] = row.request.sampling, row.request.seed
         sampling = RowSampling.of(params)
-        new, self._cache = self._step_fn(sampling.used)(self._params, self._cache, tokens, active, sampling,
-                                                        _seed_words(seeds), counters)
+        new, self._cache = self._step_fn(b, sampling.used)(self._params, self._cache, tokens, active, sampling,
+                                                           _seed_words(seeds), counters)
         new = np.asarray(new)
         self.stats.decode_steps += 1
-        for r in np.flatnonzero(active):
-            self._emit(int(r), [int(new[r])])
+        for r in decoding:
+            self._emit(r, [int(new[r])])
 
     def _emit(self, r: int, ids: list[int]) -> None:
         """Hands row r's new tokens to its request, and finishes the row on eos, a stop string or its length."""
