@@ -136,7 +136,7 @@ def shape_one(args, name, cfg, dtype) -> None:
     greedy = SamplingParams()
     prompt = 128
     m = qwenjax.from_config(cfg, dtype=dtype)
-    model, _ = generate._flat_params_model(m)
+    model, _ = generate.flat_params_model(m)
     params = jax.tree.leaves(m.params)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt)).astype(np.int32)
     rng = jax.random.key(0)

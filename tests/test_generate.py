@@ -99,7 +99,7 @@ def test_attention_buffers_write_only_the_new_slots(one_ckpt):
     from qwenjax.inference import generate as gen
     m = qwenjax.from_pretrained(one_ckpt, dtype="bfloat16")
     cfg, params = m.config, jax.tree.leaves(m.params)
-    model, _ = gen._flat_params_model(m)
+    model, _ = gen.flat_params_model(m)
     cache = gen.new_cache(m, 2, 512, mtp=True)
     buffer = f"f32[2,512,{cfg.num_key_value_heads},{cfg.head_dim}]"
     step = gen._compiled(m, "step", SamplingParams())

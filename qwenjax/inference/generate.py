@@ -29,7 +29,7 @@ CACHE_BUCKET = 256   # default cache capacity rounds up to this
 MAX_SEED = 2 ** 63 - 1
 
 
-def _eos_ids(m, eos_token_ids) -> frozenset[int]:
+def eos_ids(m, eos_token_ids) -> frozenset[int]:
     if eos_token_ids is None:  # both were type-checked when the model was loaded
         eos_token_ids = m.generation_config.get("eos_token_id", m.config.eos_token_id)
     else:
@@ -39,7 +39,7 @@ def _eos_ids(m, eos_token_ids) -> frozenset[int]:
     return frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
 
 
-def _flat_params_model(m):
+def flat_params_model(m):
     """(leaves -> the module, the leaves' shardings): the jitted generation functions take the parameters as a
     flat list of arrays (`jax.tree.leaves(m.params)`). Flattening the nnx State on every call took host time per
     decode step from 3.9 to 6.1 ms at the 0.8B shape; on a 2-core CPU that time comes out of the device threads."""
@@ -66,7 +66,7 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
     """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself; a prefill with
     images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes)."""
     def build():
-        model, p_shard = _flat_params_model(m)
+        model, p_shard = flat_params_model(m)
         if kind == "prefill":
             def fn(leaves, cache: Cache, ids, mask, rng, vision=None):
                 logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True,
@@ -87,7 +87,7 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
     """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list; a
     prefill with images or videos compiled once per set of `grids`, as `_compiled`'s."""
     def build():
-        model, p_shard = _flat_params_model(m)
+        model, p_shard = flat_params_model(m)
         if kind == "prefill":
             def fn(leaves, cache, ids, mask, rng, vocab, vision=None):
                 return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
@@ -105,7 +105,7 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
 def _compiled_draft_vocab(m):
     """The jitted `DraftVocab.of`: a draft vocabulary's ids and their rows of the LM head, gathered once."""
     def build():
-        model, p_shard = _flat_params_model(m)
+        model, p_shard = flat_params_model(m)
         return jax.jit(lambda leaves, ids: speculative.DraftVocab.of(model(leaves), ids), in_shardings=(p_shard, None))
 
     return m.compiled(("draft_vocab",), build)
@@ -188,7 +188,7 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         raise ValueError(f"prompt row {r} has {lengths[r]} tokens; with max_new_tokens={max_new_tokens}"
                          f"{f' and {k} speculative tokens' if k else ''} it needs {lengths[r] + need} cache slots, "
                          f"but the cache holds {capacity} (raise max_cache_len or shorten the prompt)")
-    eos = _eos_ids(m, eos_token_ids)
+    eos = eos_ids(m, eos_token_ids)
 
     width = PROMPT_BUCKET * math.ceil(longest / PROMPT_BUCKET)
     ids = np.zeros((batch, width), np.int32)
@@ -225,7 +225,7 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
                     continue
                 generated[r].append(t)
                 out.append(t)
-                if t in eos or (stop_strings and _hits_stop(tokenizer, generated[r], stop_strings)):
+                if t in eos or (stop_strings and hits_stop(tokenizer, generated[r], stop_strings)):
                     done[r] = True
             yield out
             if done.all() or i + 1 == max_new_tokens:
@@ -265,7 +265,7 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
                     t = queues[r].pop(0)
                     generated[r].append(t)
                     out.append(t)
-                    if t in eos or (stop_strings and _hits_stop(tokenizer, generated[r], stop_strings)):
+                    if t in eos or (stop_strings and hits_stop(tokenizer, generated[r], stop_strings)):
                         done[r] = True
                 produced += 1
                 yield out
@@ -285,7 +285,7 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
                     stats.accepted += int(count[r]) - 1
 
 
-def _hits_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:
+def hits_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:
     tail = tokenizer.decode(ids[-32:], skip_special_tokens=False)  # a stop string ends in the latest tokens
     return any(s in tail for s in stop_strings)
 

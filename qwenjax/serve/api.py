@@ -72,7 +72,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if engine._thread is None:
+        if not engine.started:
             await asyncio.to_thread(engine.start)
         yield
         await asyncio.to_thread(engine.stop)
@@ -98,7 +98,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = engine._thread is not None and engine._thread.is_alive()
+        alive = engine.alive
         return JSONResponse({"status": "ok" if alive else "stopped"}, status_code=200 if alive else 503)
 
     @app.get("/v1/models")

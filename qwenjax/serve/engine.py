@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.inference.generate import _eos_ids, _flat_params_model, _hits_stop, new_cache
+from qwenjax.inference.generate import eos_ids, flat_params_model, hits_stop, new_cache
 from qwenjax.inference.sampling import RowSampling, SamplingParams, sample_rows
 from qwenjax.model import cache as cache_lib
 from qwenjax.serve.prefix_cache import PrefixCache
@@ -126,7 +126,7 @@ class Engine:
             raise InputError(f"max_len={max_len} is past the model's max_position_embeddings={limit}")
         self.m, self.tokenizer = m, tokenizer
         self.max_batch, self.max_len, self.prefill_chunk, self.max_queue = max_batch, max_len, prefill_chunk, max_queue
-        self.eos = _eos_ids(m, None)
+        self.eos = eos_ids(m, None)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.stats = Stats()
         self._queue: collections.deque[Request] = collections.deque()
@@ -136,7 +136,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._params = jax.tree.leaves(m.params)
         self._cache = None
-        self._model, self._param_shardings = _flat_params_model(m)
+        self._model, self._param_shardings = flat_params_model(m)
 
     # ---- the public side (any thread) ----------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -170,6 +170,15 @@ class Engine:
     @property
     def queue_length(self) -> int:
         return len(self._queue)
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs (started and not stopped)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def running(self) -> int:
@@ -375,7 +384,7 @@ class Engine:
         self.stats.recent.append((time.monotonic(), len(ids)))
         _send(request, Tokens(ids))
         if ids[-1] in stop_ids or (request.stop_strings and
-                                   _hits_stop(self.tokenizer, row.generated, request.stop_strings)):
+                                   hits_stop(self.tokenizer, row.generated, request.stop_strings)):
             self._finish(r, "stop")
         elif len(row.generated) >= request.max_tokens:
             self._finish(r, "length")
