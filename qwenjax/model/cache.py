@@ -116,6 +116,29 @@ def accept_steps(cache: Cache, accepted: jax.Array) -> Cache:
     return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=cache.lengths + accepted)
 
 
+def window(cache: Cache, row: jax.Array | int, rows: int, horizon: int) -> Cache:
+    """Rows row .. row+rows-1 of `cache`, with attention buffers cut to their first `horizon` slots: a cache to
+    `extend` when every one of those rows that appends stays within `horizon` (slots past it are dropped), so a
+    step reads what the rows hold instead of the whole capacity. `put_window` writes it back."""
+    def layer(c):
+        if isinstance(c, AttentionCache):
+            cut = lambda x: jax.lax.dynamic_slice_in_dim(x[:, :horizon], row, rows, 0)
+            return dataclasses.replace(c, k=cut(c.k), v=cut(c.v))
+        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, rows, 0), c)
+
+    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers),
+                               lengths=jax.lax.dynamic_slice_in_dim(cache.lengths, row, rows, 0),
+                               rope_deltas=jax.lax.dynamic_slice_in_dim(cache.rope_deltas, row, rows, 0))
+
+
+def put_window(cache: Cache, sub: Cache, row: jax.Array | int) -> Cache:
+    """`cache` with `window(cache, row, ...)`'s rows and slots replaced by `sub`'s."""
+    def put(x, s):
+        return jax.lax.dynamic_update_slice(x, s, (row,) + (0,) * (x.ndim - 1))
+
+    return jax.tree.map(put, cache, sub)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowSnapshot:

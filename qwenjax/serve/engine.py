@@ -33,7 +33,8 @@ from qwenjax.serve.prefix_cache import PrefixCache
 from qwenjax.sharding import activation_sharding
 from qwenjax.validate import InputError
 
-MIN_CHUNK = 64  # prefill chunks are 64 · 4^i tokens (the GDN chunk is 64): few compiled shapes, little padding
+MIN_CHUNK = 64     # prefill_chunk is a multiple of it; attention horizons are 64 · 4^i slots
+SMALL_CHUNK = 16   # prefill calls are 16 · 4^i tokens and prefill_chunk: few compiled shapes, little padding
 
 
 class QueueFull(Exception):
@@ -202,22 +203,21 @@ class Engine:
             self._thread.join(timeout)
 
     # ---- compiled programs ---------------------------------------------------------------------------------------
-    def _step_fn(self, rows: int, used: frozenset[str]):
-        """The decode step over the first `rows` rows of the cache (rows are taken lowest first, so a few
-        running requests do not pay for the whole batch)."""
+    def _step_fn(self, rows: int, horizon: int, used: frozenset[str]):
+        """The decode step over the first `rows` rows of the cache and their first `horizon` slots (rows are
+        taken lowest first: a few running requests do not pay for the whole batch, short ones not for the whole
+        capacity)."""
         def build():
             model = self._model
 
             def fn(leaves, cache, tokens, active, sampling, seeds, counters):
-                sub = cache if rows == self.max_batch else jax.tree.map(lambda x: x[:rows], cache)
+                sub = cache_lib.window(cache, 0, rows, horizon)
                 logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
-                if rows < self.max_batch:
-                    sub = jax.tree.map(lambda x, s: jax.lax.dynamic_update_slice_in_dim(x, s, 0, 0), cache, sub)
-                return sample_rows(logits, _row_keys(seeds, counters), sampling), sub
+                return sample_rows(logits, _row_keys(seeds, counters), sampling), cache_lib.put_window(cache, sub, 0)
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 6), donate_argnums=1)
 
-        return self.m.compiled(("serve_step", self.max_batch, self.max_len, rows, used), build)
+        return self.m.compiled(("serve_step", self.max_batch, self.max_len, rows, horizon, used), build)
 
     def _step_rows(self, n: int) -> int:
         """The compiled step size for rows 0 .. n-1: 1, 4, 16, ... up to max_batch."""
@@ -226,22 +226,29 @@ class Engine:
             size *= 4
         return min(size, self.max_batch)
 
-    def _prefill_fn(self, size: int, reset: bool, used: frozenset[str]):
+    def _horizon(self, n: int) -> int:
+        """The compiled attention horizon for rows holding up to n tokens: 64, 256, 1024, ... up to max_len."""
+        size = MIN_CHUNK
+        while size < n:
+            size *= 4
+        return min(size, self.max_len)
+
+    def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str]):
         def build():
             model = self._model
 
             def fn(leaves, cache, row, ids, n, sampling, seeds, counters):
                 if reset:
                     cache = cache_lib.reset_row(cache, row)
-                sub = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, 0), cache)
+                sub = cache_lib.window(cache, row, 1, horizon)
                 logits, sub = model(leaves).extend(ids, sub, attention_mask=jnp.arange(size)[None] < n,
                                                    fresh=reset)
-                cache = jax.tree.map(lambda x, s: jax.lax.dynamic_update_slice_in_dim(x, s, row, 0), cache, sub)
+                cache = cache_lib.put_window(cache, sub, row)
                 return sample_rows(logits, _row_keys(seeds, counters), sampling), cache
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 7), donate_argnums=1)
 
-        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, reset, used), build)
+        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, horizon, reset, used), build)
 
     def _take_fn(self, size: int):
         return self.m.compiled(("serve_take_row", size),
@@ -253,24 +260,32 @@ class Engine:
             donate_argnums=0))
 
     def _warmup(self) -> None:
-        """Compiles the greedy decode step of each size and the prefill chunks (one greedy token each)."""
+        """Compiles the greedy decode steps and the prefill chunks, of every size (one greedy token each)."""
         greedy = RowSampling.of([SamplingParams()])
-        zeros = np.zeros(1, np.uint32)
-        size = MIN_CHUNK
-        while size <= self.prefill_chunk:
-            for reset in (True, False):
-                _, self._cache = self._prefill_fn(size, reset, greedy.used)(
+        horizons = sorted({self._horizon(MIN_CHUNK * 4 ** i) for i in range(16)})
+        for size in self._chunk_sizes():
+            first = self._horizon(size)  # a first chunk attends to itself and writes slots < size
+            for horizon, reset in [(first, True)] + [(h, False) for h in horizons if h >= first]:
+                _, self._cache = self._prefill_fn(size, horizon, reset, greedy.used)(
                     self._params, self._cache, np.int32(0), np.zeros((1, size), np.int32), np.int32(1), greedy,
-                    np.zeros((1, 2), np.uint32), zeros)
-            size = _next_chunk_size(size, self.prefill_chunk)
+                    np.zeros((1, 2), np.uint32), np.zeros(1, np.uint32))
         rows = 0
         while rows < self.max_batch:
             rows = self._step_rows(rows + 1)
             batch = RowSampling.of([SamplingParams()] * rows)
-            _, self._cache = self._step_fn(rows, batch.used)(
-                self._params, self._cache, np.zeros(rows, np.int32), np.zeros(rows, bool), batch,
-                np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
+            for horizon in horizons:
+                _, self._cache = self._step_fn(rows, horizon, batch.used)(
+                    self._params, self._cache, np.zeros(rows, np.int32), np.zeros(rows, bool), batch,
+                    np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
         self._cache = cache_lib.reset_row(self._cache, 0)
+
+    def _chunk_sizes(self) -> list[int]:
+        """Prefill call sizes: 16, 64, 256, ... and prefill_chunk."""
+        sizes, size = [], SMALL_CHUNK
+        while size < self.prefill_chunk:
+            sizes.append(size)
+            size *= 4
+        return sizes + [self.prefill_chunk]
 
     # ---- the loop (engine thread) --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -338,13 +353,12 @@ class Engine:
         request = row.request
         end = self._chunk_end(row)
         n = end - row.done
-        size = MIN_CHUNK
-        while size < n:
-            size = _next_chunk_size(size, self.prefill_chunk)
+        size = next(s for s in self._chunk_sizes() if s >= n)
         ids = np.zeros((1, size), np.int32)
         ids[0, :n] = request.prompt[row.done:end]
         sampling = RowSampling.of([request.sampling])
-        token, self._cache = self._prefill_fn(size, row.done == 0, sampling.used)(
+        reset = row.done == 0
+        token, self._cache = self._prefill_fn(size, self._horizon(size if reset else end), reset, sampling.used)(
             self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
             np.zeros(1, np.uint32))
         row.done = end
@@ -360,6 +374,9 @@ class Engine:
     def _decode_step(self) -> None:
         decoding = [r for r, row in enumerate(self._rows) if row is not None and row.decoding and row.generated]
         b = self._step_rows(max(decoding) + 1)
+        # the step writes each row's token at slot (its length): prompt + tokens fed so far
+        horizon = self._horizon(max(len(self._rows[r].request.prompt) + len(self._rows[r].generated)
+                                    for r in decoding))
         tokens, active, counters = np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.uint32)
         params, seeds = [SamplingParams()] * b, [0] * b
         for r in decoding:
@@ -367,7 +384,7 @@ class Engine:
             tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
             params[r], seeds[r] = row.request.sampling, row.request.seed
         sampling = RowSampling.of(params)
-        new, self._cache = self._step_fn(b, sampling.used)(self._params, self._cache, tokens, active, sampling,
+        new, self._cache = self._step_fn(b, horizon, sampling.used)(self._params, self._cache, tokens, active, sampling,
                                                            _seed_words(seeds), counters)
         new = np.asarray(new)
         self.stats.decode_steps += 1
@@ -415,10 +432,6 @@ def _send(request: Request, event: Tokens | Finished) -> None:
     except Exception:
         traceback.print_exc()
         request.cancelled = True
-
-
-def _next_chunk_size(size: int, limit: int) -> int:
-    return size * 4 if size * 4 <= limit else (limit if size < limit else size * 4)
 
 
 def _seed_words(seeds: Sequence[int]) -> np.ndarray:
