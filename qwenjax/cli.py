@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable, Iterable, Iterator
 
 from qwenjax.config import resolve_config
 from qwenjax.validate import flag, text_arg
@@ -27,6 +28,7 @@ DEFAULT_CONFIG = "qwen3.5-0.8b"
 DEFAULT_CHAT_PROMPT = "Give me a short introduction to large language models."
 DEFAULT_COMPLETION_PROMPT = "The with statement"  # for the bundled model, trained on Python's docs
 DEFAULT_PICTURE_PROMPT = "Describe the image."  # for the bundled vision model, trained on drawn shapes
+CHAT_CACHE_LEN = 8192  # `qwenjax chat`'s conversation capacity in tokens without --max-cache-len
 
 
 def cmd_forward(args) -> int:
@@ -148,12 +150,11 @@ def _sampling(args, m) -> dict:
                 draft_vocab=args.draft_vocab)
 
 
-def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking: bool,
-                  vision: dict | None = None) -> str:
-    """Streams one reply to stdout as it is generated, thinking and answer under separate headers; returns it."""
+def _stream_reply(tokenizer, tokens: Iterable[int], thinking: bool, prompt_len: int,
+                  summary: Callable[[], str] = lambda: "") -> str:
+    """Streams one reply to stdout as its `tokens` come, thinking and answer under separate headers; returns it.
+    `summary()` adds to the closing line on stderr (e.g. the speculative acceptance)."""
     out = sys.stdout
-    from qwenjax.inference.generate import stream
-    from qwenjax.inference.speculative import SpeculativeStats
     from qwenjax.inference.tokenizer import THINK_CLOSE, StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
@@ -161,14 +162,11 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     if thinking:
         out.write("[thinking]\n")
     t0 = t_first = time.perf_counter()
-    stats = SpeculativeStats()
-    for step in stream(m, [prompt_ids], tokenizer=tokenizer, speculative_stats=stats, **sampling, **(vision or {})):
-        if step[0] is None:
-            break
+    for token in tokens:
         n += 1
         if n == 1:
             t_first = time.perf_counter()
-        text += decoder.push(step[0])
+        text += decoder.push(token)
         if not answering and THINK_CLOSE in text:
             thought = text.split(THINK_CLOSE, 1)[0]
             rest = thought[shown:].rstrip("\n")
@@ -187,10 +185,44 @@ def _stream_reply(m, tokenizer, prompt_ids: list[int], sampling: dict, thinking:
     out.write(text[shown:] + "\n")
     t_end = time.perf_counter()
     rate = f", {(n - 1) / (t_end - t_first):.1f} tokens/s after the first" if n > 1 else ""
-    spec = f"; {stats}" if stats.steps else ""
-    print(f"[{len(prompt_ids)} prompt tokens, {n} new tokens; first token {t_first - t0:.2f} s{rate}{spec}]",
+    print(f"[{prompt_len} prompt tokens, {n} new tokens; first token {t_first - t0:.2f} s{rate}{summary()}]",
           file=sys.stderr, flush=True)
     return text
+
+
+def _generated(m, tokenizer, prompt_ids: list[int], sampling: dict, vision: dict, stats) -> Iterator[int]:
+    """A reply's tokens from `qwenjax.stream` (counting speculative drafts into `stats`)."""
+    from qwenjax.inference.generate import stream
+
+    for step in stream(m, [prompt_ids], tokenizer=tokenizer, speculative_stats=stats, **sampling, **vision):
+        if step[0] is None:
+            return
+        yield step[0]
+
+
+def _served(engine, prompt_ids: list[int], sampling: dict, snapshot_at: tuple[int, ...], done: dict) -> Iterator[int]:
+    """Submits a reply to `engine` (one row, with the prefix cache; raises InputError at once if it cannot fit)
+    and returns its tokens as they come; `done` receives the request's `Finished` event."""
+    import queue
+
+    from qwenjax.inference.sampling import SamplingParams
+    from qwenjax.serve.engine import Finished, Request
+
+    events: queue.Queue = queue.Queue()
+    request = engine.submit(Request(
+        prompt=prompt_ids, on_event=events.put, max_tokens=sampling["max_new_tokens"], seed=sampling["seed"],
+        sampling=SamplingParams(**{k: sampling[k] for k in ("temperature", "top_k", "top_p", "min_p")}),
+        stop_strings=sampling["stop_strings"], snapshot_at=snapshot_at))
+
+    def tokens():
+        try:
+            while not isinstance(event := events.get(), Finished):
+                yield from event.ids
+            done["finished"] = event
+        finally:
+            engine.cancel(request)
+
+    return tokens()
 
 
 def _prompt(m, tokenizer, messages, args) -> tuple[list[int], dict]:
@@ -252,7 +284,12 @@ def cmd_generate(args) -> int:
     ids, vision = _prompt(m, tokenizer, messages, args)
     if args.raw:  # a completion: the text it continues comes first
         sys.stdout.write(messages[-1]["content"])
-    _stream_reply(m, tokenizer, ids, sampling, thinking=not args.raw and not args.no_thinking, vision=vision)
+    from qwenjax.inference.speculative import SpeculativeStats
+
+    stats = SpeculativeStats()
+    _stream_reply(tokenizer, _generated(m, tokenizer, ids, sampling, vision, stats),
+                  thinking=not args.raw and not args.no_thinking, prompt_len=len(ids),
+                  summary=lambda: f"; {stats}" if stats.steps else "")
     return 0
 
 
@@ -264,6 +301,16 @@ def cmd_chat(args) -> int:
         raise ValueError("chat reads its messages from standard input, which is closed")
     m, tokenizer = _load(args)
     sampling = _sampling(args, m)
+    from qwenjax.inference.speculative import SpeculativeStats
+    from qwenjax.serve.engine import Engine
+    from qwenjax.serve.prefix_cache import chat_snapshot_points
+
+    # Text turns run on a one-row serving engine whose prefix cache keeps the conversation, so a turn prefills
+    # only what is new; with speculative decoding or pictures a turn runs `qwenjax.stream` over the whole history.
+    engine = None if args.speculative else Engine(
+        m, max_batch=1, max_len=args.max_cache_len or min(CHAT_CACHE_LEN, m.config.max_position_embeddings),
+        tokenizer=tokenizer).start(warmup=False)
+    stats = SpeculativeStats()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     images: list[str] = []
@@ -296,10 +343,26 @@ def cmd_chat(args) -> int:
             continue
         finally:
             images = []
-        text = _stream_reply(m, tokenizer, ids, sampling, thinking=not args.raw and not args.no_thinking,
-                             vision=vision)
+        thinking = not args.raw and not args.no_thinking
+        if engine is None or vision:
+            text = _stream_reply(tokenizer, _generated(m, tokenizer, ids, sampling, vision, stats), thinking,
+                                 len(ids), summary=lambda: f"; {stats}" if stats.steps else "")
+        else:
+            snapshot_at = () if args.raw else chat_snapshot_points(
+                tokenizer, system + history, ids, enable_thinking=not args.no_thinking)
+            done: dict = {}
+            try:
+                tokens = _served(engine, ids, sampling, snapshot_at, done)
+            except ValueError as e:  # past the cache's capacity: this turn only
+                history.pop()
+                print(f"[{e}; the message was not sent, the conversation is kept]", file=sys.stderr, flush=True)
+                continue
+            text = _stream_reply(tokenizer, tokens, thinking, len(ids), summary=lambda: (
+                f"; {done['finished'].cached_tokens} prompt tokens from the prefix cache" if done else ""))
         _, answer = split_thinking(text, prompt_opened_thinking=not args.no_thinking)
         history.append({"role": "assistant", "content": answer})
+    if engine is not None:
+        engine.stop()
     return 0
 
 

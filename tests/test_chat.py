@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import shutil
 
 import pytest
@@ -118,12 +119,32 @@ def test_cli_chat_keeps_history(demo, monkeypatch, capsys):
 
 
 def test_cli_stream_splits_thinking_from_answer(demo, monkeypatch, capsys):
-    import qwenjax.inference.generate as gen
     from qwenjax.cli import _stream_reply
 
     tok = Tokenizer(demo)
     ids = tok.encode("Two and two.\n</think>\n\nFour 🙂.")  # byte tokens: '</think>' arrives piece by piece too
-    monkeypatch.setattr(gen, "stream", lambda *a, **k: ([t] for t in ids))
-    text = _stream_reply(None, tok, [1, 2], {}, thinking=True)
+    text = _stream_reply(tok, iter(ids), thinking=True, prompt_len=2)
     assert capsys.readouterr().out == "[thinking]\nTwo and two.\n[answer]\nFour 🙂.\n"
     assert split_thinking(text, prompt_opened_thinking=True) == ("Two and two.", "Four 🙂.")
+
+
+def test_cli_chat_prefills_only_each_turns_new_tokens(demo, monkeypatch, capsys):
+    """`qwenjax chat` keeps the conversation in the serving engine's prefix cache: the second turn restores the
+    first turn's history and prefills the rest; the replies are what `qwenjax.generate` gives each whole prompt."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd again?\n/exit\n"))
+    assert main(["chat", "--model", demo, "--max-new-tokens", "6", "--no-thinking", "--temperature", "0",
+                 "--dtype", "float32"]) == 0
+    out, err = capsys.readouterr()
+    cached = [int(re.search(r"; (\d+) prompt tokens from the prefix cache", line).group(1))
+              for line in err.splitlines() if "prompt tokens," in line]
+    tok = Tokenizer(demo)
+    m = qwenjax.from_pretrained(demo, dtype="float32")
+    history, replies = [], []
+    for message in ("Hello", "And again?"):
+        history.append({"role": "user", "content": message})
+        ids = tok.encode(tok.apply_chat_template(history, enable_thinking=False))
+        replies.append(tok.decode(qwenjax.generate(m, [ids], max_new_tokens=6, temperature=0.0)[0]))
+        history.append({"role": "assistant", "content": split_thinking(replies[-1])[1]})
+    first = tok.encode(tok.apply_chat_template(history[:1], add_generation_prompt=False, enable_thinking=False))
+    assert cached == [0, len(first)]
+    assert out == "".join(r + "\n" for r in replies)

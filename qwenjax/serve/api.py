@@ -22,6 +22,7 @@ from qwenjax.inference.generate import MAX_SEED
 from qwenjax.inference.sampling import SamplingParams, with_checkpoint_defaults
 from qwenjax.inference.tokenizer import THINK_OPEN, StreamDecoder
 from qwenjax.serve.engine import Engine, Finished, QueueFull, Request, Tokens
+from qwenjax.serve.prefix_cache import chat_snapshot_points
 from qwenjax.serve.reply_parser import ReplyParser, collect
 from qwenjax.validate import InputError
 
@@ -184,14 +185,11 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         tools = None if body.tool_choice == "none" else body.tools
         try:
             text = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=thinking_flag, **kwargs)
-            history = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=thinking_flag,
-                                                    add_generation_prompt=False, **kwargs)
+            prompt = tokenizer.encode(text)
+            snapshot_at = chat_snapshot_points(tokenizer, messages, prompt, tools=tools,
+                                               enable_thinking=thinking_flag, **kwargs)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
-        prompt = tokenizer.encode(text)
-        history_ids = tokenizer.encode(history)
-        # where the conversation so far ends: the next turn starts with it, so the prefix cache keeps it
-        snapshot_at = (len(history_ids),) if prompt[:len(history_ids)] == history_ids else ()
         handles = submit(prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at)
         opened = text.rstrip().endswith(THINK_OPEN)
         choices = [_ChatChoice(tokenizer, stops_of(body), opened, tools) for _ in handles]

@@ -126,3 +126,13 @@ class PrefixCache:
             if not siblings:
                 del victim.parent.children[victim.tokens[0]]
             self.nbytes -= victim.snapshot.nbytes
+
+
+def chat_snapshot_points(tokenizer, messages: list[dict], prompt_ids: Sequence[int],
+                         **template_kwargs) -> tuple[int, ...]:
+    """Where the conversation so far ends in `prompt_ids` (its template rendering without the generation
+    prompt), if the prompt starts with it: the next turn starts with that prefix, so a snapshot there lets it
+    prefill only its new tokens. () if the template renders the history differently."""
+    history = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False,
+                                                             **template_kwargs))
+    return (len(history),) if history and list(prompt_ids[:len(history)]) == history else ()
