@@ -148,3 +148,14 @@ def test_cli_chat_prefills_only_each_turns_new_tokens(demo, monkeypatch, capsys)
     first = tok.encode(tok.apply_chat_template(history[:1], add_generation_prompt=False, enable_thinking=False))
     assert cached == [0, len(first)]
     assert out == "".join(r + "\n" for r in replies)
+
+
+def test_stream_decoder_pieces_join_to_the_whole_decode(demo):
+    """The windowed decoder's pieces are the text of the whole reply, with special tokens skipped or kept."""
+    tok = Tokenizer(demo)
+    ids = tok.encode("<think>\nmaybe 🙂</think>\n\nsí — ok 🙂🙂<|im_end|>") + tok.encode("日本語 text")
+    for skip in (True, False):
+        dec = StreamDecoder(tok, skip_special_tokens=skip)
+        pieces = [dec.push(i) for i in ids]
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip)
+        assert all("\ufffd" not in p for p in pieces)

@@ -247,17 +247,22 @@ def split_thinking(text: str, prompt_opened_thinking: bool = False) -> tuple[str
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, never splitting a multi-byte character."""
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte character.
+
+    Each push decodes only a short window: the tokens since the last piece plus those of the piece before (their
+    text is subtracted), so a decoder that reads context (a leading space, a byte sequence) sees it, and a long
+    reply costs no more per token than a short one."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = 0
+        self.prefix = self.read = 0  # ids[prefix:read]: the previous piece's tokens; ids[read:]: not yet shown
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, self.skip)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
+        if len(text) <= len(shown) or text.endswith("\ufffd"):  # nothing new, or an incomplete UTF-8 sequence
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]

@@ -9,6 +9,7 @@ checkpoint's generation_config.json, as `qwenjax generate` takes them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 import uuid
@@ -133,30 +134,26 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             raise APIError(400, "stop: a stop string is empty", "stop")
         return stops
 
-    def submit(prompt: list[int], body: _Sampling, max_tokens: int | None, n: int, snapshot_at=()):
-        """n engine requests for `prompt`, each with an asyncio queue of its events."""
+    def submit(inbox: _Inbox, prompt: list[int], body: _Sampling, max_tokens: int | None, n: int,
+               snapshot_at=()) -> None:
+        """n engine requests for `prompt`, their events (choice index, event) into `inbox`."""
         params, seed = sampling_of(body)
-        loop = asyncio.get_running_loop()
         room = engine.max_len - len(prompt)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this server's rows hold {engine.max_len} "
                                 "(--max-len), which leaves no room for a reply", "messages")
-        handles = []
         try:
             for i in range(n):
-                queue: asyncio.Queue = asyncio.Queue()
-                request = Request(prompt=prompt, on_event=lambda ev, q=queue: loop.call_soon_threadsafe(
-                    q.put_nowait, ev), max_tokens=max_tokens or room, sampling=params, seed=(seed + i) & MAX_SEED,
-                    stop_strings=stops_of(body), snapshot_at=snapshot_at)
-                engine.submit(request)
-                handles.append((request, queue))
+                index = len(inbox.requests)
+                inbox.requests.append(engine.submit(Request(
+                    prompt=prompt, on_event=lambda ev, index=index: inbox.post((index, ev)),
+                    max_tokens=max_tokens or room, sampling=params, seed=(seed + i) & MAX_SEED,
+                    stop_strings=stops_of(body), snapshot_at=snapshot_at)))
         except (QueueFull, InputError) as e:
-            for request, _ in handles:
-                engine.cancel(request)
+            inbox.cancel()
             if isinstance(e, QueueFull):
                 raise APIError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error") from None
             raise APIError(400, str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
-        return handles
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
@@ -169,12 +166,12 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             if not ids:
                 raise APIError(400, f"prompt[{i}] is empty", "prompt")
             token_prompts.append(ids)
-        handles = []
+        inbox = _Inbox(engine)
         for ids in token_prompts:
-            handles += submit(ids, body, body.max_tokens or 16, body.n)
+            submit(inbox, ids, body, body.max_tokens or 16, body.n)
         stops = stops_of(body)
-        choices = [_TextChoice(tokenizer, stops) for _ in handles]
-        return await _respond(http, body, handles, choices, "text_completion", model_name)
+        choices = [_TextChoice(tokenizer, stops) for _ in inbox.requests]
+        return await _respond(http, body, inbox, choices, "text_completion", model_name)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
@@ -190,10 +187,11 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                                                enable_thinking=thinking_flag, **kwargs)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
-        handles = submit(prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at)
+        inbox = _Inbox(engine)
+        submit(inbox, prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at)
         opened = text.rstrip().endswith(THINK_OPEN)
-        choices = [_ChatChoice(tokenizer, stops_of(body), opened, tools) for _ in handles]
-        return await _respond(http, body, handles, choices, "chat.completion", model_name)
+        choices = [_ChatChoice(tokenizer, stops_of(body), opened, tools) for _ in inbox.requests]
+        return await _respond(http, body, inbox, choices, "chat.completion", model_name)
 
     return app
 
@@ -300,27 +298,53 @@ class _ChatChoice(_TextChoice):
         return msg
 
 
-async def _respond(http: HTTPRequest, body: _Sampling, handles, choices, kind: str, model_name: str):
+class _Inbox:
+    """One HTTP request's engine events, (choice index, event), handed from the engine thread to the event loop.
+    A wakeup of the loop is scheduled only when none is pending, so a busy step costs one, not one per token."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.loop = engine, asyncio.get_running_loop()
+        self.requests: list[Request] = []
+        self.items: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+        self.scheduled = False
+
+    def post(self, item) -> None:  # the engine thread
+        self.items.append(item)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.scheduled = False
+        self.ready.set()
+
+    async def events(self):
+        """(choice index, event) until every choice has finished."""
+        remaining = len(self.requests)
+        while remaining:
+            while not self.items:
+                self.ready.clear()
+                await self.ready.wait()
+            i, event = self.items.popleft()
+            remaining -= isinstance(event, Finished)
+            yield i, event
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            self.engine.cancel(request)
+
+
+async def _respond(http: HTTPRequest, body: _Sampling, inbox: _Inbox, choices, kind: str, model_name: str):
     rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    finished: list[Finished | None] = [None] * len(handles)
-    engine_cancel = [lambda r=r: _cancel(r) for r, _ in handles]
+    finished: list[Finished | None] = [None] * len(inbox.requests)
 
     async def events():
-        """(choice index, event) as they come, from every choice's queue."""
-        pending = {asyncio.ensure_future(q.get()): i for i, (_, q) in enumerate(handles)}
-        while pending:
-            done, _ = await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            if not done and await http.is_disconnected():
-                raise asyncio.CancelledError
-            for fut in done:
-                i = pending.pop(fut)
-                event = fut.result()
-                if isinstance(event, Finished):
-                    finished[i] = event
-                else:
-                    pending[asyncio.ensure_future(handles[i][1].get())] = i
-                yield i, event
+        async for i, event in inbox.events():
+            if isinstance(event, Finished):
+                finished[i] = event
+            yield i, event
 
     def reason(i: int) -> str:
         f = finished[i]
@@ -344,13 +368,19 @@ async def _respond(http: HTTPRequest, body: _Sampling, handles, choices, kind: s
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     if not body.stream:
+        async def watch():  # a client gone while it waits: its rows are freed at the engine's next turn
+            while not await http.is_disconnected():
+                await asyncio.sleep(1.0)
+            inbox.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
             async for i, event in events():
                 if isinstance(event, Tokens):
                     choices[i].push(event.ids)
         finally:
-            for cancel in engine_cancel:
-                cancel()
+            watcher.cancel()
+            inbox.cancel()
         errors = [f.error for f in finished if f.reason == "error"]
         if errors:
             return _error(500, f"generation failed: {errors[0]}", kind="server_error")
@@ -388,14 +418,9 @@ async def _respond(http: HTTPRequest, body: _Sampling, handles, choices, kind: s
                 yield chunk([], usage())
             yield "data: [DONE]\n\n"
         finally:  # a client gone mid-stream: its rows are freed at the engine's next turn
-            for cancel in engine_cancel:
-                cancel()
+            inbox.cancel()
 
     return StreamingResponse(stream(), media_type="text/event-stream")
-
-
-def _cancel(request: Request) -> None:
-    request.cancelled = True
 
 
 def _metrics(engine: Engine, refused: int) -> str:
