@@ -446,7 +446,14 @@ def cmd_serve(args) -> int:
     print(f"compiling for {args.max_batch} rows of {args.max_len} tokens ...", file=sys.stderr, flush=True)
     engine.start()
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(engine, tokenizer, name), host=args.host, port=args.port, log_level=args.log_level,
+    processor = None
+    if m.config.vision is not None:
+        from qwenjax.inference.processor import load_processor
+
+        processor = load_processor(path)
+    app = create_app(engine, tokenizer, name, processor=processor,
+                     allowed_local_media_path=args.allowed_local_media_path)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
 
@@ -532,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory for prefix-cache snapshots (GDN states and KV), 0 turns it off")
     v.add_argument("--shutdown-timeout", type=flag(float, minimum=0), default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
+    v.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="image_url parts may name files under DIR (default: base64 data URLs only)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     v.add_argument("--mesh", default=None, help="e.g. data=2,tensor=2 (default: one device)")

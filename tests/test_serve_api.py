@@ -171,6 +171,8 @@ def _stream(url: str, path: str, body: dict):
     ({"messages": [{"content": "hi"}]}, 400, "role"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400,
+     "takes no images"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_culprit(server, body, status, names):

@@ -48,7 +48,7 @@ def flat_params_model(m):
             jax.tree.leaves(param_shardings(m.params, m.mesh, m.rules)))
 
 
-def _vision_kwargs(vision: tuple | None, grids: tuple | None) -> dict:
+def vision_kwargs(vision: tuple | None, grids: tuple | None) -> dict:
     """`extend`'s keyword arguments for a prefill's images and videos: `vision` is what the jitted prefill takes,
     (positions, rope deltas, pixels, video pixels) or None; `grids` the static (image_grid_thw, video_grid_thw)."""
     if vision is None:
@@ -57,7 +57,7 @@ def _vision_kwargs(vision: tuple | None, grids: tuple | None) -> dict:
     return dict(positions=positions, rope_deltas=deltas, vision=VisionInputs(pixels, grids[0], video_pixels, grids[1]))
 
 
-def _grids_key(grids: tuple | None) -> tuple | None:
+def grids_key(grids: tuple | None) -> tuple | None:
     """The compile-cache key of a prefill's grids (numpy arrays do not hash)."""
     return None if grids is None else tuple(None if g is None else g.tobytes() for g in grids)
 
@@ -70,7 +70,7 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
         if kind == "prefill":
             def fn(leaves, cache: Cache, ids, mask, rng, vision=None):
                 logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True,
-                                                     **_vision_kwargs(vision, grids))
+                                                     **vision_kwargs(vision, grids))
                 return sample(logits, jax.random.fold_in(rng, 0), sampling), cache
         else:
             def fn(leaves, cache: Cache, tokens, rng, step):
@@ -80,7 +80,7 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
         return jax.jit(fn, in_shardings=(p_shard, *[None] * (4 if kind == "step" or grids is None else 5)),
                        donate_argnums=1)
 
-    return m.compiled(("generate", kind, sampling, _grids_key(grids)), build)
+    return m.compiled(("generate", kind, sampling, grids_key(grids)), build)
 
 
 def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids: tuple | None = None):
@@ -91,7 +91,7 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
         if kind == "prefill":
             def fn(leaves, cache, ids, mask, rng, vocab, vision=None):
                 return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
-                                           **_vision_kwargs(vision, grids))
+                                           **vision_kwargs(vision, grids))
         else:
             def fn(leaves, cache, pending, drafts, dists, rng, i, vocab):
                 return speculative.step(model(leaves), cache, pending, drafts, dists, jax.random.fold_in(rng, i),
@@ -99,7 +99,7 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
         return jax.jit(fn, in_shardings=(p_shard, *[None] * (7 if kind == "step" else 5 if grids is None else 6)),
                        donate_argnums=1)
 
-    return m.compiled(("speculative", kind, sampling, k, _grids_key(grids)), build)
+    return m.compiled(("speculative", kind, sampling, k, grids_key(grids)), build)
 
 
 def _compiled_draft_vocab(m):

@@ -9,10 +9,15 @@ checkpoint's generation_config.json, as `qwenjax generate` takes them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import dataclasses
+import io
+import os
 import json
 import time
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -68,8 +73,12 @@ class ChatBody(_Sampling):
     chat_template_kwargs: dict | None = None
 
 
-def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
-    """The app serving `engine` (started and stopped with the app) under the model name `model_name`."""
+def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
+               allowed_local_media_path: str | None = None) -> FastAPI:
+    """The app serving `engine` (started and stopped with the app) under the model name `model_name`. With a
+    `processor` (`qwenjax.inference.processor.load_processor`) chat messages may hold images: base64 data URLs,
+    or files under `allowed_local_media_path`."""
+    pictures = _Pictures(processor, allowed_local_media_path)
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -135,7 +144,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         return stops
 
     def submit(inbox: _Inbox, prompt: list[int], body: _Sampling, max_tokens: int | None, n: int,
-               snapshot_at=()) -> None:
+               snapshot_at=(), arrays: dict | None = None) -> None:
         """n engine requests for `prompt`, their events (choice index, event) into `inbox`."""
         params, seed = sampling_of(body)
         room = engine.max_len - len(prompt)
@@ -148,7 +157,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                 inbox.requests.append(engine.submit(Request(
                     prompt=prompt, on_event=lambda ev, index=index: inbox.post((index, ev)),
                     max_tokens=max_tokens or room, sampling=params, seed=(seed + i) & MAX_SEED,
-                    stop_strings=stops_of(body), snapshot_at=snapshot_at)))
+                    stop_strings=stops_of(body), snapshot_at=snapshot_at, pictures=arrays)))
         except (QueueFull, InputError) as e:
             inbox.cancel()
             if isinstance(e, QueueFull):
@@ -176,19 +185,26 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
         check_model(body)
-        messages = [_message(i, m) for i, m in enumerate(body.messages)]
+        messages = [_message(i, m, pictures) for i, m in enumerate(body.messages)]
         kwargs = dict(body.chat_template_kwargs or {})
         thinking_flag = kwargs.pop("enable_thinking", True)
         tools = None if body.tool_choice == "none" else body.tools
+        with_pictures = any(isinstance(m["content"], list) for m in messages)
         try:
-            text = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=thinking_flag, **kwargs)
-            prompt = tokenizer.encode(text)
-            snapshot_at = chat_snapshot_points(tokenizer, messages, prompt, tools=tools,
-                                               enable_thinking=thinking_flag, **kwargs)
+            if with_pictures:  # the processor expands each picture into its pad tokens
+                text, arrays, _ = await asyncio.to_thread(pictures.processor.expand, messages, tools=tools,
+                                                          enable_thinking=thinking_flag, **kwargs)
+                prompt, snapshot_at = tokenizer.encode(text), ()
+            else:
+                arrays = None
+                text = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=thinking_flag, **kwargs)
+                prompt = tokenizer.encode(text)
+                snapshot_at = chat_snapshot_points(tokenizer, messages, prompt, tools=tools,
+                                                   enable_thinking=thinking_flag, **kwargs)
         except (ValueError, TypeError) as e:
-            raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
+            raise APIError(400, f"messages: {e}", "messages") from None
         inbox = _Inbox(engine)
-        submit(inbox, prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at)
+        submit(inbox, prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at, arrays)
         opened = text.rstrip().endswith(THINK_OPEN)
         choices = [_ChatChoice(tokenizer, stops_of(body), opened, tools) for _ in inbox.requests]
         return await _respond(http, body, inbox, choices, "chat.completion", model_name)
@@ -196,21 +212,26 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
     return app
 
 
-def _message(i: int, message: dict) -> dict:
-    """An OpenAI message as the chat template takes it: text parts joined, tool-call arguments as objects."""
+def _message(i: int, message: dict, pictures: _Pictures) -> dict:
+    """An OpenAI message as the chat template takes it: text parts joined (or, with images, parts the processor
+    takes), tool-call arguments as objects."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise APIError(400, f"messages[{i}] needs a string 'role'", f"messages[{i}].role")
     out = dict(message)
     content = message.get("content")
     if isinstance(content, list):
-        texts = []
+        parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part is not supported (text parts "
-                                    "only)", f"messages[{i}].content[{j}]")
-            texts.append(part["text"])
-        out["content"] = "".join(texts)
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                parts.append({"type": "image", "image": pictures.image(part.get("image_url"), where)})
+            else:
+                raise APIError(400, f"{where}: a {kind!r} part is not supported (text and image_url parts)", where)
+        images = any(p["type"] == "image" for p in parts)
+        out["content"] = parts if images else "".join(p["text"] for p in parts)
     elif content is None:
         out["content"] = ""
     elif not isinstance(content, str):
@@ -231,6 +252,42 @@ def _message(i: int, message: dict) -> dict:
     if calls:
         out["tool_calls"] = calls
     return out
+
+
+@dataclasses.dataclass
+class _Pictures:
+    """How image_url parts are read: data URLs always, local files only under `local_dir`
+    (--allowed-local-media-path); `processor` is None for a model without a vision tower."""
+    processor: Any = None
+    local_dir: str | None = None
+
+    def image(self, image_url, where: str):
+        """The image of an image_url part: a PIL image (a data URL) or a file path."""
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        if self.processor is None:
+            raise APIError(400, f"{where}: this model takes no images (its config has no vision_config)", where)
+        if not isinstance(url, str):
+            raise APIError(400, f"{where}: image_url needs a 'url' string", where)
+        if url.startswith("data:"):
+            header, _, data = url.partition(",")
+            if not header.endswith(";base64"):
+                raise APIError(400, f"{where}: a data URL must be base64 (data:image/png;base64,...)", where)
+            try:
+                from PIL import Image
+
+                image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+                image.load()
+                return image
+            except Exception as e:  # binascii.Error, PIL's UnidentifiedImageError, DecompressionBombError, ...
+                raise APIError(400, f"{where}: not a readable image ({type(e).__name__}: {e})", where) from None
+        path = url.removeprefix("file://")
+        if self.local_dir is None or not os.path.isabs(path):
+            raise APIError(400, f"{where}: image_url must be a base64 data URL (URLs are not fetched; local files "
+                                "need the server's --allowed-local-media-path)", where)
+        path, root = os.path.realpath(path), os.path.realpath(self.local_dir)
+        if os.path.commonpath([path, root]) != root:
+            raise APIError(400, f"{where}: {url!r} is outside the server's --allowed-local-media-path", where)
+        return path
 
 
 class _TextChoice:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.inference.generate import eos_ids, flat_params_model, hits_stop, new_cache
+from qwenjax.inference.generate import eos_ids, flat_params_model, grids_key, hits_stop, new_cache, vision_kwargs
+from qwenjax.inputs import vision_inputs, vision_positions
 from qwenjax.inference.sampling import RowSampling, SamplingParams, sample_rows
 from qwenjax.model import cache as cache_lib
 from qwenjax.serve.prefix_cache import PrefixCache
@@ -67,6 +68,10 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] | None = None  # default: the model's eos tokens
     snapshot_at: tuple[int, ...] = ()
+    # images and videos of the prompt, as the processor gives them: pixel_values, image_grid_thw,
+    # pixel_values_videos, video_grid_thw. Such a prompt prefills in one call and skips the prefix cache (its
+    # tokens alone do not say which pictures they hold).
+    pictures: dict | None = None
     cancelled: bool = False  # set by `Engine.cancel`; the row is freed at the next turn
     arrived: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -154,6 +159,12 @@ class Engine:
             raise InputError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} it needs "
                              f"{n + request.max_tokens} cache slots, but a row holds {self.max_len} (the server's "
                              "--max-len)")
+        if request.pictures:
+            ids = np.asarray(request.prompt, np.int32)[None]
+            try:  # the pad tokens must match the pictures: checked here, not in the loop that serves everyone
+                vision_inputs(self.m.config, ids, np.ones_like(ids), **request.pictures)
+            except ValueError as e:
+                raise InputError(str(e)) from None
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -233,22 +244,26 @@ class Engine:
             size *= 4
         return min(size, self.max_len)
 
-    def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str]):
+    def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str], grids: tuple | None = None):
+        """One prefill call of `size` tokens into a row (from empty with `reset`); with `grids` (a prompt's
+        image_grid_thw, video_grid_thw) the whole prompt with its pictures."""
         def build():
             model = self._model
 
-            def fn(leaves, cache, row, ids, n, sampling, seeds, counters):
+            def fn(leaves, cache, row, ids, n, sampling, seeds, counters, vision=None):
                 if reset:
                     cache = cache_lib.reset_row(cache, row)
                 sub = cache_lib.window(cache, row, 1, horizon)
                 logits, sub = model(leaves).extend(ids, sub, attention_mask=jnp.arange(size)[None] < n,
-                                                   fresh=reset)
+                                                   fresh=reset, **vision_kwargs(vision, grids))
                 cache = cache_lib.put_window(cache, sub, row)
                 return sample_rows(logits, _row_keys(seeds, counters), sampling), cache
 
-            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 7), donate_argnums=1)
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (7 if grids is None else 8)),
+                           donate_argnums=1)
 
-        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, horizon, reset, used), build)
+        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, horizon, reset, used,
+                                grids_key(grids)), build)
 
     def _take_fn(self, size: int):
         return self.m.compiled(("serve_take_row", size),
@@ -333,7 +348,7 @@ class Engine:
                 _send(request, Finished("cancelled", len(request.prompt), 0, 0))
                 continue
             r = self._rows.index(None)
-            node = self.prefix_cache.lookup(request.prompt)
+            node = self.prefix_cache.root if request.pictures else self.prefix_cache.lookup(request.prompt)
             for i, n in enumerate(chain := node.chain()):
                 self._cache = self._put_fn(i == len(chain) - 1)(self._cache, np.int32(r), n.snapshot,
                                                                 np.int32(n.start), np.int32(n.depth))
@@ -351,6 +366,8 @@ class Engine:
     def _prefill_chunk(self, r: int) -> None:
         row = self._rows[r]
         request = row.request
+        if request.pictures:
+            return self._prefill_pictures(r)
         end = self._chunk_end(row)
         n = end - row.done
         size = next(s for s in self._chunk_sizes() if s >= n)
@@ -369,6 +386,28 @@ class Engine:
             return
         if end in request.snapshot_at:
             self._snapshot(r, request.prompt[:end])
+        self._emit(r, [int(np.asarray(token)[0])])
+
+    def _prefill_pictures(self, r: int) -> None:
+        """A prompt with images or videos, whole, in one call: its multimodal positions and the vision tower's
+        features span it (compiled once per prompt size and set of picture sizes, as `generate`'s prefill)."""
+        row = self._rows[r]
+        request = row.request
+        n = len(request.prompt)
+        size = MIN_CHUNK
+        while size < n:
+            size *= 4
+        ids, mask = np.zeros((1, size), np.int32), np.zeros((1, size), np.int32)
+        ids[0, :n], mask[0, :n] = request.prompt, 1
+        vision = vision_inputs(self.m.config, ids, mask, **request.pictures)
+        positions, deltas = vision_positions(self.m.config, ids, mask, vision)
+        grids = (vision.image_grid_thw, vision.video_grid_thw)
+        sampling = RowSampling.of([request.sampling])
+        token, self._cache = self._prefill_fn(size, self._horizon(size), True, sampling.used, grids)(
+            self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
+            np.zeros(1, np.uint32), (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
+        row.done = n
+        self.stats.prefilled_tokens += n
         self._emit(r, [int(np.asarray(token)[0])])
 
     def _decode_step(self) -> None:
@@ -409,7 +448,7 @@ class Engine:
     def _finish(self, r: int, reason: str, error: str | None = None) -> None:
         row = self._rows[r]
         self._rows[r] = None
-        if reason != "error" and row.decoding and len(row.generated) > 1:
+        if reason != "error" and row.decoding and len(row.generated) > 1 and not row.request.pictures:
             try:  # what the row holds: the prompt and every generated token but the last (never fed back)
                 self._snapshot(r, row.request.prompt + row.generated[:-1])
             except Exception:
