@@ -170,3 +170,14 @@ def test_sharded_generation_equals_single_device(one_ckpt):
     sharded = generate(qwenjax.from_pretrained(path, dtype="float32", mesh="data=2,fsdp=2,tensor=2"), prompts,
                        max_new_tokens=8)
     assert sharded == single
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_argmax_is_jnp_argmax_first_among_ties(dtype):
+    from qwenjax.inference.sampling import argmax
+
+    x = jax.random.normal(jax.random.key(0), (64, 1000)).astype(dtype)
+    x = x.at[:, 7].set(x.max()).at[:, 900].set(x.max())  # ties: the first one wins
+    x = x.at[3].set(-jnp.inf).at[4].set(0.0)  # rows all equal
+    assert (np.asarray(argmax(x)) == np.asarray(jnp.argmax(x, axis=-1))).all()
+    assert int(argmax(jnp.full((1, 5), jnp.nan))[0]) < 5  # a NaN row still yields a token id

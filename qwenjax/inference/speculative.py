@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qwenjax.inference.sampling import SamplingParams, filter_logits
+from qwenjax.inference.sampling import SamplingParams, argmax, filter_logits
 from qwenjax.inputs import VisionInputs
 from qwenjax.model.cache import Cache, accept_steps
 from qwenjax.ops.matmul import matmul_wt
@@ -107,7 +107,7 @@ def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Ar
                                       step=i)
         logits = _draft_logits(mod, h, vocab)
         if sampling.greedy:
-            d = jnp.argmax(logits, axis=-1)
+            d = argmax(logits)
         else:
             q = _probs(logits, sampling)
             d = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1)
@@ -126,7 +126,7 @@ def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, 
     `vocab`: the tokens the head may draft (default all)."""
     logits, cache, hidden, embeds = mod.extend(ids, cache, attention_mask=mask, fresh=True, return_hidden=True,
                                                vision=vision, positions=positions, rope_deltas=rope_deltas)
-    first = (jnp.argmax(logits, axis=-1) if sampling.greedy else
+    first = (argmax(logits) if sampling.greedy else
              jax.random.categorical(jax.random.fold_in(key, 0), filter_logits(logits, sampling), axis=-1))
     first = first.astype(jnp.int32)
     n = mask.sum(-1, dtype=jnp.int32)
@@ -161,7 +161,7 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
     verified = jnp.concatenate([pending[:, None], drafts], axis=1)
     logits, hidden, steps = mod.verify(verified, cache, every_state=rollback == "states")  # [B, k+1, V]
     if sampling.greedy:
-        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        target = argmax(logits)
         kept = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
         last = jnp.take_along_axis(target, kept[:, None], axis=1)[:, 0]
     else:
