@@ -133,6 +133,34 @@ def test_chat_splits_thinking_and_counts_cached_tokens(client, reference):
         tok.decode(alone2), prompt_opened_thinking=True)
 
 
+def test_logprobs_are_the_models(client, reference):
+    """Greedy tokens' log-probabilities equal a full forward's log-softmax at their positions; the top
+    alternatives come sorted, the chosen one first; streamed chunks carry the same entries."""
+    import jax
+    import numpy as np
+
+    m, tok = reference
+    prompt = tok.encode("The os module provides")
+    r = client.completions.create(model="tiny-pydoc", prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    generated = [tok.token_to_id(t) if tok.token_to_id(t) is not None else tok.encode(t)[0] for t in lp.tokens]
+    full = np.asarray(jax.nn.log_softmax(m([prompt + generated[:-1]])[0].astype("float32"), axis=-1))
+    expected = [full[len(prompt) - 1 + j, t] for j, t in enumerate(generated)]
+    np.testing.assert_allclose(lp.token_logprobs, expected, atol=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        values = list(top.values())
+        assert len(top) == 3 and values == sorted(values, reverse=True) and abs(values[0] - chosen) < 1e-6
+    messages = [{"role": "user", "content": "Name a module."}]
+    whole = client.chat.completions.create(model="tiny-pydoc", messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    streamed = client.chat.completions.create(model="tiny-pydoc", messages=messages, max_tokens=8, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=True)
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in entries] == [(e.token, round(e.logprob, 5)) for e in content]
+
+
 def _post(url: str, path: str, body) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
@@ -174,6 +202,8 @@ def _stream(url: str, path: str, body: dict):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400,
      "takes no images"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "needs logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_culprit(server, body, status, names):
     code, answer = _post(server[1], "/v1/chat/completions", body)

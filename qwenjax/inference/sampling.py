@@ -140,3 +140,12 @@ def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling) -> jax.
         return greedy
     drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, params)).astype(jnp.int32)
     return jnp.where(params.temperature > 0, drawn, greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's log-probabilities (of its raw logits, before temperature and filters, as vLLM reports them):
+    of each row's `tokens` [B], and the `top` most likely tokens' ids and log-probabilities [B, top]."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top_lps, top_ids = jax.lax.top_k(lp, top) if top else (lp[:, :0], jnp.zeros((lp.shape[0], 0), jnp.int32))
+    return chosen, top_ids.astype(jnp.int32), top_lps

@@ -63,6 +63,11 @@ class _Sampling(BaseModel):
 
 class CompletionBody(_Sampling):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)  # the chosen tokens' and this many alternatives'
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class ChatBody(_Sampling):
@@ -71,6 +76,14 @@ class ChatBody(_Sampling):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     chat_template_kwargs: dict | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    @property
+    def top_alternatives(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
@@ -157,7 +170,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
                 inbox.requests.append(engine.submit(Request(
                     prompt=prompt, on_event=lambda ev, index=index: inbox.post((index, ev)),
                     max_tokens=max_tokens or room, sampling=params, seed=(seed + i) & MAX_SEED,
-                    stop_strings=stops_of(body), snapshot_at=snapshot_at, pictures=arrays)))
+                    stop_strings=stops_of(body), snapshot_at=snapshot_at, pictures=arrays,
+                    logprobs=body.top_alternatives)))
         except (QueueFull, InputError) as e:
             inbox.cancel()
             if isinstance(e, QueueFull):
@@ -294,12 +308,16 @@ class _TextChoice:
     """A completion's text as it grows: stop strings cut off (and what may begin one held back while streaming)."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.decoder, self.stops = StreamDecoder(tokenizer), stops
+        self.tokenizer, self.decoder, self.stops = tokenizer, StreamDecoder(tokenizer), stops
         self.text, self.sent, self.stopped = "", 0, False
+        self.logprobs: list[tuple[int, float, list]] = []  # (token, log-probability, alternatives) per token
+        self.logprobs_sent = 0
 
-    def push(self, ids: list[int]) -> None:
+    def push(self, ids: list[int], logprobs=None) -> None:
         for t in ids:
             self.text += self.decoder.push(t)
+        for t, (lp, top) in zip(ids, logprobs or ()):
+            self.logprobs.append((t, lp, top))
         for s in self.stops:
             at = self.text.find(s)
             if at >= 0:
@@ -318,6 +336,17 @@ class _TextChoice:
 
     def message(self) -> dict:
         return {"text": self.text}
+
+    def take_logprobs(self) -> list[tuple[int, float, list]]:
+        """The log-probabilities not yet sent."""
+        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+        return new
+
+    def logprobs_json(self, entries) -> dict:
+        """OpenAI's completions form: tokens, token_logprobs, top_logprobs."""
+        token = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+        return {"tokens": [token(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{token(i): a for i, a in top} for _, _, top in entries]}
 
 
 class _ChatChoice(_TextChoice):
@@ -345,6 +374,14 @@ class _ChatChoice(_TextChoice):
             elif d.content:
                 out.append({"content": d.content})
         return out
+
+    def logprobs_json(self, entries) -> dict:
+        """OpenAI's chat form: content, a {token, logprob, bytes, top_logprobs} per token."""
+        def one(t: int, lp: float) -> dict:
+            text = self.tokenizer.decode([t], skip_special_tokens=False)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**one(t, lp), "top_logprobs": [one(i, a) for i, a in top]} for t, lp, top in entries]}
 
     def message(self) -> dict:
         reasoning, content, calls = collect(self.deltas)
@@ -434,7 +471,7 @@ async def _respond(http: HTTPRequest, body: _Sampling, inbox: _Inbox, choices, k
         try:
             async for i, event in events():
                 if isinstance(event, Tokens):
-                    choices[i].push(event.ids)
+                    choices[i].push(event.ids, event.logprobs)
         finally:
             watcher.cancel()
             inbox.cancel()
@@ -444,31 +481,40 @@ async def _respond(http: HTTPRequest, body: _Sampling, inbox: _Inbox, choices, k
         out = []
         for i, c in enumerate(choices):
             c.delta(final=True)
-            entry = {"index": i, "finish_reason": reason(i)}
+            entry = {"index": i, "finish_reason": reason(i), "logprobs": (
+                c.logprobs_json(c.take_logprobs()) if body.top_alternatives is not None else None)}
             if kind == "chat.completion":
                 entry["message"] = c.message()
             else:
-                entry.update(text=c.message()["text"], logprobs=None)
+                entry["text"] = c.message()["text"]
             out.append(entry)
         return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": out,
                 "usage": usage()}
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
+    def logprobs_of(i: int) -> dict | None:
+        """Choice i's log-probabilities not yet sent, in the chunk about to go (None unless asked)."""
+        if body.top_alternatives is None:
+            return None
+        entries = choices[i].take_logprobs()
+        return choices[i].logprobs_json(entries) if entries else None
+
     async def stream():
         try:
             async for i, event in events():
                 final = isinstance(event, Finished)
                 if not final:
-                    choices[i].push(event.ids)
+                    choices[i].push(event.ids, event.logprobs)
                 deltas = choices[i].delta(final)
                 for d in (deltas if isinstance(deltas, list) else [deltas] if deltas else []):
+                    logprobs = logprobs_of(i)
                     if kind == "chat.completion":
-                        yield chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": None}])
+                        yield chunk([{"index": i, "delta": d, "logprobs": logprobs, "finish_reason": None}])
                     else:
-                        yield chunk([{"index": i, **d, "logprobs": None, "finish_reason": None}])
+                        yield chunk([{"index": i, **d, "logprobs": logprobs, "finish_reason": None}])
                 if final:
-                    end = {"index": i, "finish_reason": reason(i), "logprobs": None}
+                    end = {"index": i, "finish_reason": reason(i), "logprobs": logprobs_of(i)}
                     end.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
                     yield chunk([end])
             if include_usage:

@@ -28,12 +28,13 @@ import numpy as np
 
 from qwenjax.inference.generate import eos_ids, flat_params_model, grids_key, hits_stop, new_cache, vision_kwargs
 from qwenjax.inputs import vision_inputs, vision_positions
-from qwenjax.inference.sampling import RowSampling, SamplingParams, sample_rows
+from qwenjax.inference.sampling import RowSampling, SamplingParams, sample_rows, token_logprobs
 from qwenjax.model import cache as cache_lib
 from qwenjax.serve.prefix_cache import PrefixCache
 from qwenjax.sharding import activation_sharding
 from qwenjax.validate import InputError
 
+TOP_LOGPROBS = (0, 5, 20)  # compiled numbers of alternatives a request's `logprobs` rounds up to
 MIN_CHUNK = 64     # prefill_chunk is a multiple of it; attention horizons are 64 · 4^i slots
 SMALL_CHUNK = 16   # prefill calls are 16 · 4^i tokens and prefill_chunk: few compiled shapes, little padding
 
@@ -45,6 +46,8 @@ class QueueFull(Exception):
 @dataclasses.dataclass(frozen=True)
 class Tokens:
     ids: list[int]
+    # with Request.logprobs: per token (its log-probability, [(id, log-probability)] of the most likely ones)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Request:
     # pixel_values_videos, video_grid_thw. Such a prompt prefills in one call and skips the prefix cache (its
     # tokens alone do not say which pictures they hold).
     pictures: dict | None = None
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (0-20)
     cancelled: bool = False  # set by `Engine.cancel`; the row is freed at the next turn
     arrived: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -155,6 +159,8 @@ class Engine:
             raise InputError(f"prompt token {bad} is {request.prompt[bad]}, not a token id (vocab_size={vocab})")
         if request.max_tokens < 1:
             raise InputError(f"max_tokens={request.max_tokens}: must be at least 1")
+        if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS[-1]:
+            raise InputError(f"logprobs={request.logprobs}: must be in [0, {TOP_LOGPROBS[-1]}]")
         if n + request.max_tokens > self.max_len:
             raise InputError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} it needs "
                              f"{n + request.max_tokens} cache slots, but a row holds {self.max_len} (the server's "
@@ -214,21 +220,23 @@ class Engine:
             self._thread.join(timeout)
 
     # ---- compiled programs ---------------------------------------------------------------------------------------
-    def _step_fn(self, rows: int, horizon: int, used: frozenset[str]):
+    def _step_fn(self, rows: int, horizon: int, used: frozenset[str], top: int | None = None):
         """The decode step over the first `rows` rows of the cache and their first `horizon` slots (rows are
         taken lowest first: a few running requests do not pay for the whole batch, short ones not for the whole
-        capacity)."""
+        capacity); with `top`, also the tokens' log-probabilities and `top` alternatives."""
         def build():
             model = self._model
 
             def fn(leaves, cache, tokens, active, sampling, seeds, counters):
                 sub = cache_lib.window(cache, 0, rows, horizon)
                 logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
-                return sample_rows(logits, _row_keys(seeds, counters), sampling), cache_lib.put_window(cache, sub, 0)
+                new = sample_rows(logits, _row_keys(seeds, counters), sampling)
+                return (new, None if top is None else token_logprobs(logits, new, top),
+                        cache_lib.put_window(cache, sub, 0))
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 6), donate_argnums=1)
 
-        return self.m.compiled(("serve_step", self.max_batch, self.max_len, rows, horizon, used), build)
+        return self.m.compiled(("serve_step", self.max_batch, self.max_len, rows, horizon, used, top), build)
 
     def _step_rows(self, n: int) -> int:
         """The compiled step size for rows 0 .. n-1: 1, 4, 16, ... up to max_batch."""
@@ -244,9 +252,10 @@ class Engine:
             size *= 4
         return min(size, self.max_len)
 
-    def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str], grids: tuple | None = None):
+    def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str], grids: tuple | None = None,
+                    top: int | None = None):
         """One prefill call of `size` tokens into a row (from empty with `reset`); with `grids` (a prompt's
-        image_grid_thw, video_grid_thw) the whole prompt with its pictures."""
+        image_grid_thw, video_grid_thw) the whole prompt with its pictures; `top` as the decode step's."""
         def build():
             model = self._model
 
@@ -257,13 +266,14 @@ class Engine:
                 logits, sub = model(leaves).extend(ids, sub, attention_mask=jnp.arange(size)[None] < n,
                                                    fresh=reset, **vision_kwargs(vision, grids))
                 cache = cache_lib.put_window(cache, sub, row)
-                return sample_rows(logits, _row_keys(seeds, counters), sampling), cache
+                new = sample_rows(logits, _row_keys(seeds, counters), sampling)
+                return new, None if top is None else token_logprobs(logits, new, top), cache
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (7 if grids is None else 8)),
                            donate_argnums=1)
 
         return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, horizon, reset, used,
-                                grids_key(grids)), build)
+                                grids_key(grids), top), build)
 
     def _take_fn(self, size: int):
         return self.m.compiled(("serve_take_row", size),
@@ -281,7 +291,7 @@ class Engine:
         for size in self._chunk_sizes():
             first = self._horizon(size)  # a first chunk attends to itself and writes slots < size
             for horizon, reset in [(first, True)] + [(h, False) for h in horizons if h >= first]:
-                _, self._cache = self._prefill_fn(size, horizon, reset, greedy.used)(
+                _, _, self._cache = self._prefill_fn(size, horizon, reset, greedy.used)(
                     self._params, self._cache, np.int32(0), np.zeros((1, size), np.int32), np.int32(1), greedy,
                     np.zeros((1, 2), np.uint32), np.zeros(1, np.uint32))
         rows = 0
@@ -289,7 +299,7 @@ class Engine:
             rows = self._step_rows(rows + 1)
             batch = RowSampling.of([SamplingParams()] * rows)
             for horizon in horizons:
-                _, self._cache = self._step_fn(rows, horizon, batch.used)(
+                _, _, self._cache = self._step_fn(rows, horizon, batch.used)(
                     self._params, self._cache, np.zeros(rows, np.int32), np.zeros(rows, bool), batch,
                     np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
         self._cache = cache_lib.reset_row(self._cache, 0)
@@ -375,7 +385,8 @@ class Engine:
         ids[0, :n] = request.prompt[row.done:end]
         sampling = RowSampling.of([request.sampling])
         reset = row.done == 0
-        token, self._cache = self._prefill_fn(size, self._horizon(size if reset else end), reset, sampling.used)(
+        token, logprobs, self._cache = self._prefill_fn(
+            size, self._horizon(size if reset else end), reset, sampling.used, top=_top([request]))(
             self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
             np.zeros(1, np.uint32))
         row.done = end
@@ -386,7 +397,7 @@ class Engine:
             return
         if end in request.snapshot_at:
             self._snapshot(r, request.prompt[:end])
-        self._emit(r, [int(np.asarray(token)[0])])
+        self._emit(r, [int(np.asarray(token)[0])], _logprobs(logprobs, 0, request))
 
     def _prefill_pictures(self, r: int) -> None:
         """A prompt with images or videos, whole, in one call: its multimodal positions and the vision tower's
@@ -403,12 +414,13 @@ class Engine:
         positions, deltas = vision_positions(self.m.config, ids, mask, vision)
         grids = (vision.image_grid_thw, vision.video_grid_thw)
         sampling = RowSampling.of([request.sampling])
-        token, self._cache = self._prefill_fn(size, self._horizon(size), True, sampling.used, grids)(
+        token, logprobs, self._cache = self._prefill_fn(size, self._horizon(size), True, sampling.used, grids,
+                                                        top=_top([request]))(
             self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
             np.zeros(1, np.uint32), (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
         row.done = n
         self.stats.prefilled_tokens += n
-        self._emit(r, [int(np.asarray(token)[0])])
+        self._emit(r, [int(np.asarray(token)[0])], _logprobs(logprobs, 0, request))
 
     def _decode_step(self) -> None:
         decoding = [r for r, row in enumerate(self._rows) if row is not None and row.decoding and row.generated]
@@ -423,14 +435,16 @@ class Engine:
             tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
             params[r], seeds[r] = row.request.sampling, row.request.seed
         sampling = RowSampling.of(params)
-        new, self._cache = self._step_fn(b, horizon, sampling.used)(self._params, self._cache, tokens, active, sampling,
-                                                           _seed_words(seeds), counters)
+        top = _top([self._rows[r].request for r in decoding])
+        new, logprobs, self._cache = self._step_fn(b, horizon, sampling.used, top)(
+            self._params, self._cache, tokens, active, sampling, _seed_words(seeds), counters)
         new = np.asarray(new)
+        logprobs = None if logprobs is None else tuple(np.asarray(x) for x in logprobs)
         self.stats.decode_steps += 1
         for r in decoding:
-            self._emit(r, [int(new[r])])
+            self._emit(r, [int(new[r])], _logprobs(logprobs, r, self._rows[r].request))
 
-    def _emit(self, r: int, ids: list[int]) -> None:
+    def _emit(self, r: int, ids: list[int], logprobs=None) -> None:
         """Hands row r's new tokens to its request, and finishes the row on eos, a stop string or its length."""
         row = self._rows[r]
         request = row.request
@@ -438,7 +452,7 @@ class Engine:
         row.generated.extend(ids)
         self.stats.generated_tokens += len(ids)
         self.stats.recent.append((time.monotonic(), len(ids)))
-        _send(request, Tokens(ids))
+        _send(request, Tokens(ids, logprobs))
         if ids[-1] in stop_ids or (request.stop_strings and
                                    hits_stop(self.tokenizer, row.generated, request.stop_strings)):
             self._finish(r, "stop")
@@ -462,6 +476,21 @@ class Engine:
             return self._take_fn(size)(self._cache, np.int32(r), np.int32(start))
 
         self.prefix_cache.insert(tokens, take)
+
+
+def _top(requests: Sequence[Request]) -> int | None:
+    """The compiled number of alternatives that serves every request's `logprobs` (None: none asks)."""
+    asked = [q.logprobs for q in requests if q.logprobs is not None]
+    return None if not asked else next(k for k in TOP_LOGPROBS if k >= max(asked))
+
+
+def _logprobs(out, r: int, request: Request):
+    """Row r's entry of a program's logprobs output, as `Tokens.logprobs` holds it (None unless asked)."""
+    if out is None or request.logprobs is None:
+        return None
+    chosen, ids, lps = (np.asarray(x) for x in out)
+    return [(float(chosen[r]), [(int(i), float(lp)) for i, lp in zip(ids[r, :request.logprobs],
+                                                                      lps[r, :request.logprobs])])]
 
 
 def _send(request: Request, event: Tokens | Finished) -> None:
