@@ -172,3 +172,27 @@ def test_reply_parser_keeps_what_is_not_a_call():
                                "city": {"type": "string"}}}}}])
     assert json.loads(call.arguments) == {"city": "42", "n": [1, 2]}
     assert parse_tool_call("not a call") is None
+
+
+def test_engine_under_a_mesh_equals_generate(model):
+    """Rows over the data axis, heads over the tensor axis (8 fake CPU devices): the engine's programs (row
+    windows, prefix-cache snapshots and restores) run sharded and give what one device gives."""
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    sharded = qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype="float32", mesh="data=2,fsdp=2,tensor=2")
+    eng = Engine(sharded, max_batch=4, max_len=512, prefill_chunk=64).start(warmup=False)
+    try:
+        rng = np.random.default_rng(3)
+        prompts = [rng.integers(5, 4000, n).tolist() for n in (3, 70, 150, 9)]
+        queues = [_submit(eng, p, 10, stop_token_ids=frozenset()) for p in prompts]
+        for p, q in zip(prompts, queues):
+            assert _collect(q)[0] == qwenjax.generate(model, [p], max_new_tokens=10, eos_token_ids=())[0]
+        again = prompts[2] + [17, 18]  # restored from the snapshot at its 128-token block boundary
+        tokens, done = _collect(_submit(eng, again, 6, stop_token_ids=frozenset()))
+        assert done.cached_tokens == 128
+        assert tokens == qwenjax.generate(model, [again], max_new_tokens=6, eos_token_ids=())[0]
+        assert len(eng._cache.layers[0].state.sharding.device_set) == 8
+    finally:
+        eng.stop()
