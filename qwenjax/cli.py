@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -306,10 +307,10 @@ def cmd_chat(args) -> int:
     from qwenjax.serve.prefix_cache import chat_snapshot_points
 
     # Text turns run on a one-row serving engine whose prefix cache keeps the conversation, so a turn prefills
-    # only what is new; with speculative decoding or pictures a turn runs `qwenjax.stream` over the whole history.
-    engine = None if args.speculative else Engine(
-        m, max_batch=1, max_len=args.max_cache_len or min(CHAT_CACHE_LEN, m.config.max_position_embeddings),
-        tokenizer=tokenizer).start(warmup=False)
+    # only what is new; with pictures a turn runs `qwenjax.stream` over the whole history.
+    engine = Engine(m, max_batch=1, max_len=args.max_cache_len or min(CHAT_CACHE_LEN, m.config.max_position_embeddings),
+                    tokenizer=tokenizer, speculative=args.speculative,
+                    draft_vocab=args.draft_vocab).start(warmup=False)
     stats = SpeculativeStats()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -344,13 +345,14 @@ def cmd_chat(args) -> int:
         finally:
             images = []
         thinking = not args.raw and not args.no_thinking
-        if engine is None or vision:
+        if vision:
             text = _stream_reply(tokenizer, _generated(m, tokenizer, ids, sampling, vision, stats), thinking,
                                  len(ids), summary=lambda: f"; {stats}" if stats.steps else "")
         else:
             snapshot_at = () if args.raw else chat_snapshot_points(
                 tokenizer, system + history, ids, enable_thinking=not args.no_thinking)
             done: dict = {}
+            before = dataclasses.replace(engine.stats)
             try:
                 tokens = _served(engine, ids, sampling, snapshot_at, done)
             except ValueError as e:  # past the cache's capacity: this turn only
@@ -358,12 +360,21 @@ def cmd_chat(args) -> int:
                 print(f"[{e}; the message was not sent, the conversation is kept]", file=sys.stderr, flush=True)
                 continue
             text = _stream_reply(tokenizer, tokens, thinking, len(ids), summary=lambda: (
-                f"; {done['finished'].cached_tokens} prompt tokens from the prefix cache" if done else ""))
+                f"; {done['finished'].cached_tokens} prompt tokens from the prefix cache" if done else "") + (
+                f"; {_acceptance(before, engine.stats, engine.k)}" if engine.k else ""))
         _, answer = split_thinking(text, prompt_opened_thinking=not args.no_thinking)
         history.append({"role": "assistant", "content": answer})
-    if engine is not None:
-        engine.stop()
+    engine.stop()
     return 0
+
+
+def _acceptance(before, after, k: int) -> str:
+    """A turn's speculative acceptance from the engine's counters before and after it, as `SpeculativeStats`."""
+    from qwenjax.inference.speculative import SpeculativeStats
+
+    drafted = after.drafted_tokens - before.drafted_tokens
+    return str(SpeculativeStats(steps=drafted // k, drafted=drafted,
+                                accepted=after.accepted_tokens - before.accepted_tokens))
 
 
 def _add_generation_flags(p) -> None:
@@ -442,7 +453,8 @@ def cmd_serve(args) -> int:
     m = qwenjax.from_pretrained(path, dtype=args.dtype, mesh=args.mesh)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     engine = Engine(m, max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    max_queue=args.max_queue, prefix_cache_bytes=args.prefix_cache_mb << 20, tokenizer=tokenizer)
+                    max_queue=args.max_queue, prefix_cache_bytes=args.prefix_cache_mb << 20, tokenizer=tokenizer,
+                    speculative=args.speculative, draft_vocab=args.draft_vocab)
     print(f"compiling for {args.max_batch} rows of {args.max_len} tokens ...", file=sys.stderr, flush=True)
     engine.start()
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -542,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="image_url parts may name files under DIR (default: base64 data URLs only)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--speculative", type=flag(int, minimum=0), default=0, metavar="K",
+                   help="draft K tokens per row and step with the checkpoint's MTP head, verified in one pass (same "
+                        "output, greedy or sampled)")
+    v.add_argument("--draft-vocab", type=_token_ids_file, default=None, metavar="FILE",
+                   help="with --speculative: a JSON list of the token ids the head may draft")
     v.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     v.add_argument("--mesh", default=None, help="e.g. data=2,tensor=2 (default: one device)")
     v.set_defaults(fn=cmd_serve)

@@ -1,6 +1,7 @@
 """`qwenjax serve` under load against sequential `qwenjax.generate` calls, in one run.
 
     python scripts/bench_serve.py                      # the bundled model, concurrency 1, 4, 16, 64
+    python scripts/bench_serve.py --speculative 1      # the server drafting with the MTP head
 
 First the baseline: every request's prompt through `qwenjax.generate` alone, one after another, in this process.
 Then a real `qwenjax serve` process on localhost, and at each concurrency level that many client threads, each
@@ -97,6 +98,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--speculative", type=int, default=0, help="the server's --speculative (the baseline: plain)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = prompts(max(levels) * args.requests_per_client)
@@ -109,7 +111,8 @@ def main() -> int:
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "qwenjax.cli", "serve", "--model", args.model, "--port",
                                str(port), "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-len",
-                               str(args.max_len), "--max-queue", str(len(texts)), "--log-level", "warning"],
+                               str(args.max_len), "--max-queue", str(len(texts)), "--log-level", "warning",
+                               "--speculative", str(args.speculative)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
@@ -133,7 +136,8 @@ def main() -> int:
     import jax
 
     print(f"machine: {cpu}, {os.cpu_count()} cpus; jax {jax.__version__}; model {args.model} ({args.dtype}); "
-          f"--max-batch {args.max_batch}; {args.max_tokens} new tokens a request, greedy")
+          f"--max-batch {args.max_batch}, --speculative {args.speculative}; {args.max_tokens} new tokens a request, "
+          "greedy")
     print(f"baseline: {len(texts)} sequential qwenjax.generate calls: {tokens} tokens in {seconds:.1f} s = "
           f"{base_rate:.0f} tokens/s")
     print("| concurrency | requests | tokens/s | vs sequential generate | TTFT p50 / p99 (ms) | "

@@ -9,7 +9,7 @@ import pytest
 
 import qwenjax
 from qwenjax.cli import main
-from qwenjax.demo import write_random_checkpoint
+from qwenjax.demo import DEFAULT_MODEL_DIR, write_random_checkpoint
 from qwenjax.inference.generate import generate
 from qwenjax.inference.tokenizer import StreamDecoder, Tokenizer, TokenizerError, split_thinking
 
@@ -128,13 +128,18 @@ def test_cli_stream_splits_thinking_from_answer(demo, monkeypatch, capsys):
     assert split_thinking(text, prompt_opened_thinking=True) == ("Two and two.", "Four 🙂.")
 
 
-def test_cli_chat_prefills_only_each_turns_new_tokens(demo, monkeypatch, capsys):
+@pytest.mark.parametrize("speculative", [0, 2])
+def test_cli_chat_prefills_only_each_turns_new_tokens(demo, monkeypatch, capsys, speculative):
     """`qwenjax chat` keeps the conversation in the serving engine's prefix cache: the second turn restores the
-    first turn's history and prefills the rest; the replies are what `qwenjax.generate` gives each whole prompt."""
+    first turn's history and prefills the rest; the replies are what `qwenjax.generate` gives each whole prompt,
+    with MTP drafts too (the bundled model's trained head)."""
+    if speculative:
+        demo = DEFAULT_MODEL_DIR
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd again?\n/exit\n"))
     assert main(["chat", "--model", demo, "--max-new-tokens", "6", "--no-thinking", "--temperature", "0",
-                 "--dtype", "float32"]) == 0
+                 "--dtype", "float32", "--speculative", str(speculative)]) == 0
     out, err = capsys.readouterr()
+    assert ("drafts accepted" in err) == bool(speculative)
     cached = [int(re.search(r"; (\d+) prompt tokens from the prefix cache", line).group(1))
               for line in err.splitlines() if "prompt tokens," in line]
     tok = Tokenizer(demo)

@@ -35,13 +35,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def _serving(*flags: str):
+    """A `qwenjax serve` process on a free port, with `flags`: (the process, its URL) once /health answers."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwenjax.cli", "serve", "--port", str(port), "--max-batch", str(MAX_BATCH),
-         "--max-len", str(MAX_LEN), "--max-queue", str(MAX_QUEUE), "--dtype", "float32", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "qwenjax.cli", "serve", "--port", str(port), "--dtype", "float32", "--log-level",
+         "warning", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -55,10 +55,18 @@ def server():
     else:
         proc.kill()
         pytest.fail("qwenjax serve did not answer /health within 300 s")
-    yield proc, url
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with _serving("--max-batch", str(MAX_BATCH), "--max-len", str(MAX_LEN), "--max-queue", str(MAX_QUEUE)) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +139,35 @@ def test_chat_splits_thinking_and_counts_cached_tokens(client, reference):
     alone2 = qwenjax.generate(m, [prompt2], max_new_tokens=16, eos_token_ids=2)[0]
     assert (r2.choices[0].message.reasoning_content or "", r2.choices[0].message.content) == split_thinking(
         tok.decode(alone2), prompt_opened_thinking=True)
+
+
+def test_speculative_server_equals_generate(reference):
+    """`--speculative 2`: the bundled model's MTP head drafts, and every greedy reply, streamed or not, is plain
+    greedy decoding's; the prefix cache serves the next turn; /metrics counts drafts and accepted ones."""
+    m, tok = reference
+    with _serving("--speculative", "2", "--max-batch", "4", "--max-len", "256", "--prefill-chunk", "64") as (_, url):
+        spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        prompt = "The os module provides"
+        alone = qwenjax.generate(m, [tok.encode(prompt)], max_new_tokens=40, temperature=0.0)[0]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three at once: batched verify passes
+            replies = list(pool.map(lambda stream: spec.completions.create(
+                model="tiny-pydoc", prompt=prompt, max_tokens=40, temperature=0, stream=stream), [False, True, False]))
+        assert replies[0].choices[0].text == tok.decode(alone) == replies[2].choices[0].text
+        assert "".join(c.choices[0].text for c in replies[1]) == tok.decode(alone)
+        assert replies[0].usage.completion_tokens == len(alone)
+        messages = [{"role": "user", "content": "What does the json module do?"}]
+        turn2 = messages + [{"role": "assistant", "content": "It reads and writes JSON."},
+                            {"role": "user", "content": "And pickle?"}]
+        spec.chat.completions.create(model="tiny-pydoc", messages=messages, max_tokens=16, temperature=0)
+        r = spec.chat.completions.create(model="tiny-pydoc", messages=turn2, max_tokens=24, temperature=0)
+        alone = qwenjax.generate(m, [tok.encode(tok.apply_chat_template(turn2))], max_new_tokens=24,
+                                 eos_token_ids=2)[0]
+        assert (r.choices[0].message.reasoning_content or "", r.choices[0].message.content) == split_thinking(
+            tok.decode(alone), prompt_opened_thinking=True)
+        assert r.usage.prompt_tokens_details.cached_tokens > 0
+        metrics = _metrics(url)
+        assert 0 < metrics["qwenjax_spec_decode_accepted_tokens_total"] < \
+            metrics["qwenjax_spec_decode_draft_tokens_total"]
 
 
 def test_logprobs_are_the_models(client, reference):

@@ -3,6 +3,7 @@ gives each request alone; and the chat reply parser (thinking, tool calls), whol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 
@@ -128,6 +129,84 @@ def test_cancel_frees_the_row_and_bad_requests_are_refused(model, engine):
     full = Engine(model, max_batch=1, max_len=64, max_queue=0)  # not started: nothing leaves the queue
     with pytest.raises(QueueFull):
         full.submit(Request(prompt=[5], on_event=print, max_tokens=5))
+
+
+# ---- speculative decoding --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spec_engine(model):
+    """Two drafts a step from the bundled model's trained MTP head; prefill chunks of 64 (a 150-token prompt
+    prefills in three, its head rows carried across them)."""
+    eng = Engine(model, max_batch=16, max_len=512, prefill_chunk=64, speculative=2,
+                 tokenizer=Tokenizer(DEFAULT_MODEL_DIR)).start(warmup=False)
+    yield eng
+    eng.stop()
+
+
+def test_speculative_engine_greedy_equals_generate_alone(model, spec_engine):
+    """16 concurrent greedy requests through verify passes that keep 1-3 tokens a row: each gets plain greedy
+    decoding's tokens, including rows that stop at eos in the middle of a pass (the tokens after it are kept
+    by the cache, never sent)."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(5, 4000, n).tolist() for n in LENGTHS]
+    alone = [qwenjax.generate(model, [p], max_new_tokens=20, eos_token_ids=())[0] for p in prompts]
+    before = dataclasses.replace(spec_engine.stats)
+    queues = [_submit(spec_engine, p, 20, stop_token_ids=frozenset()) for p in prompts]
+    for r, q in enumerate(queues):
+        tokens, done = _collect(q)
+        assert tokens == alone[r], f"row {r} (prompt of {len(prompts[r])} tokens)"
+        assert (done.reason, done.completion_tokens) == ("length", 20)
+    accepted = spec_engine.stats.accepted_tokens - before.accepted_tokens
+    passes = (spec_engine.stats.drafted_tokens - before.drafted_tokens) // 2  # rows x verify passes
+    assert 0 < accepted < 2 * passes
+    assert passes < 16 * 19  # fewer than plain decoding's 19 steps a row
+    queues = [_submit(spec_engine, p, 20, stop_token_ids=frozenset({alone[r][6]})) for r, p in enumerate(prompts)]
+    for r, q in enumerate(queues):
+        tokens, done = _collect(q)
+        assert tokens == alone[r][:alone[r].index(alone[r][6]) + 1] and done.reason == "stop", f"row {r}"
+
+
+def test_speculative_engine_prefix_cache_is_exact(model, spec_engine):
+    """A second turn restored from the prefix cache (the head's buffer and the last token's hidden state with
+    the GDN state and KV) gives plain greedy decoding's tokens, prefilling only its new tokens; so does a prompt
+    sharing only a 64-token block boundary of a chunked prefill."""
+    rng = np.random.default_rng(6)
+    first = rng.integers(5, 4000, 150).tolist()
+    reply, _ = _collect(_submit(spec_engine, first, 12, stop_token_ids=frozenset()))
+    second = first + reply[:-1] + rng.integers(5, 4000, 30).tolist()
+    tokens, done = _collect(_submit(spec_engine, second, 16, stop_token_ids=frozenset()))
+    assert done.cached_tokens == len(first) + len(reply) - 1
+    assert tokens == qwenjax.generate(model, [second], max_new_tokens=16, eos_token_ids=())[0]
+    other = first[:128] + rng.integers(5, 4000, 10).tolist()
+    tokens, done = _collect(_submit(spec_engine, other, 16, stop_token_ids=frozenset()))
+    assert done.cached_tokens == 128
+    assert tokens == qwenjax.generate(model, [other], max_new_tokens=16, eos_token_ids=())[0]
+
+
+def test_speculative_engine_seeded_sampling_and_logprobs(model, engine, spec_engine):
+    """A seeded sampled request draws the same tokens alone and beside others, greedy rows beside it keep
+    greedy's tokens, and a greedy request's logprobs equal the plain engine's."""
+    prompt = list(range(100, 140))
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9)
+    alone, _ = _collect(_submit(spec_engine, prompt, 16, sampling=params, seed=7, stop_token_ids=frozenset()))
+    greedy_prompts = [list(range(300 + i, 320 + i)) for i in range(5)]
+    others = [_submit(spec_engine, p, 16, stop_token_ids=frozenset()) for p in greedy_prompts]
+    again = _submit(spec_engine, prompt, 16, sampling=params, seed=7, stop_token_ids=frozenset())
+    for p, q in zip(greedy_prompts, others):
+        assert _collect(q)[0] == qwenjax.generate(model, [p], max_new_tokens=16, eos_token_ids=())[0]
+    assert _collect(again)[0] == alone
+
+    def with_logprobs(eng):
+        q = _submit(eng, prompt, 12, logprobs=3, stop_token_ids=frozenset())
+        tokens, entries = [], []
+        while not isinstance(event := q.get(timeout=300), Finished):
+            tokens += event.ids
+            entries += event.logprobs
+        return tokens, entries
+
+    (tokens, spec), (plain_tokens, plain) = with_logprobs(spec_engine), with_logprobs(engine)
+    assert tokens == plain_tokens and len(spec) == 12
+    for (lp, top), (lp0, top0) in zip(spec, plain):
+        assert lp == pytest.approx(lp0, abs=1e-4) and [i for i, _ in top] == [i for i, _ in top0]
 
 
 # ---- the reply parser -------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
     return m.compiled(("speculative", kind, sampling, k, grids_key(grids)), build)
 
 
-def _compiled_draft_vocab(m):
+def compiled_draft_vocab(m):
     """The jitted `DraftVocab.of`: a draft vocabulary's ids and their rows of the LM head, gathered once."""
     def build():
         model, p_shard = flat_params_model(m)
@@ -111,7 +111,7 @@ def _compiled_draft_vocab(m):
     return m.compiled(("draft_vocab",), build)
 
 
-def _draft_vocab_ids(draft_vocab, vocab_size: int, k: int) -> np.ndarray | None:
+def draft_vocab_ids(draft_vocab, vocab_size: int, k: int) -> np.ndarray | None:
     """`draft_vocab` checked: distinct token ids, for speculative decoding; as int32, or None."""
     if draft_vocab is None:
         return None
@@ -157,7 +157,7 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
                     minimum=0)
     if k and not m.config.mtp_num_hidden_layers:
         raise InputError(f"num_speculative_tokens={k}: {NO_MTP}")
-    draft_vocab = _draft_vocab_ids(draft_vocab, m.config.vocab_size, k)
+    draft_vocab = draft_vocab_ids(draft_vocab, m.config.vocab_size, k)
     check_range(check(seed, int, "seed"), "seed", minimum=0, maximum=MAX_SEED)
     if max_cache_len is not None:
         check_range(check(max_cache_len, int, "max_cache_len"), "max_cache_len", minimum=1)
@@ -246,7 +246,7 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
     done = np.zeros(batch, bool)
     generated: list[list[int]] = [[] for _ in range(batch)]
     with activation_sharding(m.mesh, m.rules):
-        vocab = None if draft_vocab is None else _compiled_draft_vocab(m)(params, draft_vocab)
+        vocab = None if draft_vocab is None else compiled_draft_vocab(m)(params, draft_vocab)
         pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng,
                                                 vocab, *prefill_args)
         passes = 1

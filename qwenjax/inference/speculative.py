@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qwenjax.inference.sampling import SamplingParams, argmax, filter_logits
+from qwenjax.inference.sampling import RowSampling, SamplingParams, argmax, filter_logits, token_logprobs
 from qwenjax.inputs import VisionInputs
 from qwenjax.model.cache import Cache, accept_steps
 from qwenjax.ops.matmul import matmul_wt
@@ -55,8 +55,42 @@ class SpeculativeStats:
                 f"{self.mean_accepted + 1:.2f} tokens per verify pass")
 
 
-def _probs(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+def _probs(logits: jax.Array, sampling: SamplingParams | RowSampling) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+
+
+# Sampling settings are one SamplingParams for the batch (`generate`) or a RowSampling (a server's rows, greedy
+# and sampled mixed), and the key one key for the batch or [B] keys, one per row (a seeded request draws the same
+# however it is batched). These few helpers take either.
+
+def _all_greedy(sampling: SamplingParams | RowSampling) -> bool:
+    return sampling.greedy if isinstance(sampling, SamplingParams) else "sample" not in sampling.used
+
+
+def _sampled_rows(sampling: SamplingParams | RowSampling):
+    """Which rows sample (True for a whole batch, [B] bool per row): the others take the greedy rule."""
+    return True if isinstance(sampling, SamplingParams) else sampling.temperature > 0
+
+
+def _fold_in(key: jax.Array, i) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, i) if key.ndim else jax.random.fold_in(key, i)
+
+
+def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw from each row of logits [B, V] (int32)."""
+    drawn = jax.vmap(jax.random.categorical)(key, logits) if key.ndim else jax.random.categorical(key, logits)
+    return drawn.astype(jnp.int32)
+
+
+def _uniform(key: jax.Array, b: int, k: int) -> jax.Array:
+    return jax.vmap(lambda kk: jax.random.uniform(kk, (k,)))(key) if key.ndim else jax.random.uniform(key, (b, k))
+
+
+def _sample(logits: jax.Array, key: jax.Array, sampling: SamplingParams | RowSampling) -> jax.Array:
+    greedy = argmax(logits)
+    if _all_greedy(sampling):
+        return greedy
+    return jnp.where(_sampled_rows(sampling), _categorical(key, filter_logits(logits, sampling)), greedy)
 
 
 @jax.tree_util.register_dataclass
@@ -93,11 +127,11 @@ def _draft_logits(mod, h: jax.Array, vocab: DraftVocab | None) -> jax.Array:
 
 
 def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Array, mask: jax.Array | None,
-          k: int, sampling: SamplingParams, key: jax.Array, positions: jax.Array | None = None,
+          k: int, sampling: SamplingParams | RowSampling, key: jax.Array, positions: jax.Array | None = None,
           vocab: DraftVocab | None = None):
     """The MTP head over rows start .. (real rows of `embeds`/`hidden`, at `positions`: see `mtp_extend`), then
     k-1 draft steps on its own output: (drafts [B, k] int32, their draft distributions [B, k, V] (None when
-    greedy), the cache). `vocab`: the tokens it may draft (default all)."""
+    every row is greedy), the cache). `vocab`: the tokens it may draft (default all)."""
     n_rows = embeds.shape[1] if mask is None else mask.sum(-1, dtype=jnp.int32)
     drafts, dists = [], []
     h, cache = mod.mtp_extend(embeds, hidden, cache, start, positions=positions, attention_mask=mask, step=0)
@@ -106,11 +140,11 @@ def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Ar
             h, cache = mod.mtp_extend(mod.embed(drafts[-1][:, None]), h[:, None], cache, start + n_rows + i - 1,
                                       step=i)
         logits = _draft_logits(mod, h, vocab)
-        if sampling.greedy:
+        if _all_greedy(sampling):
             d = argmax(logits)
         else:
             q = _probs(logits, sampling)
-            d = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1)
+            d = jnp.where(_sampled_rows(sampling), _categorical(_fold_in(key, i), jnp.log(q)), argmax(logits))
             if vocab is not None:  # q over the whole vocabulary: 0 outside the draft vocabulary
                 q = jnp.zeros((q.shape[0], mod.config.vocab_size), q.dtype).at[:, vocab.ids].set(q)
             dists.append(q)
@@ -118,34 +152,54 @@ def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Ar
     return jnp.stack(drafts, axis=1), (jnp.stack(dists, axis=1) if dists else None), cache
 
 
-def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int, sampling: SamplingParams,
-            *, vision: VisionInputs | None = None, positions: jax.Array | None = None,
-            rope_deltas: jax.Array | None = None, vocab: DraftVocab | None = None):
+def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int,
+            sampling: SamplingParams | RowSampling, *, fresh: bool = True, next_ids: jax.Array | None = None,
+            vision: VisionInputs | None = None, positions: jax.Array | None = None,
+            rope_deltas: jax.Array | None = None, vocab: DraftVocab | None = None, top: int | None = None):
     """The prompt into the main model and the MTP head: (first token [B], drafts [B, k], their distributions,
-    the cache). `vision`, `positions`, `rope_deltas`: a prompt's images or videos, as `extend` takes them;
-    `vocab`: the tokens the head may draft (default all)."""
-    logits, cache, hidden, embeds = mod.extend(ids, cache, attention_mask=mask, fresh=True, return_hidden=True,
+    the cache), with `top` also the first token's `token_logprobs`. `vision`, `positions`, `rope_deltas`: a
+    prompt's images or videos, as `extend` takes them; `vocab`: the tokens the head may draft (default all).
+
+    A server prefills a long prompt in chunks: `fresh=False` appends `ids` to each row (the head's rows then
+    start one earlier, at the row's last token, whose hidden state the cache kept), and `next_ids` [B] (the
+    prompt's token after the chunk) ends a chunk the prompt goes on past: the head's last row reads it, and
+    nothing is sampled or drafted (None, None, None, the cache)."""
+    start, before = cache.lengths, cache.mtp_hidden
+    logits, cache, hidden, embeds = mod.extend(ids, cache, attention_mask=mask, fresh=fresh, return_hidden=True,
                                                vision=vision, positions=positions, rope_deltas=rope_deltas)
-    first = (argmax(logits) if sampling.greedy else
-             jax.random.categorical(jax.random.fold_in(key, 0), filter_logits(logits, sampling), axis=-1))
-    first = first.astype(jnp.int32)
+    first = None if next_ids is not None else _sample(logits, _fold_in(key, 0), sampling)
     n = mask.sum(-1, dtype=jnp.int32)
     # row p reads token p+1's embedding: the prompt's (a vision feature at an image or video pad), and for the
-    # last prompt token the one just sampled; it sits at token p's position
+    # last token of the chunk the next prompt token or the one just sampled; it sits at token p's position
     shifted = jnp.concatenate([embeds[:, 1:], jnp.zeros_like(embeds[:, :1])], axis=1)
     is_last = (jnp.arange(ids.shape[1])[None] == (n - 1)[:, None])[..., None]
-    drafts, dists, cache = draft(mod, cache, jnp.where(is_last, mod.embed(first[:, None]), shifted), hidden,
-                                 jnp.zeros_like(n), mask, k, sampling, jax.random.fold_in(key, 1), positions, vocab)
-    return first, drafts, dists, cache
+    following = mod.embed((first if next_ids is None else next_ids)[:, None])
+    rows_embeds, rows_hidden, rows_mask = jnp.where(is_last, following, shifted), hidden, mask
+    if not fresh:  # the row of the last token before the chunk: its hidden state, the chunk's first token
+        rows_embeds = jnp.concatenate([embeds[:, :1], rows_embeds], axis=1)
+        rows_hidden = jnp.concatenate([before[:, None].astype(hidden.dtype), hidden], axis=1)
+        rows_mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
+        start = start - 1
+    last_hidden = jnp.take_along_axis(hidden, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+    cache = dataclasses.replace(cache, mtp_hidden=last_hidden.astype(cache.mtp_hidden.dtype))
+    if next_ids is not None:
+        return None, None, None, mod.mtp_extend(rows_embeds, rows_hidden, cache, start, positions=positions,
+                                                attention_mask=rows_mask)[1]
+    drafts, dists, cache = draft(mod, cache, rows_embeds, rows_hidden, start, rows_mask, k, sampling,
+                                 _fold_in(key, 1), positions, vocab)
+    out = first, drafts, dists, cache
+    return out if top is None else out + (token_logprobs(logits, first, top),)
 
 
 ROLLBACKS = ("states", "recompute")
 
 
 def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Array | None, key: jax.Array,
-         sampling: SamplingParams, rollback: str = "states", vocab: DraftVocab | None = None):
+         sampling: SamplingParams | RowSampling, rollback: str = "states", vocab: DraftVocab | None = None,
+         top: int | None = None, limit: jax.Array | None = None, stop_ids: jax.Array | None = None):
     """One verify pass: (emitted [B, k+1] of which each row's first `count` are its new tokens, count [B] (kept
-    drafts + 1), the next pending token [B], the next drafts and distributions, the cache).
+    drafts + 1), the next pending token [B], the next drafts and distributions, the cache); with `top`, also
+    `token_logprobs`' (log-probability, `top` alternatives) of every emitted token, [B, k+1, ...].
 
     `rollback`: how the GDN layers come to hold their state after each row's last kept token:
     - "states": the verify pass keeps every layer's conv window and state after each token; keeping a prefix
@@ -153,6 +207,8 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
     - "recompute": the verify pass keeps nothing per token; the kept tokens then run through the model again
       from the cache before the pass (a second read of every weight, but no per-token state buffers).
     BENCHMARKS.md measures both; generation uses "states". `vocab`: the tokens the head may draft (default all).
+    `limit` [B] (>= 1) and `stop_ids` [B, S] (-1: none): a row keeps at most `limit` tokens and none past a kept
+    draft in its `stop_ids` (a server's max_tokens and eos), so its cache holds only what it sends.
     """
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback={rollback!r}: choose one of {ROLLBACKS}")
@@ -160,28 +216,44 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
     start = cache.lengths
     verified = jnp.concatenate([pending[:, None], drafts], axis=1)
     logits, hidden, steps = mod.verify(verified, cache, every_state=rollback == "states")  # [B, k+1, V]
-    if sampling.greedy:
-        target = argmax(logits)
-        kept = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
-        last = jnp.take_along_axis(target, kept[:, None], axis=1)[:, 0]
-    else:
-        keys = jax.random.split(key, 2)
+    target = argmax(logits)
+    kept = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
+    last = jnp.take_along_axis(target, kept[:, None], axis=1)[:, 0]
+    if not _all_greedy(sampling):
         p = jax.vmap(lambda z: _probs(z, sampling), in_axes=1, out_axes=1)(logits)  # [B, k+1, V]
         p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=2)[..., 0]
         q_d = jnp.take_along_axis(dists, drafts[..., None], axis=2)[..., 0]
-        u = jax.random.uniform(keys[0], (b, k))
-        kept = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)  # u < p/q, without dividing by q
+        u = _uniform(_fold_in(key, 0), b, k)
+        kept_drawn = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)  # u < p/q, without dividing by q
         q_pad = jnp.concatenate([dists, jnp.zeros_like(dists[:, :1])], axis=1)  # after k kept drafts: p itself
-        at = lambda x: jnp.take_along_axis(x, kept[:, None, None], axis=1)[:, 0]
+        at = lambda x: jnp.take_along_axis(x, kept_drawn[:, None, None], axis=1)[:, 0]
         residual = jnp.maximum(at(p) - at(q_pad), 0.0)
-        last = jax.random.categorical(keys[1], jnp.log(residual), axis=-1).astype(jnp.int32)
+        sampled = _sampled_rows(sampling)
+        kept = jnp.where(sampled, kept_drawn, kept)
+        last = jnp.where(sampled, _categorical(_fold_in(key, 1), jnp.log(residual)), last)
+    if limit is not None or stop_ids is not None:
+        cap = jnp.full((b,), k, jnp.int32) if limit is None else jnp.minimum(limit.astype(jnp.int32) - 1, k)
+        if stop_ids is not None:
+            is_stop = (drafts[:, :, None] == stop_ids[:, None, :]).any(-1)  # [B, k]
+            cap = jnp.minimum(cap, jnp.where(is_stop.any(1), jnp.argmax(is_stop, axis=1), k))
+        # a row cut at draft `cap` ends with that draft (kept, so it stands as sampled) instead of its own token
+        last = jnp.where(kept > cap, jnp.take_along_axis(drafts, jnp.minimum(cap, k - 1)[:, None], axis=1)[:, 0],
+                         last)
+        kept = jnp.minimum(kept, cap)
     j = jnp.arange(k + 1)[None]
     if rollback == "states":
         cache = accept_steps(steps, kept + 1)
     else:
         cache = mod.extend(verified, cache, attention_mask=j <= kept[:, None])[1]
+    last_hidden = jnp.take_along_axis(hidden, kept[:, None, None], axis=1)[:, 0]
+    cache = dataclasses.replace(cache, mtp_hidden=last_hidden.astype(cache.mtp_hidden.dtype))
     # the head's rows start .. start+kept: tokens d1 .. d_kept, then the main model's own token
     emitted = jnp.where(j == kept[:, None], last[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1))
     new_drafts, new_dists, cache = draft(mod, cache, mod.embed(emitted), hidden, start, j <= kept[:, None], k,
-                                         sampling, jax.random.fold_in(key, 7), vocab=vocab)
-    return emitted, kept + 1, last, new_drafts, new_dists, cache
+                                         sampling, _fold_in(key, 7), vocab=vocab)
+    out = emitted, kept + 1, last, new_drafts, new_dists, cache
+    if top is None:
+        return out
+    flat = lambda x: x.reshape(b * (k + 1), *x.shape[2:])
+    return out + (jax.tree.map(lambda x: x.reshape(b, k + 1, *x.shape[1:]),
+                               token_logprobs(flat(logits), flat(emitted), top)),)

@@ -1,6 +1,7 @@
 """The decoding cache: per attention layer a preallocated KV buffer, per GDN layer the conv window and the
 fp32 recurrent state, per row the number of tokens it holds, and for speculative decoding the MTP head's KV
-buffer (its row p, at slot p, holds token p+1 read with the hidden state of token p).
+buffer (its row p, at slot p, holds token p+1 read with the hidden state of token p) and the hidden state of each
+row's last token (the head's next row reads it with the token that follows).
 
 Rows are independent: row r's tokens occupy positions 0 .. lengths[r]-1 (its rotary positions too), so a batch
 of prompts of different lengths needs no left padding and no shared position.
@@ -70,6 +71,10 @@ class Cache:
     # advances positions by less than its token count (`qwenjax.model.positions`), and decoding continues there.
     rope_deltas: jax.Array
     mtp: AttentionCache | None = None  # the MTP head's layer (speculative decoding), same capacity
+    # [B, D]: the final-normed hidden state of each row's last token (with `mtp`). The head's row for that token
+    # also reads the token after it, which a prefix does not yet know: a prefix cache's snapshot keeps this
+    # instead, and the row is computed when the next token comes.
+    mtp_hidden: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -97,7 +102,8 @@ def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloa
             layers.append(AttentionCache.zeros(kv, dtype))
     return Cache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32),
                  rope_deltas=jnp.zeros((batch_size,), jnp.int32),
-                 mtp=AttentionCache.zeros(kv, dtype) if mtp else None)
+                 mtp=AttentionCache.zeros(kv, dtype) if mtp else None,
+                 mtp_hidden=jnp.zeros((batch_size, cfg.hidden_size), dtype) if mtp else None)
 
 
 def accept_steps(cache: Cache, accepted: jax.Array) -> Cache:
@@ -116,19 +122,35 @@ def accept_steps(cache: Cache, accepted: jax.Array) -> Cache:
     return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=cache.lengths + accepted)
 
 
+def keep_rows(new: Cache, old: Cache, active: jax.Array) -> Cache:
+    """`new` where active [B], else `old`'s GDN windows and states, lengths and MTP hidden states: rows a batched
+    pass ran over but that take no part in it. Attention buffers are `new`'s: what a pass wrote lies past each
+    row's length, never read and overwritten as the row grows."""
+    def pick(a, b):
+        return jnp.where(active.reshape(-1, *[1] * (a.ndim - 1)), a, b)
+
+    def layer(n, o):
+        return n if isinstance(n, AttentionCache) else jax.tree.map(pick, n, o)
+
+    return dataclasses.replace(new, layers=tuple(layer(n, o) for n, o in zip(new.layers, old.layers)),
+                               lengths=pick(new.lengths, old.lengths),
+                               mtp_hidden=None if new.mtp_hidden is None else pick(new.mtp_hidden, old.mtp_hidden))
+
+
 def window(cache: Cache, row: jax.Array | int, rows: int, horizon: int) -> Cache:
     """Rows row .. row+rows-1 of `cache`, with attention buffers cut to their first `horizon` slots: a cache to
     `extend` when every one of those rows that appends stays within `horizon` (slots past it are dropped), so a
     step reads what the rows hold instead of the whole capacity. `put_window` writes it back."""
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, rows, 0)
+
     def layer(c):
         if isinstance(c, AttentionCache):
-            cut = lambda x: jax.lax.dynamic_slice_in_dim(x[:, :horizon], row, rows, 0)
-            return dataclasses.replace(c, k=cut(c.k), v=cut(c.v))
-        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, rows, 0), c)
+            return dataclasses.replace(c, k=take(c.k[:, :horizon]), v=take(c.v[:, :horizon]))
+        return jax.tree.map(take, c)
 
-    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers),
-                               lengths=jax.lax.dynamic_slice_in_dim(cache.lengths, row, rows, 0),
-                               rope_deltas=jax.lax.dynamic_slice_in_dim(cache.rope_deltas, row, rows, 0))
+    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=take(cache.lengths),
+                               rope_deltas=take(cache.rope_deltas), mtp=None if cache.mtp is None else layer(cache.mtp),
+                               mtp_hidden=None if cache.mtp_hidden is None else take(cache.mtp_hidden))
 
 
 def put_window(cache: Cache, sub: Cache, row: jax.Array | int) -> Cache:
@@ -145,9 +167,12 @@ class RowSnapshot:
     """What one row of a cache holds after its first `end` tokens, for a prefix cache: each GDN layer's window
     and state there, and each attention layer's keys and values from slot `start` on ([size, KV, head_dim],
     as held: a 16-bit float's bits), valid up to `end`. The slots before `start` come from the snapshots of
-    shorter prefixes."""
+    shorter prefixes. With the MTP head's buffer (speculative decoding), its keys and values alike, valid up to
+    end - 1 (its row for the last token waits for the token after it), and the last token's hidden state."""
     gdn: tuple[GatedDeltaNetCache, ...]            # one per GDN layer, leading batch axis dropped
     kv: tuple[tuple[jax.Array, jax.Array], ...]     # one (k, v) per attention layer
+    mtp: tuple[jax.Array, jax.Array] | None = None
+    mtp_hidden: jax.Array | None = None             # [D]
 
     @property
     def nbytes(self) -> int:
@@ -162,14 +187,17 @@ def take_row(cache: Cache, row: jax.Array, start: jax.Array, size: int) -> RowSn
     return RowSnapshot(
         gdn=tuple(GatedDeltaNetCache(conv=pick(c.conv), state=pick(c.state))
                   for c in cache.layers if isinstance(c, GatedDeltaNetCache)),
-        kv=tuple((segment(c.k), segment(c.v)) for c in cache.layers if isinstance(c, AttentionCache)))
+        kv=tuple((segment(c.k), segment(c.v)) for c in cache.layers if isinstance(c, AttentionCache)),
+        mtp=None if cache.mtp is None else (segment(cache.mtp.k), segment(cache.mtp.v)),
+        mtp_hidden=None if cache.mtp_hidden is None else pick(cache.mtp_hidden))
 
 
 def put_row(cache: Cache, row: jax.Array, snapshot: RowSnapshot, start: jax.Array, end: jax.Array, *,
             state: bool) -> Cache:
-    """`cache` with row `row`'s attention slots start .. end-1 taken from `snapshot` (`take_row`'s, of the
-    same `start`) and, with `state`, its GDN layers' window and state too and its length set to `end`: restoring a
-    prefix writes each snapshot of the chain, the last one with `state`."""
+    """`cache` with row `row`'s attention slots start .. end-1 (and the MTP head's) taken from `snapshot`
+    (`take_row`'s, of the same `start`) and, with `state`, its GDN layers' window and state too (and the last
+    token's hidden state) and its length set to `end`: restoring a prefix writes each snapshot of the chain, the
+    last one with `state`."""
     size = snapshot.kv[0][0].shape[0] if snapshot.kv else 0
     slots = start + jnp.arange(size)
     slots = jnp.where(slots < end, slots, cache.max_len)  # past the prefix: dropped
@@ -186,10 +214,14 @@ def put_row(cache: Cache, row: jax.Array, snapshot: RowSnapshot, start: jax.Arra
         return GatedDeltaNetCache(conv=c.conv.at[row].set(g.conv), state=c.state.at[row].set(g.state))
 
     layers = tuple(layer(c) for c in cache.layers)
+    mtp = cache.mtp
+    if mtp is not None:
+        mtp = dataclasses.replace(mtp, k=put(mtp.k, snapshot.mtp[0]), v=put(mtp.v, snapshot.mtp[1]))
     if not state:
-        return dataclasses.replace(cache, layers=layers)
+        return dataclasses.replace(cache, layers=layers, mtp=mtp)
     return dataclasses.replace(cache, layers=layers, lengths=cache.lengths.at[row].set(end),
-                               rope_deltas=cache.rope_deltas.at[row].set(0))
+                               rope_deltas=cache.rope_deltas.at[row].set(0), mtp=mtp,
+                               mtp_hidden=None if mtp is None else cache.mtp_hidden.at[row].set(snapshot.mtp_hidden))
 
 
 def reset_row(cache: Cache, row: jax.Array) -> Cache:
@@ -219,4 +251,6 @@ def cache_shardings(cache: Cache, mesh, rules) -> Cache:
     return Cache(layers=tuple(layer(c) for c in cache.layers),
                  lengths=rules.sharding(mesh, ("batch",), cache.lengths.shape),
                  rope_deltas=rules.sharding(mesh, ("batch",), cache.rope_deltas.shape),
-                 mtp=None if cache.mtp is None else layer(cache.mtp))
+                 mtp=None if cache.mtp is None else layer(cache.mtp),
+                 mtp_hidden=None if cache.mtp_hidden is None else rules.sharding(mesh, ("batch", None),
+                                                                                 cache.mtp_hidden.shape))

@@ -160,10 +160,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
                snapshot_at=(), arrays: dict | None = None) -> None:
         """n engine requests for `prompt`, their events (choice index, event) into `inbox`."""
         params, seed = sampling_of(body)
-        room = engine.max_len - len(prompt)
+        room = engine.room - len(prompt)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; this server's rows hold {engine.max_len} "
-                                "(--max-len), which leaves no room for a reply", "messages")
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this server's rows hold {engine.room} "
+                                f"(--max-len{' less --speculative' if engine.k else ''}), which leaves no room for "
+                                "a reply", "messages")
         try:
             for i in range(n):
                 index = len(inbox.requests)
@@ -548,6 +549,10 @@ def _metrics(engine: Engine, refused: int) -> str:
     metric("qwenjax_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
            f"{s.tokens_per_second():.3f}")
     metric("qwenjax_decode_steps_total", "counter", "Batched decode steps run.", s.decode_steps)
+    if engine.k:
+        metric("qwenjax_spec_decode_draft_tokens_total", "counter", "Draft tokens verified (speculative decoding).",
+               s.drafted_tokens)
+        metric("qwenjax_spec_decode_accepted_tokens_total", "counter", "Draft tokens accepted.", s.accepted_tokens)
     metric("qwenjax_queue_length", "gauge", "Requests waiting for a row.", engine.queue_length)
     metric("qwenjax_running_rows", "gauge", "Rows holding a request.", engine.running)
     metric("qwenjax_max_rows", "gauge", "Rows of the batched cache (--max-batch).", engine.max_batch)

@@ -9,6 +9,11 @@ rows' streams for longer than one chunk) and one decode step for all rows; rows 
 it (they append nothing, their GDN state is untouched). Every row samples with its own settings and its own
 key, `fold_in(key(seed), token index)`: a seeded request gets the same tokens however it is batched.
 
+With `speculative=k` the checkpoint's MTP head drafts k tokens per row and the decode step verifies them in one
+pass (`qwenjax.inference.speculative`): a row gains 1 .. k+1 tokens a step, greedy output is plain greedy's and
+sampled output has plain sampling's distribution. Prefill chunks run the head over their tokens too, and prefix
+cache snapshots keep its buffer.
+
 Events go to each request's `on_event` from the engine thread: `Tokens` as they are sampled, then one `Finished`.
 """
 
@@ -26,10 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.inference.generate import eos_ids, flat_params_model, grids_key, hits_stop, new_cache, vision_kwargs
+from qwenjax.inference import speculative
+from qwenjax.inference.generate import (compiled_draft_vocab, draft_vocab_ids, eos_ids, flat_params_model, grids_key,
+                                       hits_stop, new_cache, vision_kwargs)
 from qwenjax.inputs import vision_inputs, vision_positions
 from qwenjax.inference.sampling import RowSampling, SamplingParams, sample_rows, token_logprobs
 from qwenjax.model import cache as cache_lib
+from qwenjax.model.qwen35 import NO_MTP
 from qwenjax.serve.prefix_cache import PrefixCache
 from qwenjax.sharding import activation_sharding
 from qwenjax.validate import InputError
@@ -37,6 +45,7 @@ from qwenjax.validate import InputError
 TOP_LOGPROBS = (0, 5, 20)  # compiled numbers of alternatives a request's `logprobs` rounds up to
 MIN_CHUNK = 64     # prefill_chunk is a multiple of it; attention horizons are 64 · 4^i slots
 SMALL_CHUNK = 16   # prefill calls are 16 · 4^i tokens and prefill_chunk: few compiled shapes, little padding
+STOP_IDS = 8       # a verify pass stops a row at its first 8 stop ids (more, or a stop string: at the next step)
 
 
 class QueueFull(Exception):
@@ -86,6 +95,8 @@ class _Row:
     done: int                  # prompt tokens in the cache
     cached: int                # of which restored from the prefix cache
     generated: list[int] = dataclasses.field(default_factory=list)
+    # tokens a verify pass kept past a stop string: the cache holds them, the request never sees them
+    unsent: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def decoding(self) -> bool:
@@ -101,6 +112,8 @@ class Stats:
     cached_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
+    drafted_tokens: int = 0    # speculative decoding: drafts verified (rows decoding x k per step)
+    accepted_tokens: int = 0   # of which kept
     recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:
@@ -123,10 +136,13 @@ class Engine:
       max_queue: requests waiting for a row beyond which `submit` refuses.
       prefix_cache_bytes: memory for the prefix cache's snapshots (0: off).
       tokenizer: reads generated text for stop strings.
+      speculative: draft this many tokens per row and step with the checkpoint's MTP head (0: off).
+      draft_vocab: with `speculative`, the token ids the head may draft (`generate`'s; default all).
     """
 
     def __init__(self, m, *, max_batch: int = 8, max_len: int = 4096, prefill_chunk: int = 256,
-                 max_queue: int = 256, prefix_cache_bytes: int = 1 << 30, tokenizer=None):
+                 max_queue: int = 256, prefix_cache_bytes: int = 1 << 30, tokenizer=None, speculative: int = 0,
+                 draft_vocab: Sequence[int] | None = None):
         if prefill_chunk < MIN_CHUNK or prefill_chunk % MIN_CHUNK:
             raise InputError(f"prefill_chunk={prefill_chunk}: must be a positive multiple of {MIN_CHUNK}")
         if max_batch < 1 or max_len < 2:
@@ -134,7 +150,12 @@ class Engine:
         limit = m.config.max_position_embeddings
         if max_len > limit:
             raise InputError(f"max_len={max_len} is past the model's max_position_embeddings={limit}")
-        self.m, self.tokenizer = m, tokenizer
+        if speculative < 0:
+            raise InputError(f"speculative={speculative}: the number of draft tokens must be >= 0")
+        if speculative and not m.config.mtp_num_hidden_layers:
+            raise InputError(f"speculative={speculative}: {NO_MTP}")
+        self.m, self.tokenizer, self.k = m, tokenizer, speculative
+        self._draft_vocab = draft_vocab_ids(draft_vocab, m.config.vocab_size, speculative)
         self.max_batch, self.max_len, self.prefill_chunk, self.max_queue = max_batch, max_len, prefill_chunk, max_queue
         self.eos = eos_ids(m, None)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -146,6 +167,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._params = jax.tree.leaves(m.params)
         self._cache = None
+        self._drafts = None  # speculative: each row's drafts [max_batch, k] and their distributions [.., vocab]
+        self._vocab = None   # speculative: the DraftVocab
         self._model, self._param_shardings = flat_params_model(m)
 
     # ---- the public side (any thread) ----------------------------------------------------------------------------
@@ -161,10 +184,11 @@ class Engine:
             raise InputError(f"max_tokens={request.max_tokens}: must be at least 1")
         if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS[-1]:
             raise InputError(f"logprobs={request.logprobs}: must be in [0, {TOP_LOGPROBS[-1]}]")
-        if n + request.max_tokens > self.max_len:
+        if n + request.max_tokens > self.room:
             raise InputError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} it needs "
-                             f"{n + request.max_tokens} cache slots, but a row holds {self.max_len} (the server's "
-                             "--max-len)")
+                             f"{n + request.max_tokens + self.k} cache slots"
+                             f"{f' (with {self.k} speculative tokens)' if self.k else ''}, but a row holds "
+                             f"{self.max_len} (the server's --max-len)")
         if request.pictures:
             ids = np.asarray(request.prompt, np.int32)[None]
             try:  # the pad tokens must match the pictures: checked here, not in the loop that serves everyone
@@ -186,6 +210,11 @@ class Engine:
             self._lock.notify()
 
     @property
+    def room(self) -> int:
+        """The most prompt + generated tokens a request may ask for (a verify pass writes k slots past them)."""
+        return self.max_len - self.k
+
+    @property
     def queue_length(self) -> int:
         return len(self._queue)
 
@@ -205,7 +234,9 @@ class Engine:
     def start(self, warmup: bool = True) -> Engine:
         """Starts the loop thread (after compiling the common programs, with `warmup`)."""
         with activation_sharding(self.m.mesh, self.m.rules):
-            self._cache = new_cache(self.m, self.max_batch, self.max_len)
+            self._new_cache()
+            if self._draft_vocab is not None:
+                self._vocab = compiled_draft_vocab(self.m)(self._params, self._draft_vocab)
             if warmup:
                 self._warmup()
         self._thread = threading.Thread(target=self._run, name="qwenjax-engine", daemon=True)
@@ -220,23 +251,47 @@ class Engine:
             self._thread.join(timeout)
 
     # ---- compiled programs ---------------------------------------------------------------------------------------
+    def _new_cache(self) -> None:
+        self._cache = new_cache(self.m, self.max_batch, self.max_len, mtp=self.k > 0)
+        if self.k:
+            self._drafts = (jnp.zeros((self.max_batch, self.k), jnp.int32),
+                            jnp.zeros((self.max_batch, self.k, self.m.config.vocab_size), jnp.float32))
+
     def _step_fn(self, rows: int, horizon: int, used: frozenset[str], top: int | None = None):
         """The decode step over the first `rows` rows of the cache and their first `horizon` slots (rows are
         taken lowest first: a few running requests do not pay for the whole batch, short ones not for the whole
-        capacity); with `top`, also the tokens' log-probabilities and `top` alternatives."""
+        capacity): (tokens [rows, k+1], of which each row's first `count` [rows] are new, with `top` the tokens'
+        log-probabilities and `top` alternatives, the cache, the drafts). Without speculative decoding k = 0."""
         def build():
-            model = self._model
+            model, k = self._model, self.k
 
-            def fn(leaves, cache, tokens, active, sampling, seeds, counters):
+            def fn(leaves, cache, drafts, vocab, tokens, active, sampling, seeds, counters, limit, stop_ids):
                 sub = cache_lib.window(cache, 0, rows, horizon)
-                logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
-                new = sample_rows(logits, _row_keys(seeds, counters), sampling)
-                return (new, None if top is None else token_logprobs(logits, new, top),
-                        cache_lib.put_window(cache, sub, 0))
+                keys = _row_keys(seeds, counters)
+                if not k:
+                    logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
+                    new = sample_rows(logits, keys, sampling)
+                    return (new[:, None], jnp.ones_like(new), None if top is None else
+                            jax.tree.map(lambda x: x[:, None], token_logprobs(logits, new, top)),
+                            cache_lib.put_window(cache, sub, 0), drafts)
+                sampled = "sample" in sampling.used
+                ids, dists = drafts
+                out = speculative.step(model(leaves), sub, tokens, ids[:rows], dists[:rows] if sampled else None,
+                                       keys, sampling, vocab=vocab, top=top, limit=limit,
+                                       stop_ids=stop_ids)
+                emitted, count, _, new_ids, new_dists, new_sub = out[:6]
+                # rows not decoding (free, or between prefill chunks) keep what they hold
+                new_sub = cache_lib.keep_rows(new_sub, sub, active)
+                pick = lambda new, old: jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+                ids = ids.at[:rows].set(pick(new_ids, ids[:rows]))
+                if sampled:
+                    dists = dists.at[:rows].set(pick(new_dists, dists[:rows]))
+                return (emitted, count, out[6] if top is not None else None, cache_lib.put_window(cache, new_sub, 0),
+                        (ids, dists))
 
-            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 6), donate_argnums=1)
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 10), donate_argnums=(1, 2))
 
-        return self.m.compiled(("serve_step", self.max_batch, self.max_len, rows, horizon, used, top), build)
+        return self.m.compiled(("serve_step", self.max_batch, self.max_len, self.k, rows, horizon, used, top), build)
 
     def _step_rows(self, n: int) -> int:
         """The compiled step size for rows 0 .. n-1: 1, 4, 16, ... up to max_batch."""
@@ -253,27 +308,40 @@ class Engine:
         return min(size, self.max_len)
 
     def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str], grids: tuple | None = None,
-                    top: int | None = None):
+                    top: int | None = None, final: bool = True):
         """One prefill call of `size` tokens into a row (from empty with `reset`); with `grids` (a prompt's
-        image_grid_thw, video_grid_thw) the whole prompt with its pictures; `top` as the decode step's."""
+        image_grid_thw, video_grid_thw) the whole prompt with its pictures; `top` as the decode step's. With
+        speculative decoding the MTP head runs over the tokens too; `final`: the call ends the prompt (the head
+        then drafts; otherwise its last row reads `next_id`, the token after the call's, and nothing is sampled)."""
         def build():
-            model = self._model
+            model, k = self._model, self.k
 
-            def fn(leaves, cache, row, ids, n, sampling, seeds, counters, vision=None):
+            def fn(leaves, cache, drafts, vocab, row, ids, n, next_id, sampling, seeds, counters, vision=None):
                 if reset:
                     cache = cache_lib.reset_row(cache, row)
                 sub = cache_lib.window(cache, row, 1, horizon)
-                logits, sub = model(leaves).extend(ids, sub, attention_mask=jnp.arange(size)[None] < n,
-                                                   fresh=reset, **vision_kwargs(vision, grids))
-                cache = cache_lib.put_window(cache, sub, row)
-                new = sample_rows(logits, _row_keys(seeds, counters), sampling)
-                return new, None if top is None else token_logprobs(logits, new, top), cache
+                mask, keys = jnp.arange(size)[None] < n, _row_keys(seeds, counters)
+                if not k:
+                    logits, sub = model(leaves).extend(ids, sub, attention_mask=mask, fresh=reset,
+                                                       **vision_kwargs(vision, grids))
+                    new = sample_rows(logits, keys, sampling)
+                    logprobs = None if top is None else token_logprobs(logits, new, top)
+                else:
+                    new, ids_k, dists_k, sub, *logprobs = speculative.prefill(
+                        model(leaves), sub, ids, mask, keys, k, sampling, fresh=reset,
+                        next_ids=None if final else next_id[None], vocab=vocab, top=top,
+                        **vision_kwargs(vision, grids))
+                    logprobs = logprobs[0] if logprobs else None
+                    if final:
+                        drafts = (drafts[0].at[row].set(ids_k[0]),
+                                  drafts[1] if dists_k is None else drafts[1].at[row].set(dists_k[0]))
+                return new, logprobs, cache_lib.put_window(cache, sub, row), drafts
 
-            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (7 if grids is None else 8)),
-                           donate_argnums=1)
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (10 if grids is None else 11)),
+                           donate_argnums=(1, 2))
 
-        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, size, horizon, reset, used,
-                                grids_key(grids), top), build)
+        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, self.k, size, horizon, reset, used,
+                                grids_key(grids), top, final), build)
 
     def _take_fn(self, size: int):
         return self.m.compiled(("serve_take_row", size),
@@ -291,17 +359,22 @@ class Engine:
         for size in self._chunk_sizes():
             first = self._horizon(size)  # a first chunk attends to itself and writes slots < size
             for horizon, reset in [(first, True)] + [(h, False) for h in horizons if h >= first]:
-                _, _, self._cache = self._prefill_fn(size, horizon, reset, greedy.used)(
-                    self._params, self._cache, np.int32(0), np.zeros((1, size), np.int32), np.int32(1), greedy,
-                    np.zeros((1, 2), np.uint32), np.zeros(1, np.uint32))
+                for final in (True, False) if self.k else (True,):
+                    _, _, self._cache, self._drafts = self._prefill_fn(size, horizon, reset, greedy.used,
+                                                                       final=final)(
+                        self._params, self._cache, self._drafts, self._vocab, np.int32(0),
+                        np.zeros((1, size), np.int32),
+                        np.int32(1), np.int32(0), greedy, np.zeros((1, 2), np.uint32), np.zeros(1, np.uint32))
         rows = 0
         while rows < self.max_batch:
             rows = self._step_rows(rows + 1)
             batch = RowSampling.of([SamplingParams()] * rows)
             for horizon in horizons:
-                _, _, self._cache = self._step_fn(rows, horizon, batch.used)(
-                    self._params, self._cache, np.zeros(rows, np.int32), np.zeros(rows, bool), batch,
-                    np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
+                *_, self._cache, self._drafts = self._step_fn(rows, horizon, batch.used)(
+                    self._params, self._cache, self._drafts, self._vocab, np.zeros(rows, np.int32),
+                    np.zeros(rows, bool), batch,
+                    np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32), np.ones(rows, np.int32),
+                    np.full((rows, STOP_IDS), -1, np.int32))
         self._cache = cache_lib.reset_row(self._cache, 0)
 
     def _chunk_sizes(self) -> list[int]:
@@ -328,7 +401,7 @@ class Engine:
                     for r, row in enumerate(self._rows):
                         if row is not None:
                             self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-                    self._cache = new_cache(self.m, self.max_batch, self.max_len)
+                    self._new_cache()
         for r, row in enumerate(self._rows):
             if row is not None:
                 self._finish(r, "cancelled")
@@ -384,10 +457,12 @@ class Engine:
         ids = np.zeros((1, size), np.int32)
         ids[0, :n] = request.prompt[row.done:end]
         sampling = RowSampling.of([request.sampling])
-        reset = row.done == 0
-        token, logprobs, self._cache = self._prefill_fn(
-            size, self._horizon(size if reset else end), reset, sampling.used, top=_top([request]))(
-            self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
+        reset, final = row.done == 0, end == len(request.prompt)
+        token, logprobs, self._cache, self._drafts = self._prefill_fn(
+            size, self._horizon(size if reset else end), reset, sampling.used, top=_top([request]),
+            final=final or not self.k)(
+            self._params, self._cache, self._drafts, self._vocab, np.int32(r), ids, np.int32(n),
+            np.int32(0 if final else request.prompt[end]), sampling, _seed_words([request.seed]),
             np.zeros(1, np.uint32))
         row.done = end
         self.stats.prefilled_tokens += n
@@ -397,7 +472,7 @@ class Engine:
             return
         if end in request.snapshot_at:
             self._snapshot(r, request.prompt[:end])
-        self._emit(r, [int(np.asarray(token)[0])], _logprobs(logprobs, 0, request))
+        self._emit(r, [int(np.asarray(token)[0])], [_logprobs(logprobs, 0, request)])
 
     def _prefill_pictures(self, r: int) -> None:
         """A prompt with images or videos, whole, in one call: its multimodal positions and the vision tower's
@@ -414,57 +489,79 @@ class Engine:
         positions, deltas = vision_positions(self.m.config, ids, mask, vision)
         grids = (vision.image_grid_thw, vision.video_grid_thw)
         sampling = RowSampling.of([request.sampling])
-        token, logprobs, self._cache = self._prefill_fn(size, self._horizon(size), True, sampling.used, grids,
-                                                        top=_top([request]))(
-            self._params, self._cache, np.int32(r), ids, np.int32(n), sampling, _seed_words([request.seed]),
-            np.zeros(1, np.uint32), (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
+        token, logprobs, self._cache, self._drafts = self._prefill_fn(size, self._horizon(size), True, sampling.used,
+                                                                      grids, top=_top([request]))(
+            self._params, self._cache, self._drafts, self._vocab, np.int32(r), ids, np.int32(n), np.int32(0), sampling,
+            _seed_words([request.seed]), np.zeros(1, np.uint32),
+            (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
         row.done = n
         self.stats.prefilled_tokens += n
-        self._emit(r, [int(np.asarray(token)[0])], _logprobs(logprobs, 0, request))
+        self._emit(r, [int(np.asarray(token)[0])], [_logprobs(logprobs, 0, request)])
 
     def _decode_step(self) -> None:
         decoding = [r for r, row in enumerate(self._rows) if row is not None and row.decoding and row.generated]
         b = self._step_rows(max(decoding) + 1)
-        # the step writes each row's token at slot (its length): prompt + tokens fed so far
+        # the step writes each row's token at slot (its length): prompt + tokens fed so far; a verify pass k more,
+        # and the head's draft steps k - 1 past those (written, where they fit the horizon, for better drafts)
         horizon = self._horizon(max(len(self._rows[r].request.prompt) + len(self._rows[r].generated)
-                                    for r in decoding))
+                                    for r in decoding) + 2 * self.k)
         tokens, active, counters = np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.uint32)
         params, seeds = [SamplingParams()] * b, [0] * b
+        # a verify pass keeps no token past a row's max_tokens or a stop id (up to STOP_IDS of them)
+        limit, stop_ids = np.ones(b, np.int32), np.full((b, STOP_IDS), -1, np.int32)
         for r in decoding:
             row = self._rows[r]
             tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
             params[r], seeds[r] = row.request.sampling, row.request.seed
+            limit[r] = row.request.max_tokens - len(row.generated)
+            stops = sorted(self.eos if row.request.stop_token_ids is None else row.request.stop_token_ids)
+            stop_ids[r, :len(stops[:STOP_IDS])] = stops[:STOP_IDS]
         sampling = RowSampling.of(params)
         top = _top([self._rows[r].request for r in decoding])
-        new, logprobs, self._cache = self._step_fn(b, horizon, sampling.used, top)(
-            self._params, self._cache, tokens, active, sampling, _seed_words(seeds), counters)
-        new = np.asarray(new)
+        new, count, logprobs, self._cache, self._drafts = self._step_fn(b, horizon, sampling.used, top)(
+            self._params, self._cache, self._drafts, self._vocab, tokens, active, sampling, _seed_words(seeds),
+            counters, limit,
+            stop_ids)
+        new, count = np.asarray(new), np.asarray(count)
         logprobs = None if logprobs is None else tuple(np.asarray(x) for x in logprobs)
         self.stats.decode_steps += 1
         for r in decoding:
-            self._emit(r, [int(new[r])], _logprobs(logprobs, r, self._rows[r].request))
+            self.stats.drafted_tokens += self.k
+            self.stats.accepted_tokens += int(count[r]) - 1
+            n = int(count[r])
+            self._emit(r, new[r, :n].tolist(), [_logprobs(logprobs, (r, j), self._rows[r].request)
+                                                for j in range(n)])
 
-    def _emit(self, r: int, ids: list[int], logprobs=None) -> None:
-        """Hands row r's new tokens to its request, and finishes the row on eos, a stop string or its length."""
+    def _emit(self, r: int, ids: list[int], logprobs: list | None = None) -> None:
+        """Hands row r's new tokens to its request (each with its `_logprobs` entry), up to and including the first
+        that ends it: eos, a stop string or its length; then finishes the row."""
         row = self._rows[r]
         request = row.request
         stop_ids = self.eos if request.stop_token_ids is None else request.stop_token_ids
-        row.generated.extend(ids)
+        reason = None
+        for i, t in enumerate(ids):
+            row.generated.append(t)
+            if t in stop_ids or (request.stop_strings and hits_stop(self.tokenizer, row.generated,
+                                                                    request.stop_strings)):
+                reason = "stop"
+            elif len(row.generated) >= request.max_tokens:
+                reason = "length"
+            if reason:
+                row.unsent, ids = ids[i + 1:], ids[:i + 1]
+                break
         self.stats.generated_tokens += len(ids)
         self.stats.recent.append((time.monotonic(), len(ids)))
-        _send(request, Tokens(ids, logprobs))
-        if ids[-1] in stop_ids or (request.stop_strings and
-                                   hits_stop(self.tokenizer, row.generated, request.stop_strings)):
-            self._finish(r, "stop")
-        elif len(row.generated) >= request.max_tokens:
-            self._finish(r, "length")
+        asked = logprobs is not None and request.logprobs is not None
+        _send(request, Tokens(ids, [e for entry in logprobs[:len(ids)] for e in entry] if asked else None))
+        if reason:
+            self._finish(r, reason)
 
     def _finish(self, r: int, reason: str, error: str | None = None) -> None:
         row = self._rows[r]
         self._rows[r] = None
         if reason != "error" and row.decoding and len(row.generated) > 1 and not row.request.pictures:
             try:  # what the row holds: the prompt and every generated token but the last (never fed back)
-                self._snapshot(r, row.request.prompt + row.generated[:-1])
+                self._snapshot(r, row.request.prompt + (row.generated + row.unsent)[:-1])
             except Exception:
                 traceback.print_exc()
         self.stats.requests[reason] += 1
@@ -484,13 +581,14 @@ def _top(requests: Sequence[Request]) -> int | None:
     return None if not asked else next(k for k in TOP_LOGPROBS if k >= max(asked))
 
 
-def _logprobs(out, r: int, request: Request):
-    """Row r's entry of a program's logprobs output, as `Tokens.logprobs` holds it (None unless asked)."""
+def _logprobs(out, at, request: Request):
+    """The entry at `at` (a row, or (row, token)) of a program's logprobs output, as `Tokens.logprobs` holds it
+    (None unless asked)."""
     if out is None or request.logprobs is None:
         return None
-    chosen, ids, lps = (np.asarray(x) for x in out)
-    return [(float(chosen[r]), [(int(i), float(lp)) for i, lp in zip(ids[r, :request.logprobs],
-                                                                      lps[r, :request.logprobs])])]
+    chosen, ids, lps = (np.asarray(x)[at] for x in out)
+    return [(float(chosen), [(int(i), float(lp)) for i, lp in zip(ids[:request.logprobs],
+                                                                   lps[:request.logprobs])])]
 
 
 def _send(request: Request, event: Tokens | Finished) -> None:
