@@ -1,17 +1,21 @@
-"""Images in chat messages: the bundled vision model served by a real `qwenjax serve`, an image sent as a base64
-data URL or a local file, the reply equal to `qwenjax.generate` on the processor's inputs."""
+"""Images and videos in chat messages: the bundled vision model served by a real `qwenjax serve`, an image or a
+video sent as a base64 data URL or a local file (a video also as a directory of frames), the reply equal to
+`qwenjax.generate` on the processor's inputs."""
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import qwenjax
 from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
@@ -25,13 +29,34 @@ QUESTION = "Describe the image."
 
 
 @pytest.fixture(scope="module")
-def client():
+def media(tmp_path_factory):
+    """The server's --allowed-local-media-path: the example image, and a 4-frame video as frame images and as a
+    file (png frames in QuickTime, lossless)."""
+    root = tmp_path_factory.mktemp("media")
+    shutil.copy(EXAMPLE, root / "example.png")
+    t, y, x = np.meshgrid(np.arange(4), np.arange(64), np.arange(64), indexing="ij")
+    frames = np.stack([x * 4 - t * 9, y * 3 + t * 20, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    (root / "clip").mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(root / "clip" / f"{i:02d}.png")
+    av = pytest.importorskip("av")
+    with av.open(str(root / "clip.mov"), "w") as container:
+        stream = container.add_stream("png", rate=2)
+        stream.height, stream.width, stream.pix_fmt = 64, 64, "rgb24"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def client(media):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "qwenjax.cli", "serve", "--model", DEFAULT_VISION_MODEL_DIR,
                              "--port", str(port), "--max-batch", "4", "--max-len", "512", "--dtype", "float32",
-                             "--allowed-local-media-path", DEFAULT_VISION_MODEL_DIR, "--log-level", "warning"],
+                             "--allowed-local-media-path", media, "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while True:
@@ -54,21 +79,47 @@ def _ask(client, url: str, **kw):
                                      {"type": "text", "text": QUESTION}]}], **kw)
 
 
-def test_an_image_as_a_data_url_or_a_local_file(client):
+def _alone(content: list[dict], max_new_tokens: int = 40) -> tuple[str, str, int, int]:
+    """(thinking, answer, prompt tokens, new tokens) of `qwenjax.generate` on the processor's inputs for one user
+    message."""
     processor = load_processor(DEFAULT_VISION_MODEL_DIR)
-    inputs = processor([{"role": "user", "content": [{"type": "image", "image": EXAMPLE},
-                                                      {"type": "text", "text": QUESTION}]}])
+    inputs = processor([{"role": "user", "content": content}])
     m = qwenjax.from_pretrained(DEFAULT_VISION_MODEL_DIR, dtype="float32")
-    alone = qwenjax.generate(m, inputs["input_ids"], max_new_tokens=40, temperature=0.0,
+    alone = qwenjax.generate(m, inputs["input_ids"], max_new_tokens=max_new_tokens, temperature=0.0,
                              **{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})[0]
-    thinking, answer = split_thinking(processor.tokenizer.decode(alone), prompt_opened_thinking=True)
+    return (*split_thinking(processor.tokenizer.decode(alone), prompt_opened_thinking=True),
+            inputs["input_ids"].shape[1], len(alone))
+
+
+def test_a_video_as_frames_a_file_or_a_data_url(client, media):
+    question = {"type": "text", "text": "Describe the video."}
+    ask = lambda url: client.chat.completions.create(model="tiny-vision", max_tokens=24, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, question]}])
+    for path in (os.path.join(media, "clip"), os.path.join(media, "clip.mov")):
+        thinking, answer, prompt_tokens, _ = _alone([{"type": "video", "video": path}, question], 24)
+        r = ask(path)
+        assert (r.choices[0].message.reasoning_content or "", r.choices[0].message.content) == (thinking, answer)
+        assert r.usage.prompt_tokens == prompt_tokens
+    with open(os.path.join(media, "clip.mov"), "rb") as f:
+        data_url = "data:video/quicktime;base64," + base64.b64encode(f.read()).decode()
+    assert ask(data_url).choices[0].message.content == answer
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        ask("data:video/mp4;base64," + base64.b64encode(b"not a video").decode())
+    with pytest.raises(openai.BadRequestError, match="outside the server's --allowed-local-media-path"):
+        ask(DEFAULT_VISION_MODEL_DIR)
+
+
+def test_an_image_as_a_data_url_or_a_local_file(client, media):
+    _, answer, prompt_tokens, new_tokens = _alone([{"type": "image", "image": EXAMPLE},
+                                                   {"type": "text", "text": QUESTION}])
     with open(EXAMPLE, "rb") as f:
         data_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
     r = _ask(client, data_url)
     assert r.choices[0].message.content == answer and "circle" in answer
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (inputs["input_ids"].shape[1], len(alone))
-    assert _ask(client, EXAMPLE).choices[0].message.content == answer
-    streamed = _ask(client, "file://" + EXAMPLE, stream=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, new_tokens)
+    local = os.path.join(media, "example.png")
+    assert _ask(client, local).choices[0].message.content == answer
+    streamed = _ask(client, "file://" + local, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == answer
 
 
@@ -79,7 +130,7 @@ def test_an_image_as_a_data_url_or_a_local_file(client):
     ("http://example.com/cat.png", "not fetched"),
     ("/etc/passwd", "outside the server's --allowed-local-media-path"),
 ])
-def test_bad_images_get_a_400(client, url, names):
+def test_bad_images_get_a_400(client, media, url, names):
     with pytest.raises(openai.BadRequestError, match=names):
         _ask(client, url)
-    assert _ask(client, EXAMPLE).choices[0].finish_reason in ("stop", "length")  # still serving
+    assert _ask(client, os.path.join(media, "example.png")).choices[0].finish_reason in ("stop", "length")

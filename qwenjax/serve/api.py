@@ -15,6 +15,7 @@ import dataclasses
 import io
 import os
 import json
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -200,13 +201,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
         check_model(body)
-        messages = [_message(i, m, pictures) for i, m in enumerate(body.messages)]
         kwargs = dict(body.chat_template_kwargs or {})
         thinking_flag = kwargs.pop("enable_thinking", True)
         tools = None if body.tool_choice == "none" else body.tools
-        with_pictures = any(isinstance(m["content"], list) for m in messages)
+        scratch = tempfile.TemporaryDirectory(prefix="qwenjax-video-")  # videos sent as data URLs, while read
         try:
-            if with_pictures:  # the processor expands each picture into its pad tokens
+            messages = [_message(i, m, pictures, scratch.name) for i, m in enumerate(body.messages)]
+            if any(isinstance(m["content"], list) for m in messages):  # the processor expands each picture
                 text, arrays, _ = await asyncio.to_thread(pictures.processor.expand, messages, tools=tools,
                                                           enable_thinking=thinking_flag, **kwargs)
                 prompt, snapshot_at = tokenizer.encode(text), ()
@@ -216,8 +217,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
                 prompt = tokenizer.encode(text)
                 snapshot_at = chat_snapshot_points(tokenizer, messages, prompt, tools=tools,
                                                    enable_thinking=thinking_flag, **kwargs)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, ImportError) as e:  # ImportError: a video file and no PyAV
             raise APIError(400, f"messages: {e}", "messages") from None
+        finally:
+            scratch.cleanup()
         inbox = _Inbox(engine)
         submit(inbox, prompt, body, body.max_completion_tokens or body.max_tokens, body.n, snapshot_at, arrays)
         opened = text.rstrip().endswith(THINK_OPEN)
@@ -227,9 +230,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
     return app
 
 
-def _message(i: int, message: dict, pictures: _Pictures) -> dict:
-    """An OpenAI message as the chat template takes it: text parts joined (or, with images, parts the processor
-    takes), tool-call arguments as objects."""
+def _message(i: int, message: dict, pictures: _Pictures, scratch: str) -> dict:
+    """An OpenAI message as the chat template takes it: text parts joined (or, with images or videos, parts the
+    processor takes), tool-call arguments as objects. `scratch`: where videos sent as data URLs are written."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise APIError(400, f"messages[{i}] needs a string 'role'", f"messages[{i}].role")
     out = dict(message)
@@ -243,10 +246,13 @@ def _message(i: int, message: dict, pictures: _Pictures) -> dict:
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
                 parts.append({"type": "image", "image": pictures.image(part.get("image_url"), where)})
+            elif kind == "video_url":
+                parts.append({"type": "video", "video": pictures.video(part.get("video_url"), where, scratch)})
             else:
-                raise APIError(400, f"{where}: a {kind!r} part is not supported (text and image_url parts)", where)
-        images = any(p["type"] == "image" for p in parts)
-        out["content"] = parts if images else "".join(p["text"] for p in parts)
+                raise APIError(400, f"{where}: a {kind!r} part is not supported (text, image_url and video_url "
+                                    "parts)", where)
+        pictured = any(p["type"] != "text" for p in parts)
+        out["content"] = parts if pictured else "".join(p["text"] for p in parts)
     elif content is None:
         out["content"] = ""
     elif not isinstance(content, str):
@@ -271,33 +277,63 @@ def _message(i: int, message: dict, pictures: _Pictures) -> dict:
 
 @dataclasses.dataclass
 class _Pictures:
-    """How image_url parts are read: data URLs always, local files only under `local_dir`
+    """How image_url and video_url parts are read: data URLs always, local files only under `local_dir`
     (--allowed-local-media-path); `processor` is None for a model without a vision tower."""
     processor: Any = None
     local_dir: str | None = None
 
     def image(self, image_url, where: str):
         """The image of an image_url part: a PIL image (a data URL) or a file path."""
-        url = image_url.get("url") if isinstance(image_url, dict) else image_url
-        if self.processor is None:
-            raise APIError(400, f"{where}: this model takes no images (its config has no vision_config)", where)
-        if not isinstance(url, str):
-            raise APIError(400, f"{where}: image_url needs a 'url' string", where)
+        url = self._url(image_url, "image_url", where)
         if url.startswith("data:"):
-            header, _, data = url.partition(",")
-            if not header.endswith(";base64"):
-                raise APIError(400, f"{where}: a data URL must be base64 (data:image/png;base64,...)", where)
             try:
                 from PIL import Image
 
-                image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+                image = Image.open(io.BytesIO(self._data(url, "image/png", where)))
                 image.load()
                 return image
-            except Exception as e:  # binascii.Error, PIL's UnidentifiedImageError, DecompressionBombError, ...
+            except APIError:
+                raise
+            except Exception as e:  # PIL's UnidentifiedImageError, DecompressionBombError, ...
                 raise APIError(400, f"{where}: not a readable image ({type(e).__name__}: {e})", where) from None
+        return self._local(url, "image_url", where)
+
+    def video(self, video_url, where: str, scratch: str):
+        """The video of a video_url part, as the processor reads it: a video file or a directory of frame
+        images under `local_dir`, or a data URL's video written to a file in `scratch` (the caller's temporary
+        directory, removed once the processor has read it)."""
+        url = self._url(video_url, "video_url", where)
+        if not url.startswith("data:"):
+            return self._local(url, "video_url", where)
+        data = self._data(url, "video/mp4", where)
+        path = os.path.join(scratch, f"video{len(os.listdir(scratch))}.{url[5:].split(';')[0].split('/')[-1]}")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def _url(self, part, kind: str, where: str) -> str:
+        url = part.get("url") if isinstance(part, dict) else part
+        if self.processor is None:
+            raise APIError(400, f"{where}: this model takes no images or videos (its config has no vision_config)",
+                           where)
+        if not isinstance(url, str):
+            raise APIError(400, f"{where}: {kind} needs a 'url' string", where)
+        return url
+
+    @staticmethod
+    def _data(url: str, example: str, where: str) -> bytes:
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64"):
+            raise APIError(400, f"{where}: a data URL must be base64 (data:{example};base64,...)", where)
+        try:
+            return base64.b64decode(data, validate=True)
+        except ValueError as e:  # binascii.Error
+            raise APIError(400, f"{where}: not a readable {example.split('/')[0]} (not base64: {e})", where) from None
+
+    def _local(self, url: str, kind: str, where: str) -> str:
         path = url.removeprefix("file://")
         if self.local_dir is None or not os.path.isabs(path):
-            raise APIError(400, f"{where}: image_url must be a base64 data URL (URLs are not fetched; local files "
+            raise APIError(400, f"{where}: {kind} must be a base64 data URL (URLs are not fetched; local files "
                                 "need the server's --allowed-local-media-path)", where)
         path, root = os.path.realpath(path), os.path.realpath(self.local_dir)
         if os.path.commonpath([path, root]) != root:
