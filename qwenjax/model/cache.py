@@ -161,6 +161,29 @@ def put_window(cache: Cache, sub: Cache, row: jax.Array | int) -> Cache:
     return jax.tree.map(put, cache, sub)
 
 
+def gather_rows(cache: Cache, rows: jax.Array, horizon: int) -> Cache:
+    """`window` for rows anywhere in the batch: rows `rows` [R] of `cache` (an index past the batch: padding,
+    reads the last row), attention buffers cut to their first `horizon` slots. `scatter_rows` writes it back."""
+    take = lambda x: jnp.take(x, rows, axis=0, mode="clip")
+
+    def layer(c):
+        if isinstance(c, AttentionCache):
+            return dataclasses.replace(c, k=take(c.k[:, :horizon]), v=take(c.v[:, :horizon]))
+        return jax.tree.map(take, c)
+
+    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=take(cache.lengths),
+                               rope_deltas=take(cache.rope_deltas), mtp=None if cache.mtp is None else layer(cache.mtp),
+                               mtp_hidden=None if cache.mtp_hidden is None else take(cache.mtp_hidden))
+
+
+def scatter_rows(cache: Cache, sub: Cache, rows: jax.Array) -> Cache:
+    """`cache` with `gather_rows(cache, rows, ...)`'s rows and slots replaced by `sub`'s (padding rows dropped)."""
+    def put(x, s):
+        return x.at[(rows,) + tuple(slice(0, d) for d in s.shape[1:])].set(s, mode="drop")
+
+    return jax.tree.map(put, cache, sub)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowSnapshot:

@@ -307,20 +307,21 @@ class Engine:
             size *= 4
         return min(size, self.max_len)
 
-    def _prefill_fn(self, size: int, horizon: int, reset: bool, used: frozenset[str], grids: tuple | None = None,
-                    top: int | None = None, final: bool = True):
-        """One prefill call of `size` tokens into a row (from empty with `reset`); with `grids` (a prompt's
-        image_grid_thw, video_grid_thw) the whole prompt with its pictures; `top` as the decode step's. With
-        speculative decoding the MTP head runs over the tokens too; `final`: the call ends the prompt (the head
-        then drafts; otherwise its last row reads `next_id`, the token after the call's, and nothing is sampled)."""
+    def _prefill_fn(self, rows: int, size: int, horizon: int, reset: bool, used: frozenset[str],
+                    grids: tuple | None = None, top: int | None = None, final: bool = True):
+        """One prefill call of `size` tokens into each of `rows` rows of the cache, anywhere in it (from empty
+        with `reset`); with `grids` (a prompt's image_grid_thw, video_grid_thw) one whole prompt with its
+        pictures; `top` as the decode step's. With speculative decoding the MTP head runs over the tokens too;
+        `final`: the call ends the prompts (the head then drafts; otherwise its last row reads `next_id`, the
+        token after the call's, and nothing is sampled)."""
         def build():
             model, k = self._model, self.k
 
-            def fn(leaves, cache, drafts, vocab, row, ids, n, next_id, sampling, seeds, counters, vision=None):
+            def fn(leaves, cache, drafts, vocab, index, ids, n, next_id, sampling, seeds, counters, vision=None):
+                sub = cache_lib.gather_rows(cache, index, horizon)
                 if reset:
-                    cache = cache_lib.reset_row(cache, row)
-                sub = cache_lib.window(cache, row, 1, horizon)
-                mask, keys = jnp.arange(size)[None] < n, _row_keys(seeds, counters)
+                    sub = cache_lib.reset_row(sub, jnp.arange(rows))
+                mask, keys = jnp.arange(size)[None] < n[:, None], _row_keys(seeds, counters)
                 if not k:
                     logits, sub = model(leaves).extend(ids, sub, attention_mask=mask, fresh=reset,
                                                        **vision_kwargs(vision, grids))
@@ -329,19 +330,18 @@ class Engine:
                 else:
                     new, ids_k, dists_k, sub, *logprobs = speculative.prefill(
                         model(leaves), sub, ids, mask, keys, k, sampling, fresh=reset,
-                        next_ids=None if final else next_id[None], vocab=vocab, top=top,
-                        **vision_kwargs(vision, grids))
+                        next_ids=None if final else next_id, vocab=vocab, top=top, **vision_kwargs(vision, grids))
                     logprobs = logprobs[0] if logprobs else None
                     if final:
-                        drafts = (drafts[0].at[row].set(ids_k[0]),
-                                  drafts[1] if dists_k is None else drafts[1].at[row].set(dists_k[0]))
-                return new, logprobs, cache_lib.put_window(cache, sub, row), drafts
+                        put = lambda buf, x: buf.at[index].set(x, mode="drop")
+                        drafts = (put(drafts[0], ids_k), drafts[1] if dists_k is None else put(drafts[1], dists_k))
+                return new, logprobs, cache_lib.scatter_rows(cache, sub, index), drafts
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (10 if grids is None else 11)),
                            donate_argnums=(1, 2))
 
-        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, self.k, size, horizon, reset, used,
-                                grids_key(grids), top, final), build)
+        return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, self.k, rows, size, horizon, reset,
+                                used, grids_key(grids), top, final), build)
 
     def _take_fn(self, size: int):
         return self.m.compiled(("serve_take_row", size),
@@ -354,20 +354,21 @@ class Engine:
 
     def _warmup(self) -> None:
         """Compiles the greedy decode steps and the prefill chunks, of every size (one greedy token each)."""
-        greedy = RowSampling.of([SamplingParams()])
         horizons = sorted({self._horizon(MIN_CHUNK * 4 ** i) for i in range(16)})
         for size in self._chunk_sizes():
             first = self._horizon(size)  # a first chunk attends to itself and writes slots < size
             for horizon, reset in [(first, True)] + [(h, False) for h in horizons if h >= first]:
-                for final in (True, False) if self.k else (True,):
-                    _, _, self._cache, self._drafts = self._prefill_fn(size, horizon, reset, greedy.used,
+                # new prompts that fit one call prefill together (1, 4, 16, ... at once); longer ones one chunk
+                # a turn, the last of them drafting (speculative)
+                for rows, final in [(r, True) for r in self._row_counts() if reset] + \
+                                   [(1, False)] * bool(self.k) + [(1, True)] * (not reset):
+                    batch = RowSampling.of([SamplingParams()] * rows)
+                    _, _, self._cache, self._drafts = self._prefill_fn(rows, size, horizon, reset, batch.used,
                                                                        final=final)(
-                        self._params, self._cache, self._drafts, self._vocab, np.int32(0),
-                        np.zeros((1, size), np.int32),
-                        np.int32(1), np.int32(0), greedy, np.zeros((1, 2), np.uint32), np.zeros(1, np.uint32))
-        rows = 0
-        while rows < self.max_batch:
-            rows = self._step_rows(rows + 1)
+                        self._params, self._cache, self._drafts, self._vocab, np.arange(rows, dtype=np.int32),
+                        np.zeros((rows, size), np.int32), np.ones(rows, np.int32), np.zeros(rows, np.int32), batch,
+                        np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
+        for rows in self._row_counts():
             batch = RowSampling.of([SamplingParams()] * rows)
             for horizon in horizons:
                 *_, self._cache, self._drafts = self._step_fn(rows, horizon, batch.used)(
@@ -375,7 +376,14 @@ class Engine:
                     np.zeros(rows, bool), batch,
                     np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32), np.ones(rows, np.int32),
                     np.full((rows, STOP_IDS), -1, np.int32))
-        self._cache = cache_lib.reset_row(self._cache, 0)
+        self._cache = cache_lib.reset_row(self._cache, jnp.arange(self.max_batch))
+
+    def _row_counts(self) -> list[int]:
+        """The compiled numbers of rows: 1, 4, 16, ... up to max_batch."""
+        counts = [1]
+        while counts[-1] < self.max_batch:
+            counts.append(self._step_rows(counts[-1] + 1))
+        return counts
 
     def _chunk_sizes(self) -> list[int]:
         """Prefill call sizes: 16, 64, 256, ... and prefill_chunk."""
@@ -416,8 +424,17 @@ class Engine:
                 self._finish(r, "cancelled")
         self._admit()
         prefilling = [r for r, row in enumerate(self._rows) if row is not None and not row.decoding]
-        if prefilling:  # oldest first
-            self._prefill_chunk(min(prefilling, key=lambda r: self._rows[r].request.arrived))
+        # prompts a single call prefills whole (from empty, no pictures) go together; else the oldest's next chunk
+        whole = [r for r in prefilling if self._rows[r].done == 0 and not self._rows[r].request.pictures and
+                 self._chunk_end(self._rows[r]) == len(self._rows[r].request.prompt)]
+        if whole:
+            self._prefill_chunks(whole)
+        elif prefilling:
+            oldest = min(prefilling, key=lambda r: self._rows[r].request.arrived)
+            if self._rows[oldest].request.pictures:
+                self._prefill_pictures(oldest)
+            else:
+                self._prefill_chunks([oldest])
         if any(row is not None and row.decoding and row.generated for row in self._rows):
             self._decode_step()
 
@@ -446,33 +463,40 @@ class Engine:
         end = min(n, (done // self.prefill_chunk + 1) * self.prefill_chunk)
         return min([end] + [p for p in row.request.snapshot_at if done < p < end])
 
-    def _prefill_chunk(self, r: int) -> None:
-        row = self._rows[r]
-        request = row.request
-        if request.pictures:
-            return self._prefill_pictures(r)
-        end = self._chunk_end(row)
-        n = end - row.done
-        size = next(s for s in self._chunk_sizes() if s >= n)
-        ids = np.zeros((1, size), np.int32)
-        ids[0, :n] = request.prompt[row.done:end]
-        sampling = RowSampling.of([request.sampling])
-        reset, final = row.done == 0, end == len(request.prompt)
-        token, logprobs, self._cache, self._drafts = self._prefill_fn(
-            size, self._horizon(size if reset else end), reset, sampling.used, top=_top([request]),
+    def _prefill_chunks(self, rs: list[int]) -> None:
+        """The next chunk of each row in `rs`, in one call (several rows: each a whole prompt from empty)."""
+        rows = [self._rows[r] for r in rs]
+        requests = [row.request for row in rows]
+        ends = [self._chunk_end(row) for row in rows]
+        counts = [end - row.done for end, row in zip(ends, rows)]
+        size = next(s for s in self._chunk_sizes() if s >= max(counts))
+        b = self._step_rows(len(rs))
+        index = np.full(b, self.max_batch, np.int32)  # padding rows: past the cache, dropped
+        ids, n, next_id = np.zeros((b, size), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+        for i, (r, row, end) in enumerate(zip(rs, rows, ends)):
+            index[i], n[i] = r, end - row.done
+            ids[i, :n[i]] = row.request.prompt[row.done:end]
+            next_id[i] = row.request.prompt[end] if end < len(row.request.prompt) else 0
+        pad = b - len(rs)
+        sampling = RowSampling.of([q.sampling for q in requests] + [SamplingParams()] * pad)
+        reset, final = rows[0].done == 0, ends[0] == len(requests[0].prompt)
+        tokens, logprobs, self._cache, self._drafts = self._prefill_fn(
+            b, size, self._horizon(size if reset else ends[0]), reset, sampling.used, top=_top(requests),
             final=final or not self.k)(
-            self._params, self._cache, self._drafts, self._vocab, np.int32(r), ids, np.int32(n),
-            np.int32(0 if final else request.prompt[end]), sampling, _seed_words([request.seed]),
-            np.zeros(1, np.uint32))
-        row.done = end
-        self.stats.prefilled_tokens += n
-        if end < len(request.prompt):
-            if end % self.prefill_chunk == 0 or end in request.snapshot_at:
+            self._params, self._cache, self._drafts, self._vocab, index, ids, n, next_id, sampling,
+            _seed_words([q.seed for q in requests] + [0] * pad), np.zeros(b, np.uint32))
+        tokens = np.asarray(tokens)
+        for i, (r, row, end) in enumerate(zip(rs, rows, ends)):
+            request = row.request
+            row.done = end
+            self.stats.prefilled_tokens += counts[i]
+            if end < len(request.prompt):
+                if end % self.prefill_chunk == 0 or end in request.snapshot_at:
+                    self._snapshot(r, request.prompt[:end])
+                continue
+            if end in request.snapshot_at:
                 self._snapshot(r, request.prompt[:end])
-            return
-        if end in request.snapshot_at:
-            self._snapshot(r, request.prompt[:end])
-        self._emit(r, [int(np.asarray(token)[0])], [_logprobs(logprobs, 0, request)])
+            self._emit(r, [int(tokens[i])], [_logprobs(logprobs, i, request)])
 
     def _prefill_pictures(self, r: int) -> None:
         """A prompt with images or videos, whole, in one call: its multimodal positions and the vision tower's
@@ -489,10 +513,11 @@ class Engine:
         positions, deltas = vision_positions(self.m.config, ids, mask, vision)
         grids = (vision.image_grid_thw, vision.video_grid_thw)
         sampling = RowSampling.of([request.sampling])
-        token, logprobs, self._cache, self._drafts = self._prefill_fn(size, self._horizon(size), True, sampling.used,
-                                                                      grids, top=_top([request]))(
-            self._params, self._cache, self._drafts, self._vocab, np.int32(r), ids, np.int32(n), np.int32(0), sampling,
-            _seed_words([request.seed]), np.zeros(1, np.uint32),
+        token, logprobs, self._cache, self._drafts = self._prefill_fn(1, size, self._horizon(size), True,
+                                                                      sampling.used, grids, top=_top([request]))(
+            self._params, self._cache, self._drafts, self._vocab, np.array([r], np.int32), ids,
+            np.array([n], np.int32), np.zeros(1, np.int32), sampling, _seed_words([request.seed]),
+            np.zeros(1, np.uint32),
             (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
         row.done = n
         self.stats.prefilled_tokens += n
