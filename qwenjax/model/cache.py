@@ -141,8 +141,11 @@ def window(cache: Cache, row: jax.Array | int, rows: int, horizon: int) -> Cache
     """Rows row .. row+rows-1 of `cache`, with attention buffers cut to their first `horizon` slots: a cache to
     `extend` when every one of those rows that appends stays within `horizon` (slots past it are dropped), so a
     step reads what the rows hold instead of the whole capacity. `put_window` writes it back."""
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, rows, 0)
+    return _sub_cache(cache, lambda x: jax.lax.dynamic_slice_in_dim(x, row, rows, 0), horizon)
 
+
+def _sub_cache(cache: Cache, take, horizon: int) -> Cache:
+    """`cache` with `take` applied to every per-row array (attention buffers cut to `horizon` slots first)."""
     def layer(c):
         if isinstance(c, AttentionCache):
             return dataclasses.replace(c, k=take(c.k[:, :horizon]), v=take(c.v[:, :horizon]))
@@ -164,16 +167,7 @@ def put_window(cache: Cache, sub: Cache, row: jax.Array | int) -> Cache:
 def gather_rows(cache: Cache, rows: jax.Array, horizon: int) -> Cache:
     """`window` for rows anywhere in the batch: rows `rows` [R] of `cache` (an index past the batch: padding,
     reads the last row), attention buffers cut to their first `horizon` slots. `scatter_rows` writes it back."""
-    take = lambda x: jnp.take(x, rows, axis=0, mode="clip")
-
-    def layer(c):
-        if isinstance(c, AttentionCache):
-            return dataclasses.replace(c, k=take(c.k[:, :horizon]), v=take(c.v[:, :horizon]))
-        return jax.tree.map(take, c)
-
-    return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=take(cache.lengths),
-                               rope_deltas=take(cache.rope_deltas), mtp=None if cache.mtp is None else layer(cache.mtp),
-                               mtp_hidden=None if cache.mtp_hidden is None else take(cache.mtp_hidden))
+    return _sub_cache(cache, lambda x: jnp.take(x, rows, axis=0, mode="clip"), horizon)
 
 
 def scatter_rows(cache: Cache, sub: Cache, rows: jax.Array) -> Cache:
