@@ -18,18 +18,26 @@ def pytest_generate_tests(metafunc):
 
 def _share_compilations_within_the_run() -> None:
     """Tests compile the same programs again and again (every fine-tune, every fresh model); XLA's persistent
-    cache, in a directory of this run's own, compiles each once. Removed at exit: no state across runs."""
+    cache, in a directory of this run's own, compiles each once. Parallel workers (pytest-xdist) inherit the
+    directory through the environment from the process that made it, which alone removes it at exit: no state
+    across runs. A size bound turns on jax's file lock around reads and writes, so workers never read an entry
+    another is still writing."""
     import atexit
     import shutil
     import tempfile
 
     import jax
 
-    cache = tempfile.mkdtemp(prefix="qwenjax-test-compilations-")
-    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    cache = os.environ.get(_CACHE_ENV)
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="qwenjax-test-compilations-")
+        os.environ[_CACHE_ENV] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_compilation_cache_max_size", 16 << 30)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+_CACHE_ENV = "QWENJAX_TEST_COMPILATION_CACHE"
 _share_compilations_within_the_run()
