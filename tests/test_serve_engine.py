@@ -131,6 +131,15 @@ def test_cancel_frees_the_row_and_bad_requests_are_refused(model, engine):
         full.submit(Request(prompt=[5], on_event=print, max_tokens=5))
 
 
+def test_steps_are_dispatched_ahead_and_none_is_wasted(engine):
+    """The loop dispatches the next step before it reads this one's tokens, yet a request that ends at its length
+    takes exactly max_tokens - 1 decode steps (its first token comes from the prefill): none runs past it."""
+    before = engine.stats.decode_steps
+    tokens, done = _collect(_submit(engine, [7, 8, 9], 9, stop_token_ids=frozenset()))
+    assert done.reason == "length" and len(tokens) == 9
+    assert engine.stats.decode_steps - before == 8
+
+
 # ---- speculative decoding --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spec_engine(model):

@@ -9,6 +9,11 @@ rows' streams for longer than one chunk) and one decode step for all rows; rows 
 it (they append nothing, their GDN state is untouched). Every row samples with its own settings and its own
 key, `fold_in(key(seed), token index)`: a seeded request gets the same tokens however it is batched.
 
+Each row's last sampled token stays on the device, where the next step reads it. So the loop dispatches step
+n + 1 before it reads step n's tokens, and the host's work on them (stop checks, events, the server's text and
+streams) runs while the device computes: a row that ends at step n is computed once more, and that token is
+dropped.
+
 With `speculative=k` the checkpoint's MTP head drafts k tokens per row and the decode step verifies them in one
 pass (`qwenjax.inference.speculative`): a row gains 1 .. k+1 tokens a step, greedy output is plain greedy's and
 sampled output has plain sampling's distribution. Prefill chunks run the head over their tokens too, and prefix
@@ -95,6 +100,7 @@ class _Row:
     done: int                  # prompt tokens in the cache
     cached: int                # of which restored from the prefix cache
     generated: list[int] = dataclasses.field(default_factory=list)
+    fed: int = 0               # generated tokens the cache holds (or will, once the dispatched steps ran)
     # tokens a verify pass kept past a stop string: the cache holds them, the request never sees them
     unsent: list[int] = dataclasses.field(default_factory=list)
 
@@ -167,6 +173,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._params = jax.tree.leaves(m.params)
         self._cache = None
+        self._last = None    # each row's last sampled token [max_batch], the next decode step's input
+        self._pending = None  # a dispatched decode step whose tokens are not read yet
         self._drafts = None  # speculative: each row's drafts [max_batch, k] and their distributions [.., vocab]
         self._vocab = None   # speculative: the DraftVocab
         self._model, self._param_shardings = flat_params_model(m)
@@ -253,6 +261,8 @@ class Engine:
     # ---- compiled programs ---------------------------------------------------------------------------------------
     def _new_cache(self) -> None:
         self._cache = new_cache(self.m, self.max_batch, self.max_len, mtp=self.k > 0)
+        self._last = jnp.zeros(self.max_batch, jnp.int32)
+        self._pending = None
         if self.k:
             self._drafts = (jnp.zeros((self.max_batch, self.k), jnp.int32),
                             jnp.zeros((self.max_batch, self.k, self.m.config.vocab_size), jnp.float32))
@@ -261,19 +271,21 @@ class Engine:
         """The decode step over the first `rows` rows of the cache and their first `horizon` slots (rows are
         taken lowest first: a few running requests do not pay for the whole batch, short ones not for the whole
         capacity): (tokens [rows, k+1], of which each row's first `count` [rows] are new, with `top` the tokens'
-        log-probabilities and `top` alternatives, the cache, the drafts). Without speculative decoding k = 0."""
+        log-probabilities and `top` alternatives, the cache, the drafts, the last tokens). Each active row reads
+        its input token from `last` and leaves its last new one there. Without speculative decoding k = 0."""
         def build():
             model, k = self._model, self.k
 
-            def fn(leaves, cache, drafts, vocab, tokens, active, sampling, seeds, counters, limit, stop_ids):
+            def fn(leaves, cache, drafts, last, vocab, active, sampling, seeds, counters, limit, stop_ids):
                 sub = cache_lib.window(cache, 0, rows, horizon)
-                keys = _row_keys(seeds, counters)
+                keys, tokens = _row_keys(seeds, counters), last[:rows]
                 if not k:
                     logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
                     new = sample_rows(logits, keys, sampling)
                     return (new[:, None], jnp.ones_like(new), None if top is None else
                             jax.tree.map(lambda x: x[:, None], token_logprobs(logits, new, top)),
-                            cache_lib.put_window(cache, sub, 0), drafts)
+                            cache_lib.put_window(cache, sub, 0), drafts,
+                            last.at[:rows].set(jnp.where(active, new, tokens)))
                 sampled = "sample" in sampling.used
                 ids, dists = drafts
                 out = speculative.step(model(leaves), sub, tokens, ids[:rows], dists[:rows] if sampled else None,
@@ -286,10 +298,11 @@ class Engine:
                 ids = ids.at[:rows].set(pick(new_ids, ids[:rows]))
                 if sampled:
                     dists = dists.at[:rows].set(pick(new_dists, dists[:rows]))
+                final = jnp.take_along_axis(emitted, count[:, None] - 1, axis=1)[:, 0]
                 return (emitted, count, out[6] if top is not None else None, cache_lib.put_window(cache, new_sub, 0),
-                        (ids, dists))
+                        (ids, dists), last.at[:rows].set(pick(final, tokens)))
 
-            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 10), donate_argnums=(1, 2))
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 10), donate_argnums=(1, 2, 3))
 
         return self.m.compiled(("serve_step", self.max_batch, self.max_len, self.k, rows, horizon, used, top), build)
 
@@ -313,11 +326,11 @@ class Engine:
         with `reset`); with `grids` (a prompt's image_grid_thw, video_grid_thw) one whole prompt with its
         pictures; `top` as the decode step's. With speculative decoding the MTP head runs over the tokens too;
         `final`: the call ends the prompts (the head then drafts; otherwise its last row reads `next_id`, the
-        token after the call's, and nothing is sampled)."""
+        token after the call's, and nothing is sampled). Sampled tokens go to `last` too."""
         def build():
             model, k = self._model, self.k
 
-            def fn(leaves, cache, drafts, vocab, index, ids, n, next_id, sampling, seeds, counters, vision=None):
+            def fn(leaves, cache, drafts, last, vocab, index, ids, n, next_id, sampling, seeds, counters, vision=None):
                 sub = cache_lib.gather_rows(cache, index, horizon)
                 if reset:
                     sub = cache_lib.reset_row(sub, jnp.arange(rows))
@@ -335,10 +348,12 @@ class Engine:
                     if final:
                         put = lambda buf, x: buf.at[index].set(x, mode="drop")
                         drafts = (put(drafts[0], ids_k), drafts[1] if dists_k is None else put(drafts[1], dists_k))
-                return new, logprobs, cache_lib.scatter_rows(cache, sub, index), drafts
+                if new is not None:  # a chunk that does not end its prompt samples nothing (speculative)
+                    last = last.at[index].set(new, mode="drop")  # padding rows: index past the cache, dropped
+                return new, logprobs, cache_lib.scatter_rows(cache, sub, index), drafts, last
 
-            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (10 if grids is None else 11)),
-                           donate_argnums=(1, 2))
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (11 if grids is None else 12)),
+                           donate_argnums=(1, 2, 3))
 
         return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, self.k, rows, size, horizon, reset,
                                 used, grids_key(grids), top, final), build)
@@ -363,17 +378,17 @@ class Engine:
                 for rows, final in [(r, True) for r in self._row_counts() if reset] + \
                                    [(1, False)] * bool(self.k) + [(1, True)] * (not reset):
                     batch = RowSampling.of([SamplingParams()] * rows)
-                    _, _, self._cache, self._drafts = self._prefill_fn(rows, size, horizon, reset, batch.used,
-                                                                       final=final)(
-                        self._params, self._cache, self._drafts, self._vocab, np.arange(rows, dtype=np.int32),
+                    _, _, self._cache, self._drafts, self._last = self._prefill_fn(rows, size, horizon, reset,
+                                                                                   batch.used, final=final)(
+                        self._params, self._cache, self._drafts, self._last, self._vocab,
+                        np.arange(rows, dtype=np.int32),
                         np.zeros((rows, size), np.int32), np.ones(rows, np.int32), np.zeros(rows, np.int32), batch,
                         np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32))
         for rows in self._row_counts():
             batch = RowSampling.of([SamplingParams()] * rows)
             for horizon in horizons:
-                *_, self._cache, self._drafts = self._step_fn(rows, horizon, batch.used)(
-                    self._params, self._cache, self._drafts, self._vocab, np.zeros(rows, np.int32),
-                    np.zeros(rows, bool), batch,
+                *_, self._cache, self._drafts, self._last = self._step_fn(rows, horizon, batch.used)(
+                    self._params, self._cache, self._drafts, self._last, self._vocab, np.zeros(rows, bool), batch,
                     np.zeros((rows, 2), np.uint32), np.zeros(rows, np.uint32), np.ones(rows, np.int32),
                     np.full((rows, STOP_IDS), -1, np.int32))
         self._cache = cache_lib.reset_row(self._cache, jnp.arange(self.max_batch))
@@ -435,8 +450,14 @@ class Engine:
                 self._prefill_pictures(oldest)
             else:
                 self._prefill_chunks([oldest])
-        if any(row is not None and row.decoding and row.generated for row in self._rows):
-            self._decode_step()
+        # dispatch this turn's step, then read the last one's tokens while it runs (with speculative decoding
+        # the host sets each row's token counters and limits from what the last step kept: no overlap)
+        step = self._decode_step() if any(map(_stepping, self._rows)) else None
+        if self.k and step is not None:
+            self._read_step(step)
+        elif self._pending is not None:
+            self._read_step(self._pending)
+        self._pending = None if self.k else step
 
     def _admit(self) -> None:
         while None in self._rows:
@@ -480,10 +501,10 @@ class Engine:
         pad = b - len(rs)
         sampling = RowSampling.of([q.sampling for q in requests] + [SamplingParams()] * pad)
         reset, final = rows[0].done == 0, ends[0] == len(requests[0].prompt)
-        tokens, logprobs, self._cache, self._drafts = self._prefill_fn(
+        tokens, logprobs, self._cache, self._drafts, self._last = self._prefill_fn(
             b, size, self._horizon(size if reset else ends[0]), reset, sampling.used, top=_top(requests),
             final=final or not self.k)(
-            self._params, self._cache, self._drafts, self._vocab, index, ids, n, next_id, sampling,
+            self._params, self._cache, self._drafts, self._last, self._vocab, index, ids, n, next_id, sampling,
             _seed_words([q.seed for q in requests] + [0] * pad), np.zeros(b, np.uint32))
         tokens = np.asarray(tokens)
         for i, (r, row, end) in enumerate(zip(rs, rows, ends)):
@@ -513,9 +534,9 @@ class Engine:
         positions, deltas = vision_positions(self.m.config, ids, mask, vision)
         grids = (vision.image_grid_thw, vision.video_grid_thw)
         sampling = RowSampling.of([request.sampling])
-        token, logprobs, self._cache, self._drafts = self._prefill_fn(1, size, self._horizon(size), True,
-                                                                      sampling.used, grids, top=_top([request]))(
-            self._params, self._cache, self._drafts, self._vocab, np.array([r], np.int32), ids,
+        token, logprobs, self._cache, self._drafts, self._last = self._prefill_fn(
+            1, size, self._horizon(size), True, sampling.used, grids, top=_top([request]))(
+            self._params, self._cache, self._drafts, self._last, self._vocab, np.array([r], np.int32), ids,
             np.array([n], np.int32), np.zeros(1, np.int32), sampling, _seed_words([request.seed]),
             np.zeros(1, np.uint32),
             (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
@@ -523,39 +544,49 @@ class Engine:
         self.stats.prefilled_tokens += n
         self._emit(r, [int(np.asarray(token)[0])], [_logprobs(logprobs, 0, request)])
 
-    def _decode_step(self) -> None:
-        decoding = [r for r, row in enumerate(self._rows) if row is not None and row.decoding and row.generated]
+    def _decode_step(self) -> tuple:
+        """Dispatches a decode step for every decoding row: (its outputs, the rows it ran), to `_read_step`."""
+        decoding = [r for r, row in enumerate(self._rows) if _stepping(row)]
         b = self._step_rows(max(decoding) + 1)
         # the step writes each row's token at slot (its length): prompt + tokens fed so far; a verify pass k more,
         # and the head's draft steps k - 1 past those (written, where they fit the horizon, for better drafts)
-        horizon = self._horizon(max(len(self._rows[r].request.prompt) + len(self._rows[r].generated)
+        horizon = self._horizon(max(len(self._rows[r].request.prompt) + self._rows[r].fed + 1
                                     for r in decoding) + 2 * self.k)
-        tokens, active, counters = np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.uint32)
+        active, counters = np.zeros(b, bool), np.zeros(b, np.uint32)
         params, seeds = [SamplingParams()] * b, [0] * b
         # a verify pass keeps no token past a row's max_tokens or a stop id (up to STOP_IDS of them)
         limit, stop_ids = np.ones(b, np.int32), np.full((b, STOP_IDS), -1, np.int32)
         for r in decoding:
             row = self._rows[r]
-            tokens[r], active[r], counters[r] = row.generated[-1], True, len(row.generated)
+            # the row's token index: its tokens so far, with the one the step in flight samples (no speculation)
+            active[r], counters[r] = True, row.fed + 1
             params[r], seeds[r] = row.request.sampling, row.request.seed
             limit[r] = row.request.max_tokens - len(row.generated)
             stops = sorted(self.eos if row.request.stop_token_ids is None else row.request.stop_token_ids)
             stop_ids[r, :len(stops[:STOP_IDS])] = stops[:STOP_IDS]
+            row.fed += 1
         sampling = RowSampling.of(params)
         top = _top([self._rows[r].request for r in decoding])
-        new, count, logprobs, self._cache, self._drafts = self._step_fn(b, horizon, sampling.used, top)(
-            self._params, self._cache, self._drafts, self._vocab, tokens, active, sampling, _seed_words(seeds),
-            counters, limit,
-            stop_ids)
+        *out, self._cache, self._drafts, self._last = self._step_fn(b, horizon, sampling.used, top)(
+            self._params, self._cache, self._drafts, self._last, self._vocab, active, sampling, _seed_words(seeds),
+            counters, limit, stop_ids)
+        self.stats.decode_steps += 1
+        return out, [(r, self._rows[r]) for r in decoding]
+
+    def _read_step(self, step: tuple) -> None:
+        """Hands a decode step's tokens to the rows it ran that are still there (not finished since)."""
+        (new, count, logprobs), rows = step
         new, count = np.asarray(new), np.asarray(count)
         logprobs = None if logprobs is None else tuple(np.asarray(x) for x in logprobs)
-        self.stats.decode_steps += 1
-        for r in decoding:
-            self.stats.drafted_tokens += self.k
-            self.stats.accepted_tokens += int(count[r]) - 1
+        for r, row in rows:
+            if self._rows[r] is not row:
+                continue
             n = int(count[r])
-            self._emit(r, new[r, :n].tolist(), [_logprobs(logprobs, (r, j), self._rows[r].request)
-                                                for j in range(n)])
+            self.stats.drafted_tokens += self.k
+            self.stats.accepted_tokens += n - 1
+            if self.k:  # the verify pass fed the row's last token and the kept drafts; the last new one is not fed
+                row.fed = len(row.generated) + n - 1
+            self._emit(r, new[r, :n].tolist(), [_logprobs(logprobs, (r, j), row.request) for j in range(n)])
 
     def _emit(self, r: int, ids: list[int], logprobs: list | None = None) -> None:
         """Hands row r's new tokens to its request (each with its `_logprobs` entry), up to and including the first
@@ -584,9 +615,9 @@ class Engine:
     def _finish(self, r: int, reason: str, error: str | None = None) -> None:
         row = self._rows[r]
         self._rows[r] = None
-        if reason != "error" and row.decoding and len(row.generated) > 1 and not row.request.pictures:
-            try:  # what the row holds: the prompt and every generated token but the last (never fed back)
-                self._snapshot(r, row.request.prompt + (row.generated + row.unsent)[:-1])
+        if reason != "error" and row.decoding and row.fed and not row.request.pictures:
+            try:  # what the row holds: the prompt and the generated tokens fed back (a step in flight included)
+                self._snapshot(r, row.request.prompt + (row.generated + row.unsent)[:row.fed])
             except Exception:
                 traceback.print_exc()
         self.stats.requests[reason] += 1
@@ -598,6 +629,12 @@ class Engine:
             return self._take_fn(size)(self._cache, np.int32(r), np.int32(start))
 
         self.prefix_cache.insert(tokens, take)
+
+
+def _stepping(row: _Row | None) -> bool:
+    """The row takes the next decode step: it has its first token, and tokens left to sample (with one step in
+    flight, the row's last token may be sampled already)."""
+    return row is not None and row.decoding and bool(row.generated) and row.fed < row.request.max_tokens - 1
 
 
 def _top(requests: Sequence[Request]) -> int | None:
