@@ -11,8 +11,8 @@ key, `fold_in(key(seed), token index)`: a seeded request gets the same tokens ho
 
 Each row's last sampled token stays on the device, where the next step reads it. So the loop dispatches step
 n + 1 before it reads step n's tokens, and the host's work on them (stop checks, events, the server's text and
-streams) runs while the device computes: a row that ends at step n is computed once more, and that token is
-dropped.
+streams) runs while the device computes: a row that ends at step n on eos or a stop is computed once more, and
+that token is dropped (one that reaches its length is not: the host knows that in advance).
 
 With `speculative=k` the checkpoint's MTP head drafts k tokens per row and the decode step verifies them in one
 pass (`qwenjax.inference.speculative`): a row gains 1 .. k+1 tokens a step, greedy output is plain greedy's and
@@ -453,11 +453,9 @@ class Engine:
         # dispatch this turn's step, then read the last one's tokens while it runs (with speculative decoding
         # the host sets each row's token counters and limits from what the last step kept: no overlap)
         step = self._decode_step() if any(map(_stepping, self._rows)) else None
-        if self.k and step is not None:
-            self._read_step(step)
-        elif self._pending is not None:
-            self._read_step(self._pending)
-        self._pending = None if self.k else step
+        ready, self._pending = (step, None) if self.k else (self._pending, step)
+        if ready is not None:
+            self._read_step(ready)
 
     def _admit(self) -> None:
         while None in self._rows:
