@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule.base import einsum, prepare, previous_doc, repeat_heads
 
-__all__ = ["gated_delta_rule_chunked", "gated_delta_rule_step", "ChunkQuantities", "chunk_quantities",
-           "state_pass", "check_initial_state", "from_chunks"]
+__all__ = ["gated_delta_rule_chunked", "fitted_chunk_size", "gated_delta_rule_step", "ChunkQuantities",
+           "chunk_quantities", "state_pass", "check_initial_state", "from_chunks"]
 
 # Masked pairwise exponents are replaced by this *before* exp: exp() gives an
 # exact 0 and, unlike masking after exp, no inf*0 = NaN reaches the gradients.
@@ -199,7 +199,17 @@ def state_pass(x: ChunkQuantities, state0):
     return jnp.moveaxis(o, 0, 2), final_state
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, scale=None, initial_state=None,
+def fitted_chunk_size(t: int) -> int:
+    """The chunk for a sequence of t tokens: 64, or for a shorter one the first of 16, 32 that holds it.
+
+    Padding is not free: the triangular inverse walks every row of the chunk, and the pairwise gates are C x C.
+    A 16-token prefill (the serving engine's short chunks) padded to 64 took 2.3x as long through the whole
+    bundled model on XLA:CPU, and 3x at 4 rows (BENCHMARKS.md).
+    """
+    return next(c for c in (16, 32, 64) if t <= c or c == 64)
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=None, scale=None, initial_state=None,
                              segment_ids=None, use_qk_l2norm=True):
     """Chunked WY form. Returns (o, final_state).
 
@@ -221,12 +231,14 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, scale=None, ini
     S for all chunks at once; `state_pass` walks the chunks.
 
     Args: as `gated_delta_rule_recurrent`, plus
-        chunk_size: Tokens per chunk; T is padded internally to a multiple.
+        chunk_size: Tokens per chunk; T is padded internally to a multiple. Default: `fitted_chunk_size(T)`.
 
     Returns:
         o: [B, T, HV, V] in v.dtype.
         final_state: fp32 [B, HV, K, V] after the last (unpadded) token.
     """
+    if chunk_size is None:
+        chunk_size = fitted_chunk_size(q.shape[1])
     x, t = chunk_quantities(q, k, v, g, beta, chunk_size=chunk_size, scale=scale, segment_ids=segment_ids,
                             use_qk_l2norm=use_qk_l2norm)
     state0 = check_initial_state(initial_state, k, v)

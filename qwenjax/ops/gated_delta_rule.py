@@ -1,7 +1,7 @@
 """The gated delta rule as the model calls it: one function that picks an implementation.
 
 An implementation is a pair: the function for sequences, and the one for a single token (a decode step).
-- "xla": the pure-JAX chunked WY form (C=64), and a two-pass XLA decode step;
+- "xla": the pure-JAX chunked WY form (C=64; 16 or 32 for shorter sequences), and a two-pass XLA decode step;
 - "pallas_tpu": the Mosaic kernels (`pallas_kernels/gated_delta_rule/tpu.py`): the chunked form's state pass
   with a custom VJP, and a fused decode step;
 - "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests);
