@@ -83,8 +83,10 @@ def gated_delta_rule_step(q, k, v, g, beta, *, scale=None, initial_state=None, s
     q, k = repeat_heads(q, v.shape[1]), repeat_heads(k, v.shape[1])
     q, k, v, g, beta = q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0]  # [B, HV, ...]
     decay = jnp.exp(g)[..., None]                                                      # [B, HV, 1]
-    # One batched product for both reads. (A sum over axis 2 is a strided reduction: 8x slower on XLA:CPU.)
-    state_kq = einsum("bhkv,bhkn->bhnv", state, jnp.stack([k, q], axis=-1))
+    # One batched product for both reads, [k; q] [2, K] · S [K, V] per head: with S as the right operand in its
+    # own layout no transpose of the state comes first (with S on the left, XLA:CPU transposed it: 1.3-1.8x as
+    # long; a sum over axis 2 is a strided reduction, 8x as long at the 0.8B shape).
+    state_kq = einsum("bhnk,bhkv->bhnv", jnp.stack([k, q], axis=-2), state)
     state_k, state_q = state_kq[:, :, 0], state_kq[:, :, 1]                            # S^T k, S^T q: [B, HV, V]
     delta = (v - decay * state_k) * beta[..., None]
     new_state = decay[..., None] * state + k[..., :, None] * delta[..., None, :]
