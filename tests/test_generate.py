@@ -85,23 +85,24 @@ def test_attention_buffers_write_only_the_new_slots(one_ckpt):
     """A 16-bit float attention buffer is held as its bits: written at given slots (past the end dropped), read
     back exactly; and a bf16 decode step or verify pass never makes an fp32 copy of a buffer (XLA:CPU scatters
     into a bf16 buffer by converting all of it, which made each step's cost grow with the cache)."""
-    c = AttentionCache.zeros((2, 8, 1, 4), jnp.bfloat16)
+    c = AttentionCache.zeros((2, 2, 8, 4), jnp.bfloat16)  # [rows, KV heads, slots, head_dim]
     assert c.k.dtype == jnp.uint16 and c.dtype == jnp.bfloat16
-    new = jax.random.normal(jax.random.key(0), (2, 3, 1, 4))
+    new = jax.random.normal(jax.random.key(0), (2, 3, 2, 4))  # [rows, tokens, KV heads, head_dim]
     k, v = c.write(jnp.array([[0, 1, 2], [6, 7, 8]]), new, -new).read()  # row 1's third slot is past the end
     assert k.dtype == v.dtype == jnp.bfloat16
-    want = np.zeros((2, 8, 1, 4), np.float32)
-    want[0, :3], want[1, 6:] = np.asarray(new[0].astype(jnp.bfloat16)), np.asarray(new[1, :2].astype(jnp.bfloat16))
+    want = np.zeros((2, 2, 8, 4), np.float32)
+    rounded = np.asarray(new.astype(jnp.bfloat16), np.float32).swapaxes(1, 2)
+    want[0, :, :3], want[1, :, 6:] = rounded[0], rounded[1, :, :2]
     np.testing.assert_array_equal(np.asarray(k, np.float32), want)
     np.testing.assert_array_equal(np.asarray(v, np.float32), -want)
-    assert AttentionCache.zeros((1, 2, 1, 4), jnp.float32).k.dtype == jnp.float32
+    assert AttentionCache.zeros((1, 1, 2, 4), jnp.float32).k.dtype == jnp.float32
 
     from qwenjax.inference import generate as gen
     m = qwenjax.from_pretrained(one_ckpt, dtype="bfloat16")
     cfg, params = m.config, jax.tree.leaves(m.params)
     model, _ = gen.flat_params_model(m)
     cache = gen.new_cache(m, 2, 512, mtp=True)
-    buffer = f"f32[2,512,{cfg.num_key_value_heads},{cfg.head_dim}]"
+    buffer = f"f32[2,{cfg.num_key_value_heads},512,{cfg.head_dim}]"
     step = gen._compiled(m, "step", SamplingParams())
     hlo = step.lower(params, cache, jnp.zeros((2,), jnp.int32), jax.random.key(0), np.int32(1)).compile().as_text()
     assert buffer not in hlo

@@ -250,8 +250,9 @@ def test_attention_blockwise_small_blocks(b, t, s, heads, blocks, tile):
     ks = jax.random.split(jax.random.key(t), 3)
     q = jax.random.normal(ks[0], (b, t, h, d))
     k, v = (jax.random.normal(key, (b, s, kv, d)) for key in ks[1:])
-    run = functools.partial(attention_blockwise, scale=0.2, query_block=blocks[0], key_block=blocks[1],
-                            tile_scores=tile)
+    blockwise = functools.partial(attention_blockwise, scale=0.2, query_block=blocks[0], key_block=blocks[1],
+                                  tile_scores=tile)
+    run = lambda q, k, v: blockwise(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))  # it takes k, v head-major
     oracle = functools.partial(attention_reference, mask=None, scale=0.2)
     np.testing.assert_allclose(run(q, k, v), oracle(q, k, v), atol=TOLERANCE["float32"])
     loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))

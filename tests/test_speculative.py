@@ -62,8 +62,8 @@ def test_accepting_a_prefix_of_a_verify_pass_equals_plain_decoding(model):
             assert isinstance(a, AttentionCache)
             for r in range(2):
                 held = lens[r] + accepted[r]
-                np.testing.assert_allclose(a.k[r, :held], b.k[r, :held], atol=1e-5, err_msg=f"layer {n} keys")
-                np.testing.assert_allclose(a.v[r, :held], b.v[r, :held], atol=1e-5, err_msg=f"layer {n} values")
+                np.testing.assert_allclose(a.k[r, :, :held], b.k[r, :, :held], atol=1e-5, err_msg=f"layer {n} keys")
+                np.testing.assert_allclose(a.v[r, :, :held], b.v[r, :, :held], atol=1e-5, err_msg=f"layer {n} values")
 
     full = np.asarray(jax.jit(lambda i: mod(i))(jnp.asarray(seq)))
     for r in range(2):
@@ -168,8 +168,8 @@ def test_recomputing_the_kept_tokens_equals_keeping_every_state(mtp_model):
             np.testing.assert_allclose(a.state, b.state, atol=1e-5, err_msg=f"layer {n} state")
         else:
             for r in range(3):
-                np.testing.assert_allclose(a.k[r, :lengths[r]], b.k[r, :lengths[r]], atol=1e-5, err_msg=f"{n} k")
-                np.testing.assert_allclose(a.v[r, :lengths[r]], b.v[r, :lengths[r]], atol=1e-5, err_msg=f"{n} v")
+                np.testing.assert_allclose(a.k[r, :, :lengths[r]], b.k[r, :, :lengths[r]], atol=1e-5, err_msg=f"{n} k")
+                np.testing.assert_allclose(a.v[r, :, :lengths[r]], b.v[r, :, :lengths[r]], atol=1e-5, err_msg=f"{n} v")
     with pytest.raises(ValueError, match="rollback"):
         speculative.step(mod, cache, first, jnp.asarray(drafts), dists, jax.random.key(1), sampling, rollback="x")
 

@@ -21,15 +21,18 @@ _KEY_BLOCK = 1024
 
 
 def _attend(q, k, v, mask, scale):
+    """q [B, T, H, D] against head-major k, v [B, KV, S, D]."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    kv = k.shape[1]
+    # [B, KV, G, T, D]: the query heads grouped by the KV head they read, then positions; both products are then
+    # batched matmuls with (B, KV) leading in every operand, which XLA runs without transposing k or v first
+    qg = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    s = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, _MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(b, t, h, d).astype(q.dtype)
+    o = jnp.einsum("bkgts,bksd->bkgtd", p, v, preferred_element_type=jnp.float32)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 def attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *,
@@ -43,15 +46,15 @@ def attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, 
     flash-attention recurrence), so no more than one tile of fp32 scores exists at once. On the CPU that tile
     stays in cache and XLA reuses its buffer from step to step: the dense path writes and re-reads
     batch · heads · T · S fresh scores (1 GiB for 16 heads over 4096 patches) and runs at a third of the speed.
-    Ragged lengths are padded: padded queries are dropped, padded keys get the mask value. Same arguments and
-    result as `attention_xla` with mask None.
+    Ragged lengths are padded: padded queries are dropped, padded keys get the mask value. Same result as
+    `attention_xla` with mask None, for head-major k, v [B, KV, S, D].
     """
     b, t, h, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    kv, s = k.shape[1], k.shape[2]
     group, items = h // kv, b * kv
     rows = group * t
     qi = q.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4).reshape(items, rows, d)
-    ki, vi = (x.transpose(0, 2, 1, 3).reshape(items, s, d) for x in (k, v))
+    ki, vi = (x.reshape(items, s, d) for x in (k, v))
     n_q, n_k = -(-rows // query_block), -(-s // key_block)
     bq, bk = -(-rows // n_q), -(-s // n_k)  # equal blocks, the padding under one block
     per_tile = max(1, min(items, tile_scores // (bq * bk)))
@@ -100,11 +103,12 @@ def attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, 
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, *,
-                  causal: bool = False) -> jax.Array:
+                  causal: bool = False, kv_heads_first: bool = False) -> jax.Array:
     """softmax(q·kᵀ·scale + mask)·v without repeating k/v for the query groups.
 
     Args:
-      q: [B, T, H, D]; k, v: [B, S, KV, D] with H a multiple of KV (query head h reads kv head h // (H // KV)).
+      q: [B, T, H, D]; k, v: [B, S, KV, D] with H a multiple of KV (query head h reads kv head h // (H // KV)),
+        or with `kv_heads_first` [B, KV, S, D] (a decode cache's layout: no transpose of the buffers then).
       mask: boolean [B or 1, T, S] (True = may attend) or None.
       causal: the caller promises `mask` allows nothing above the diagonal (T == S). Query blocks then skip
         the key blocks after them: about half the work of a full-sequence forward.
@@ -112,8 +116,10 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     Returns:
       [B, T, H, D] in q's dtype. Scores, softmax and accumulation are fp32.
     """
+    if not kv_heads_first:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     b, t, h, _ = q.shape
-    s = k.shape[1]
+    s = k.shape[2]
     if mask is None and not causal and b * h * t * s > _TILE_SCORES:
         return attention_blockwise(q, k, v, scale)
     n_blocks = min(_MAX_CAUSAL_BLOCKS, t // _MIN_CAUSAL_BLOCK)
@@ -124,5 +130,5 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     for start in range(0, t, block):
         end = min(start + block, t)
         m = None if mask is None else mask[:, start:end, :end]
-        outs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], m, scale))
+        outs.append(_attend(q[:, start:end], k[:, :, :end], v[:, :, :end], m, scale))
     return jnp.concatenate(outs, axis=1)

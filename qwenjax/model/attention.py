@@ -49,5 +49,6 @@ class Attention(nnx.Module):
             if attend_cache:
                 k, v = (x.astype(k.dtype) for x in new_cache.read())
         with jax.named_scope("dot_product_attention"):
-            o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=not attend_cache)
+            o = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, causal=not attend_cache,
+                                      kv_heads_first=attend_cache)
         return self.o_proj(o.reshape(b, t, h * hd) * jax.nn.sigmoid(gate)), new_cache

@@ -21,8 +21,10 @@ from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=["dtype"])
 @dataclasses.dataclass(frozen=True)
 class AttentionCache:
-    """Keys (after norm and rotary) and values, [B, max_len, KV, head_dim] each, of dtype `dtype`: a 16-bit
-    float's are held as its bits (uint16). XLA:CPU writes a few slots into a bf16 buffer by converting all of it
+    """Keys (after norm and rotary) and values, [B, KV, max_len, head_dim] each, of dtype `dtype`. Head-major: a
+    query's products with the keys and values of its KV head are then plain batched matmuls over contiguous
+    slots (sequence-major, XLA:CPU transposed the buffers first: a bf16 decode step's attention ran 2-4x as
+    long, BENCHMARKS.md). A 16-bit float's are held as its bits (uint16). XLA:CPU writes a few slots into a bf16 buffer by converting all of it
     to fp32 and back (8 rows x 4096 slots at the 0.8B shape: 24 ms per buffer and step); into an integer one it
     writes just those slots. `read` and `write` hide the difference."""
     k: jax.Array
@@ -43,7 +45,8 @@ class AttentionCache:
         """The buffers with k, v [B, T, KV, head_dim] (cast to `dtype`) at slots [B, T] of each row; slots past
         the buffer are dropped."""
         rows = jnp.arange(self.k.shape[0])[:, None]
-        put = lambda buf, new: buf.at[rows, slots].set(_bitcast(new.astype(self.dtype), buf.dtype), mode="drop")
+        # the indexed axes (row, slot) come first in what they select: [B, T, KV, head_dim], new's own layout
+        put = lambda buf, new: buf.at[rows, :, slots].set(_bitcast(new.astype(self.dtype), buf.dtype), mode="drop")
         return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
 
 
@@ -83,14 +86,14 @@ class Cache:
     @property
     def max_len(self) -> int:
         """Capacity of the attention buffers (0 for a model without attention layers: unbounded)."""
-        return max((c.k.shape[1] for c in self.layers if isinstance(c, AttentionCache)), default=0)
+        return max((c.k.shape[2] for c in self.layers if isinstance(c, AttentionCache)), default=0)
 
 
 def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloat16, *, mtp: bool = False) -> Cache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens each (and with `mtp`, the MTP head's)."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
-    kv = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    kv = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
     layers = []
     for t in cfg.layer_types:
         if t == LINEAR_ATTENTION:
@@ -148,7 +151,7 @@ def _sub_cache(cache: Cache, take, horizon: int) -> Cache:
     """`cache` with `take` applied to every per-row array (attention buffers cut to `horizon` slots first)."""
     def layer(c):
         if isinstance(c, AttentionCache):
-            return dataclasses.replace(c, k=take(c.k[:, :horizon]), v=take(c.v[:, :horizon]))
+            return dataclasses.replace(c, k=take(c.k[:, :, :horizon]), v=take(c.v[:, :, :horizon]))
         return jax.tree.map(take, c)
 
     return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=take(cache.lengths),
@@ -182,7 +185,7 @@ def scatter_rows(cache: Cache, sub: Cache, rows: jax.Array) -> Cache:
 @dataclasses.dataclass(frozen=True)
 class RowSnapshot:
     """What one row of a cache holds after its first `end` tokens, for a prefix cache: each GDN layer's window
-    and state there, and each attention layer's keys and values from slot `start` on ([size, KV, head_dim],
+    and state there, and each attention layer's keys and values from slot `start` on ([KV, size, head_dim],
     as held: a 16-bit float's bits), valid up to `end`. The slots before `start` come from the snapshots of
     shorter prefixes. With the MTP head's buffer (speculative decoding), its keys and values alike, valid up to
     end - 1 (its row for the last token waits for the token after it), and the last token's hidden state."""
@@ -200,7 +203,7 @@ def take_row(cache: Cache, row: jax.Array, start: jax.Array, size: int) -> RowSn
     """Row `row`'s GDN state and its attention slots start .. start+size-1 (zeros past the buffer)."""
     pick = lambda x: jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False)
     slots = start + jnp.arange(size)
-    segment = lambda x: jnp.take(pick(x), slots, axis=0, mode="fill", fill_value=0)
+    segment = lambda x: jnp.take(pick(x), slots, axis=1, mode="fill", fill_value=0)
     return RowSnapshot(
         gdn=tuple(GatedDeltaNetCache(conv=pick(c.conv), state=pick(c.state))
                   for c in cache.layers if isinstance(c, GatedDeltaNetCache)),
@@ -215,11 +218,11 @@ def put_row(cache: Cache, row: jax.Array, snapshot: RowSnapshot, start: jax.Arra
     (`take_row`'s, of the same `start`) and, with `state`, its GDN layers' window and state too (and the last
     token's hidden state) and its length set to `end`: restoring a prefix writes each snapshot of the chain, the
     last one with `state`."""
-    size = snapshot.kv[0][0].shape[0] if snapshot.kv else 0
+    size = snapshot.kv[0][0].shape[1] if snapshot.kv else 0
     slots = start + jnp.arange(size)
     slots = jnp.where(slots < end, slots, cache.max_len)  # past the prefix: dropped
     gdn, kv = iter(snapshot.gdn), iter(snapshot.kv)
-    put = lambda buf, new: buf.at[row, slots].set(new, mode="drop")
+    put = lambda buf, new: buf.at[row, :, slots].set(jnp.swapaxes(new, 0, 1), mode="drop")  # selects [size, KV, D]
 
     def layer(c):
         if isinstance(c, AttentionCache):
@@ -254,7 +257,7 @@ def reset_row(cache: Cache, row: jax.Array) -> Cache:
 
 
 _CACHE_AXES = {
-    AttentionCache: {"k": ("batch", None, "kv_heads", None), "v": ("batch", None, "kv_heads", None)},
+    AttentionCache: {"k": ("batch", "kv_heads", None, None), "v": ("batch", "kv_heads", None, None)},
     GatedDeltaNetCache: {"conv": ("batch", None, "gdn_qkv"), "state": ("batch", "gdn_heads", None, None)},
 }
 
