@@ -18,18 +18,27 @@ import jax.numpy as jnp
 from qwenjax.config import LINEAR_ATTENTION, Qwen35Config
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=["dtype"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "rows"],
+                   meta_fields=["dtype", "horizon"])
 @dataclasses.dataclass(frozen=True)
 class AttentionCache:
-    """Keys (after norm and rotary) and values, [B, KV, max_len, head_dim] each, of dtype `dtype`. Head-major: a
-    query's products with the keys and values of its KV head are then plain batched matmuls over contiguous
-    slots (sequence-major, XLA:CPU transposed the buffers first: a bf16 decode step's attention ran 2-4x as
-    long, BENCHMARKS.md). A 16-bit float's are held as its bits (uint16). XLA:CPU writes a few slots into a bf16 buffer by converting all of it
-    to fp32 and back (8 rows x 4096 slots at the 0.8B shape: 24 ms per buffer and step); into an integer one it
-    writes just those slots. `read` and `write` hide the difference."""
+    """Keys (after norm and rotary) and values, [B, KV, max_len, head_dim] each, of dtype `dtype`.
+
+    Head-major: a query's products with the keys and values of its KV head are then plain batched matmuls over
+    contiguous slots (sequence-major, XLA:CPU transposed the buffers first: a bf16 decode step's attention ran
+    2-4x as long, BENCHMARKS.md). A 16-bit float's are held as its bits (uint16): XLA:CPU writes a few slots into
+    a bf16 buffer by converting all of it to fp32 and back (8 rows x 4096 slots at the 0.8B shape: 24 ms per
+    buffer and step); into an integer one it writes just those slots. `read` and `write` hide the difference.
+
+    A view (`window`, `gather_rows`) keeps the whole buffers and says which of their `rows` [R] it is and how
+    many slots it sees (`horizon`): `read` copies out just those, `write` goes straight into the buffers. Copying
+    the view's slots out and back in made a 16-row bf16 decode step at 256 slots a quarter slower.
+    """
     k: jax.Array
     v: jax.Array
     dtype: jnp.dtype
+    rows: jax.Array | None = None  # a view's rows of the buffers (an index past them: a padding row)
+    horizon: int | None = None     # a view's slots: the first `horizon`
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...], dtype) -> AttentionCache:
@@ -37,14 +46,24 @@ class AttentionCache:
         held = _held_dtype(dtype)
         return cls(k=jnp.zeros(shape, held), v=jnp.zeros(shape, held), dtype=dtype)
 
+    @property
+    def max_len(self) -> int:
+        """The slots a row holds (a view's: its horizon)."""
+        return self.k.shape[2] if self.horizon is None else self.horizon
+
     def read(self) -> tuple[jax.Array, jax.Array]:
-        """(keys, values) in `dtype`."""
-        return _bitcast(self.k, self.dtype), _bitcast(self.v, self.dtype)
+        """(keys, values) [B, KV, max_len, head_dim] in `dtype`."""
+        def view(x):
+            x = x if self.rows is None else jnp.take(x, self.rows, axis=0, mode="clip")
+            return _bitcast(x[:, :, :self.max_len], self.dtype)
+
+        return view(self.k), view(self.v)
 
     def write(self, slots: jax.Array, k: jax.Array, v: jax.Array) -> AttentionCache:
         """The buffers with k, v [B, T, KV, head_dim] (cast to `dtype`) at slots [B, T] of each row; slots past
-        the buffer are dropped."""
-        rows = jnp.arange(self.k.shape[0])[:, None]
+        max_len are dropped (and so are a view's padding rows)."""
+        rows = (jnp.arange(self.k.shape[0]) if self.rows is None else self.rows)[:, None]
+        slots = jnp.where(slots < self.max_len, slots, self.k.shape[2])
         # the indexed axes (row, slot) come first in what they select: [B, T, KV, head_dim], new's own layout
         put = lambda buf, new: buf.at[rows, :, slots].set(_bitcast(new.astype(self.dtype), buf.dtype), mode="drop")
         return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
@@ -86,7 +105,7 @@ class Cache:
     @property
     def max_len(self) -> int:
         """Capacity of the attention buffers (0 for a model without attention layers: unbounded)."""
-        return max((c.k.shape[2] for c in self.layers if isinstance(c, AttentionCache)), default=0)
+        return max((c.max_len for c in self.layers if isinstance(c, AttentionCache)), default=0)
 
 
 def init_cache(cfg: Qwen35Config, batch_size: int, max_len: int, dtype=jnp.bfloat16, *, mtp: bool = False) -> Cache:
@@ -140,18 +159,19 @@ def keep_rows(new: Cache, old: Cache, active: jax.Array) -> Cache:
                                mtp_hidden=None if new.mtp_hidden is None else pick(new.mtp_hidden, old.mtp_hidden))
 
 
-def window(cache: Cache, row: jax.Array | int, rows: int, horizon: int) -> Cache:
-    """Rows row .. row+rows-1 of `cache`, with attention buffers cut to their first `horizon` slots: a cache to
+def window(cache: Cache, rows: int, horizon: int) -> Cache:
+    """The first `rows` rows of `cache`, seeing the first `horizon` slots of the attention buffers: a cache to
     `extend` when every one of those rows that appends stays within `horizon` (slots past it are dropped), so a
     step reads what the rows hold instead of the whole capacity. `put_window` writes it back."""
-    return _sub_cache(cache, lambda x: jax.lax.dynamic_slice_in_dim(x, row, rows, 0), horizon)
+    return _sub_cache(cache, lambda x: x[:rows], jnp.arange(rows), horizon)
 
 
-def _sub_cache(cache: Cache, take, horizon: int) -> Cache:
-    """`cache` with `take` applied to every per-row array (attention buffers cut to `horizon` slots first)."""
+def _sub_cache(cache: Cache, take, rows: jax.Array, horizon: int) -> Cache:
+    """`cache` with `take` applied to every per-row array but the attention buffers, which become views of
+    `rows` and `horizon` slots."""
     def layer(c):
         if isinstance(c, AttentionCache):
-            return dataclasses.replace(c, k=take(c.k[:, :, :horizon]), v=take(c.v[:, :, :horizon]))
+            return dataclasses.replace(c, rows=rows, horizon=min(horizon, c.k.shape[2]))
         return jax.tree.map(take, c)
 
     return dataclasses.replace(cache, layers=tuple(layer(c) for c in cache.layers), lengths=take(cache.lengths),
@@ -159,26 +179,35 @@ def _sub_cache(cache: Cache, take, horizon: int) -> Cache:
                                mtp_hidden=None if cache.mtp_hidden is None else take(cache.mtp_hidden))
 
 
-def put_window(cache: Cache, sub: Cache, row: jax.Array | int) -> Cache:
-    """`cache` with `window(cache, row, ...)`'s rows and slots replaced by `sub`'s."""
-    def put(x, s):
-        return jax.lax.dynamic_update_slice(x, s, (row,) + (0,) * (x.ndim - 1))
+def _put_sub_cache(cache: Cache, sub: Cache, put) -> Cache:
+    """`cache` with `put(array, sub's array)` for every per-row array but the attention buffers, which `sub`'s
+    views wrote already: its buffers, no longer views."""
+    def layer(c, s):
+        if isinstance(c, AttentionCache):
+            return dataclasses.replace(s, rows=None, horizon=None)
+        return jax.tree.map(put, c, s)
 
-    return jax.tree.map(put, cache, sub)
+    return dataclasses.replace(cache, layers=tuple(layer(c, s) for c, s in zip(cache.layers, sub.layers)),
+                               lengths=put(cache.lengths, sub.lengths), rope_deltas=put(cache.rope_deltas,
+                                                                                       sub.rope_deltas),
+                               mtp=None if cache.mtp is None else layer(cache.mtp, sub.mtp),
+                               mtp_hidden=None if cache.mtp_hidden is None else put(cache.mtp_hidden, sub.mtp_hidden))
+
+
+def put_window(cache: Cache, sub: Cache) -> Cache:
+    """`cache` with `window(cache, ...)`'s rows replaced by `sub`'s."""
+    return _put_sub_cache(cache, sub, lambda x, s: jax.lax.dynamic_update_slice_in_dim(x, s, 0, 0))
 
 
 def gather_rows(cache: Cache, rows: jax.Array, horizon: int) -> Cache:
     """`window` for rows anywhere in the batch: rows `rows` [R] of `cache` (an index past the batch: padding,
-    reads the last row), attention buffers cut to their first `horizon` slots. `scatter_rows` writes it back."""
-    return _sub_cache(cache, lambda x: jnp.take(x, rows, axis=0, mode="clip"), horizon)
+    reads the last row and writes nothing). `scatter_rows` writes it back."""
+    return _sub_cache(cache, lambda x: jnp.take(x, rows, axis=0, mode="clip"), rows, horizon)
 
 
 def scatter_rows(cache: Cache, sub: Cache, rows: jax.Array) -> Cache:
-    """`cache` with `gather_rows(cache, rows, ...)`'s rows and slots replaced by `sub`'s (padding rows dropped)."""
-    def put(x, s):
-        return x.at[(rows,) + tuple(slice(0, d) for d in s.shape[1:])].set(s, mode="drop")
-
-    return jax.tree.map(put, cache, sub)
+    """`cache` with `gather_rows(cache, rows, ...)`'s rows replaced by `sub`'s (padding rows dropped)."""
+    return _put_sub_cache(cache, sub, lambda x, s: x.at[rows].set(s, mode="drop"))
 
 
 @jax.tree_util.register_dataclass

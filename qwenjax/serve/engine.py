@@ -277,14 +277,14 @@ class Engine:
             model, k = self._model, self.k
 
             def fn(leaves, cache, drafts, last, vocab, active, sampling, seeds, counters, limit, stop_ids):
-                sub = cache_lib.window(cache, 0, rows, horizon)
+                sub = cache_lib.window(cache, rows, horizon)
                 keys, tokens = _row_keys(seeds, counters), last[:rows]
                 if not k:
                     logits, sub = model(leaves).extend(tokens[:, None], sub, attention_mask=active[:, None])
                     new = sample_rows(logits, keys, sampling)
                     return (new[:, None], jnp.ones_like(new), None if top is None else
                             jax.tree.map(lambda x: x[:, None], token_logprobs(logits, new, top)),
-                            cache_lib.put_window(cache, sub, 0), drafts,
+                            cache_lib.put_window(cache, sub), drafts,
                             last.at[:rows].set(jnp.where(active, new, tokens)))
                 sampled = "sample" in sampling.used
                 ids, dists = drafts
@@ -299,7 +299,7 @@ class Engine:
                 if sampled:
                     dists = dists.at[:rows].set(pick(new_dists, dists[:rows]))
                 final = jnp.take_along_axis(emitted, count[:, None] - 1, axis=1)[:, 0]
-                return (emitted, count, out[6] if top is not None else None, cache_lib.put_window(cache, new_sub, 0),
+                return (emitted, count, out[6] if top is not None else None, cache_lib.put_window(cache, new_sub),
                         (ids, dists), last.at[:rows].set(pick(final, tokens)))
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 10), donate_argnums=(1, 2, 3))
