@@ -12,7 +12,8 @@ key, `fold_in(key(seed), token index)`: a seeded request gets the same tokens ho
 Each row's last sampled token stays on the device, where the next step reads it. So the loop dispatches step
 n + 1 before it reads step n's tokens, and the host's work on them (stop checks, events, the server's text and
 streams) runs while the device computes: a row that ends at step n on eos or a stop is computed once more, and
-that token is dropped (one that reaches its length is not: the host knows that in advance).
+that token is dropped (one that reaches its length is not: the host knows that in advance). A prefill's first
+tokens are read alike, after the step that takes those rows on is dispatched.
 
 With `speculative=k` the checkpoint's MTP head drafts k tokens per row and the decode step verifies them in one
 pass (`qwenjax.inference.speculative`): a row gains 1 .. k+1 tokens a step, greedy output is plain greedy's and
@@ -442,20 +443,25 @@ class Engine:
         # prompts a single call prefills whole (from empty, no pictures) go together; else the oldest's next chunk
         whole = [r for r in prefilling if self._rows[r].done == 0 and not self._rows[r].request.pictures and
                  self._chunk_end(self._rows[r]) == len(self._rows[r].request.prompt)]
+        prefill = None
         if whole:
-            self._prefill_chunks(whole)
+            prefill = self._prefill_chunks(whole)
         elif prefilling:
             oldest = min(prefilling, key=lambda r: self._rows[r].request.arrived)
-            if self._rows[oldest].request.pictures:
-                self._prefill_pictures(oldest)
-            else:
-                self._prefill_chunks([oldest])
-        # dispatch this turn's step, then read the last one's tokens while it runs (with speculative decoding
-        # the host sets each row's token counters and limits from what the last step kept: no overlap)
+            prefill = (self._prefill_pictures if self._rows[oldest].request.pictures else self._prefill_chunks)(
+                [oldest])
+        # Dispatch this turn's step (with the rows just prefilled: their first tokens wait in `last`), then read
+        # the last step's tokens and the prefill's while it runs. With speculative decoding the host sets each
+        # row's token counters and limits from what came before: it reads everything before the step.
+        if self.k and prefill is not None:
+            self._read_prefill(prefill)
+            prefill = None
         step = self._decode_step() if any(map(_stepping, self._rows)) else None
         ready, self._pending = (step, None) if self.k else (self._pending, step)
         if ready is not None:
             self._read_step(ready)
+        if prefill is not None:
+            self._read_prefill(prefill)
 
     def _admit(self) -> None:
         while None in self._rows:
@@ -482,8 +488,9 @@ class Engine:
         end = min(n, (done // self.prefill_chunk + 1) * self.prefill_chunk)
         return min([end] + [p for p in row.request.snapshot_at if done < p < end])
 
-    def _prefill_chunks(self, rs: list[int]) -> None:
-        """The next chunk of each row in `rs`, in one call (several rows: each a whole prompt from empty)."""
+    def _prefill_chunks(self, rs: list[int]) -> tuple:
+        """Dispatches the next chunk of each row in `rs`, in one call (several rows: each a whole prompt from
+        empty): what `_read_prefill` takes."""
         rows = [self._rows[r] for r in rs]
         requests = [row.request for row in rows]
         ends = [self._chunk_end(row) for row in rows]
@@ -504,22 +511,30 @@ class Engine:
             final=final or not self.k)(
             self._params, self._cache, self._drafts, self._last, self._vocab, index, ids, n, next_id, sampling,
             _seed_words([q.seed for q in requests] + [0] * pad), np.zeros(b, np.uint32))
-        tokens = np.asarray(tokens)
+        ended = []  # (place in the call, r, row) of the rows whose prompts this call ends: their first tokens
         for i, (r, row, end) in enumerate(zip(rs, rows, ends)):
             request = row.request
             row.done = end
             self.stats.prefilled_tokens += counts[i]
-            if end < len(request.prompt):
-                if end % self.prefill_chunk == 0 or end in request.snapshot_at:
-                    self._snapshot(r, request.prompt[:end])
-                continue
-            if end in request.snapshot_at:
+            if (end < len(request.prompt) and end % self.prefill_chunk == 0) or end in request.snapshot_at:
                 self._snapshot(r, request.prompt[:end])
-            self._emit(r, [int(tokens[i])], [_logprobs(logprobs, i, request)])
+            if end == len(request.prompt):
+                ended.append((i, r, row))
+        return tokens, logprobs, ended
 
-    def _prefill_pictures(self, r: int) -> None:
-        """A prompt with images or videos, whole, in one call: its multimodal positions and the vision tower's
-        features span it (compiled once per prompt size and set of picture sizes, as `generate`'s prefill)."""
+    def _read_prefill(self, prefill: tuple) -> None:
+        """Hands a prefill call's first tokens to the rows it ended (`_prefill_chunks`' result)."""
+        tokens, logprobs, ended = prefill
+        if ended:
+            tokens = np.asarray(tokens)
+        for i, r, row in ended:
+            self._emit(r, [int(tokens[i])], [_logprobs(logprobs, i, row.request)])
+
+    def _prefill_pictures(self, rs: list[int]) -> tuple:
+        """Dispatches a prompt with images or videos, whole, in one call (`rs`: its row): its multimodal
+        positions and the vision tower's features span it (compiled once per prompt size and set of picture
+        sizes, as `generate`'s prefill). What `_read_prefill` takes."""
+        r, = rs
         row = self._rows[r]
         request = row.request
         n = len(request.prompt)
@@ -540,7 +555,7 @@ class Engine:
             (positions, deltas, vision.pixel_values, vision.pixel_values_videos))
         row.done = n
         self.stats.prefilled_tokens += n
-        self._emit(r, [int(np.asarray(token)[0])], [_logprobs(logprobs, 0, request)])
+        return token, logprobs, [(0, r, row)]
 
     def _decode_step(self) -> tuple:
         """Dispatches a decode step for every decoding row: (its outputs, the rows it ran), to `_read_step`."""
@@ -630,9 +645,10 @@ class Engine:
 
 
 def _stepping(row: _Row | None) -> bool:
-    """The row takes the next decode step: it has its first token, and tokens left to sample (with one step in
-    flight, the row's last token may be sampled already)."""
-    return row is not None and row.decoding and bool(row.generated) and row.fed < row.request.max_tokens - 1
+    """The row takes the next decode step: its prompt is in the cache (so its first token is sampled, perhaps
+    not yet read), and it has tokens left to sample (with steps in flight, its last may be sampled already).
+    A row whose first token turns out to end it was stepped once for nothing, as one ending on eos later is."""
+    return row is not None and row.decoding and row.fed < row.request.max_tokens - 1
 
 
 def _top(requests: Sequence[Request]) -> int | None:
