@@ -1,14 +1,19 @@
-"""Compile for TPU topologies from any host (libtpu's compile-only devices): memory and cost before renting.
+"""Compile for TPU topologies and NVIDIA GPUs from any host (compile-only devices): memory, cost and the
+kernels a program launches, before renting.
 
     from qwenjax import aot
     compiled = aot.compile_forward_backward(cfg, "v5p:2x2x1", mesh="fsdp=4", batch=4, seq=4096)
     print(aot.summary(compiled))
     compiled = aot.compile_multimodal_forward(cfg, "v5e:2x2", batch=4, seq=2048, image_size=448)  # with images
+    compiled = aot.compile_decode_step(cfg, "h100", batch=1, max_len=4096)  # one GPU, no GPU present
+    print(aot.kernel_launches(compiled))
 
-Needs `libtpu` (`pip install "jax[tpu]==<your jax version>"`); no TPU. Nothing is allocated: parameters and
-batches are shapes with shardings over the topology's devices. The ops' implementations (`kernels`) are resolved
-for the TPU, not for the host: by default the Mosaic kernels and ragged all-to-all expert parallelism. Several
-processes that load libtpu at once (parallel test runs, a CI beside a script) need
+TPU topologies ("v5e:2x2", ...) need `libtpu` (`pip install "jax[tpu]==<your jax version>"`). GPU targets
+(`GPU_TARGETS`: "h100", "h200") need the CUDA plugin wheels (`jax-cuda13-plugin`, `jax-cuda13-pjrt`, no nvidia-*
+packages: `scripts/gpu_env.sh`) and, without CUDA libraries, `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` in the environment
+before JAX starts. No accelerator is needed. Nothing is allocated: parameters and batches are shapes with
+shardings over the target's devices. The ops' implementations (`kernels`) are resolved for the target, not for
+the host. Several processes that load libtpu at once (parallel test runs, a CI beside a script) need
 `ALLOW_MULTIPLE_LIBTPU_LOAD=1` in their environment before JAX starts.
 """
 
@@ -30,10 +35,41 @@ from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, para
 from qwenjax.train.loss import next_token_loss
 
 
+# What XLA's GPU compiler needs to know of a GPU it cannot see (a GpuTargetConfigProto), from NVIDIA's published
+# figures for the SXM parts: SMs, shared memory (per SM, per block, per block opted in), registers, L2, memory
+# size and bandwidth, clock, compute capability 9.0.
+_HOPPER = dict(core_count=132, threads_per_block_limit=1024, threads_per_warp=32, threads_per_core_limit=2048,
+               shared_memory_per_block=49152, shared_memory_per_block_optin=232448, shared_memory_per_core=233472,
+               registers_per_core_limit=65536, registers_per_block_limit=65536, l2_cache_size=52428800,
+               clock_rate_ghz=1.98, fpus_per_core=128, block_dim_limit_x=2147483647, block_dim_limit_y=65535,
+               block_dim_limit_z=65535)
+GPU_TARGETS = {  # name: (device name, facts beyond _HOPPER)
+    "h100": ("NVIDIA H100 80GB HBM3", dict(device_memory_size=80 * 2 ** 30, memory_bandwidth=3_350_000_000_000)),
+    "h200": ("NVIDIA H200", dict(device_memory_size=141 * 10 ** 9, memory_bandwidth=4_800_000_000_000)),
+}
+
+
+def gpu_target_config(name: str) -> str:
+    """The GpuTargetConfigProto (text) of a name in GPU_TARGETS."""
+    device, facts = GPU_TARGETS[name]
+    info = "\n".join(f"  {k}: {v}" for k, v in {**_HOPPER, **facts}.items())
+    return (f'gpu_device_info {{\n  name: "{device}"\n{info}\n  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\n'
+            f'platform_name: "CUDA"\ndevice_description_str: "{device}"\n')
+
+
 def topology_devices(name: str) -> list:
-    """The compile-only devices of a TPU topology such as "v5e:2x2", "v6e:2x2" or "v5p:2x2x1"."""
+    """The compile-only devices of a TPU topology such as "v5e:2x2", "v6e:2x2" or "v5p:2x2x1", or of one GPU of
+    GPU_TARGETS ("h100", "h200")."""
     from jax.experimental import topologies
 
+    if name in GPU_TARGETS:
+        try:
+            return list(topologies.get_topology_desc(name, platform="cuda", topology="1x1x1",
+                                                     target_config=gpu_target_config(name)).devices)
+        except Exception as e:  # no CUDA plugin, or one that did not initialise
+            raise RuntimeError(f"cannot get a compile-only {name} ({type(e).__name__}: {e}); compiling for a GPU "
+                               "needs the CUDA plugin wheels (scripts/gpu_env.sh) and, with no CUDA libraries, "
+                               "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set before JAX starts") from e
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # no libtpu, or an unknown topology
@@ -138,6 +174,56 @@ def compile_multimodal_forward(cfg: Qwen35Config, topology: str, *, mesh: str | 
     with activation_sharding(mesh_, rules):
         lowered = jax.jit(forward).lower(params, ids, positions, pixels)
     return lowered.compile()
+
+
+def compile_decode_step(cfg: Qwen35Config, topology: str, *, mesh: str | None = None, batch: int = 1,
+                        max_len: int = 4096, dtype: Any = jnp.bfloat16,
+                        kernels: Kernels | Mapping[str, str] | None = None, rules: ShardingRules | None = None):
+    """The compiled greedy decode step, as `qwenjax.generate` runs it (one token per row appended to a cache of
+    `max_len` slots per row, the next tokens chosen), for `topology`."""
+    from qwenjax.model.cache import cache_shardings, init_cache
+
+    mesh_, rules, graphdef, params = _abstract(cfg, topology, mesh, dtype, kernels, rules)
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype))
+    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache,
+                         cache_shardings(cache, mesh_, rules))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rules.sharding(mesh_, ("batch",), (batch,)))
+
+    def step(params, cache, tokens):
+        logits, cache = nnx.merge(graphdef, params).extend(tokens[:, None], cache)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+    with activation_sharding(mesh_, rules):
+        lowered = jax.jit(step, donate_argnums=1).lower(params, cache, tokens)
+    return lowered.compile()
+
+
+# Entry instructions that launch nothing: they name, pack or alias buffers.
+_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all",
+              "partition-id", "replica-id", "add-dependency"}
+
+
+def kernel_launches(compiled) -> dict[str, int]:
+    """What a compiled program launches per run, by kind: the instructions of its entry computation that do work on
+    the device (fusions, library calls such as cuBLAS or Mosaic kernels, copies, ...), counted by opcode (a
+    fusion by its kind, a custom call by its target). A loop counts once, as `while`: its body runs per trip."""
+    import re
+
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY "):]
+    entry = entry[:entry.index("\n}")]
+    counts: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        m = re.search(r"= \S+ ([\w-]+)\(", line) or re.search(r"= \([^=]*\) ([\w-]+)\(", line)
+        if m is None or m.group(1) in _NO_LAUNCH:
+            continue
+        kind = m.group(1)
+        if kind == "fusion":
+            kind = "fusion:" + (re.search(r"kind=(\w+)", line) or re.search(r"()", "")).group(1)
+        elif kind == "custom-call":
+            kind = "custom-call:" + (re.search(r'custom_call_target="([^"]+)"', line) or re.search(r"()", "")).group(1)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def summary(compiled) -> dict[str, float]:

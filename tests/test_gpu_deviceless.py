@@ -1,0 +1,30 @@
+"""Compiling for NVIDIA GPUs with no GPU present: the decode step for an H100 and an H200 target, and the kernels
+it launches per step. Needs the GPU-kernel environment (`bash scripts/gpu_env.sh`: jax 0.11 with the CUDA plugin
+wheels); `.ci/run` runs this file there, and the main environment skips it, saying so."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("jax_plugins.xla_cuda13", reason="needs the GPU-kernel environment: bash scripts/gpu_env.sh "
+                                                     "(.ci/run runs this file there)")
+
+import jax.numpy as jnp  # noqa: E402
+
+from qwenjax import aot  # noqa: E402
+from qwenjax.config import load_config  # noqa: E402
+
+
+@pytest.mark.parametrize("target", sorted(aot.GPU_TARGETS))
+def test_decode_step_compiles_for_a_gpu_target_and_its_launches_are_counted(target):
+    cfg = load_config("configs/tiny.json")
+    compiled = aot.compile_decode_step(cfg, target, batch=2, max_len=128, dtype=jnp.bfloat16)
+    import jax
+
+    device = jax.tree.leaves(compiled.input_shardings)[0].mesh.devices.flat[0]
+    assert device.device_kind == aot.GPU_TARGETS[target][0]
+    launches = aot.kernel_launches(compiled)
+    # every layer's work is in fusions; the matmuls are GPU gemm fusions or library calls
+    assert sum(n for kind, n in launches.items() if kind.startswith("fusion:")) >= cfg.num_hidden_layers
+    assert not set(launches) & aot._NO_LAUNCH
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
