@@ -74,7 +74,8 @@ def topology_devices(name: str) -> list:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # no libtpu, or an unknown topology
         raise RuntimeError(f"cannot get compile-only devices for TPU topology {name!r} ({type(e).__name__}: {e}); "
-                           "compiling for TPU needs libtpu: pip install \"jax[tpu]==<your jax version>\"") from e
+                           "compiling for TPU needs libtpu: pip install \"jax[tpu]==<your jax version>\" (GPU "
+                           f"targets: {', '.join(sorted(GPU_TARGETS))})") from e
 
 
 def compile_forward_backward(cfg: Qwen35Config, topology: str, *, mesh: str | None = None, batch: int = 1,
@@ -207,23 +208,22 @@ def kernel_launches(compiled) -> dict[str, int]:
     """What a compiled program launches per run, by kind: the instructions of its entry computation that do work on
     the device (fusions, library calls such as cuBLAS or Mosaic kernels, copies, ...), counted by opcode (a
     fusion by its kind, a custom call by its target). A loop counts once, as `while`: its body runs per trip."""
+    import collections
     import re
 
     text = compiled.as_text()
     entry = text[text.index("\nENTRY "):]
     entry = entry[:entry.index("\n}")]
-    counts: dict[str, int] = {}
+    detail = {"fusion": r"kind=(\w+)", "custom-call": r'custom_call_target="([^"]+)"'}  # what tells them apart
+    counts: collections.Counter = collections.Counter()
     for line in entry.splitlines()[1:]:
-        m = re.search(r"= \S+ ([\w-]+)\(", line) or re.search(r"= \([^=]*\) ([\w-]+)\(", line)
+        m = re.search(r"= (?:\S+|\([^=]*\)) ([\w-]+)\(", line)  # "= shape opcode(" or "= (tuple shape) opcode("
         if m is None or m.group(1) in _NO_LAUNCH:
             continue
         kind = m.group(1)
-        if kind == "fusion":
-            kind = "fusion:" + (re.search(r"kind=(\w+)", line) or re.search(r"()", "")).group(1)
-        elif kind == "custom-call":
-            kind = "custom-call:" + (re.search(r'custom_call_target="([^"]+)"', line) or re.search(r"()", "")).group(1)
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
+        sub = re.search(detail[kind], line) if kind in detail else None
+        counts[f"{kind}:{sub.group(1)}" if sub else kind] += 1
+    return dict(counts)
 
 
 def summary(compiled) -> dict[str, float]:
