@@ -24,6 +24,7 @@ from qwenjax.inputs import VisionInputs, token_batch, vision_inputs, vision_posi
 from qwenjax.memory import check_fits
 from qwenjax.model.qwen35 import NO_MTP, Qwen35ForCausalLM
 from qwenjax.ops.kernels import Kernels, resolve_kernels
+from qwenjax.ops.platform import platform_of
 from qwenjax.sharding import ShardingRules, activation_sharding, make_mesh, param_shardings
 from qwenjax.validate import check, check_range
 
@@ -185,7 +186,7 @@ def _check_params_fit(abstract: nnx.State, mesh: Mesh, rules: ShardingRules) -> 
 
 
 def _platform(mesh: Mesh) -> str:
-    return mesh.devices.flat[0].platform
+    return platform_of(mesh.devices.flat[0])
 
 
 def _resolve(mesh: Mesh | str | None, rules: ShardingRules | None,

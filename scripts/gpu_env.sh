@@ -5,7 +5,7 @@
 #     DIR/bin/python -m pytest -q tests/test_gpu_deviceless.py
 #
 # Python >= 3.12 with jax and jaxlib at the version the lent GPU machines run (JAX_VERSION), absl-py (Mosaic GPU
-# imports it), pytest and chex (the tests), the CUDA plugin wheels with no nvidia-* packages (installed --no-deps:
+# imports it), pytest, pytest-xdist and chex (the tests), the CUDA plugin wheels with no nvidia-* packages (--no-deps:
 # enough for XLA to lower and compile a program for an H100/H200 target with no GPU present) and the project
 # itself (editable). On a CPU machine Mosaic GPU kernels run in its interpreter, with race detection. The main
 # environment (jax 0.10 on Python 3.11) needs none of this and is left alone.
@@ -46,7 +46,7 @@ if ! [ -x "$venv/bin/python" ] || ! new_enough "$venv/bin/python"; then
     "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install --quiet)
-"${pip[@]}" "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" absl-py pytest chex
+"${pip[@]}" "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" absl-py pytest pytest-xdist chex
 "${pip[@]}" --no-deps "jax-cuda13-plugin==$JAX_VERSION" "jax-cuda13-pjrt==$JAX_VERSION"
 "${pip[@]}" -e . "jax==$JAX_VERSION"  # the project's other dependencies, jax kept at its version
 "$venv/bin/python" -c "import sys, jax; from jax.experimental.pallas import mosaic_gpu; \

@@ -8,13 +8,15 @@ An op's test class subclasses `KernelVsOracle` and says what is particular to th
     inputs(case)      -> (args, kwargs): `args` are differentiated, `kwargs` (masks, sizes, options) are not;
     run(name, case)   -> the implementation under test, called as fn(*args, **kwargs);
     oracle(case)      -> the op's pure-JAX oracle, called the same way;
-    tolerance(case)   -> (forward, backward): bounds on max |error| / max |oracle|, per output and gradient;
+    tolerance(case, implementation) -> (forward, backward): bounds on max |error| / max |oracle|, per output
+                      and gradient;
     BACKWARD          False for an op that is never differentiated (a decode step);
     EXACT_ZEROS       True where the contract promises exact zeros (rows of no group, empty experts): the
                       implementation must give exactly 0 wherever the oracle does.
 
 Each (implementation, case) checks, in one compiled program with the oracle: every output and, through a fixed
-random cotangent, the gradient of every differentiated input: same shapes and dtypes, finite, within tolerance.
+random cotangent, the gradient of every differentiated input: same shapes and dtypes, finite, within tolerance;
+and no race reported by Mosaic GPU's interpreter (which prints each race and runs on).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from pallas_kernels.gpu_common import RACE_REPORT
 
 
 class KernelVsOracle:
@@ -42,10 +47,10 @@ class KernelVsOracle:
     def oracle(self, case) -> Callable:
         raise NotImplementedError
 
-    def tolerance(self, case) -> tuple[float, float]:
+    def tolerance(self, case, implementation: str) -> tuple[float, float]:
         raise NotImplementedError
 
-    def test_matches_oracle(self, implementation: str, case_id: str):
+    def test_matches_oracle(self, implementation: str, case_id: str, capfd):
         case = self.CASES[case_id]
         args, kwargs = self.inputs(case)
         fns = [self.run(implementation, case), self.oracle(case)]
@@ -66,7 +71,8 @@ class KernelVsOracle:
             return results
 
         (ours, our_grads), (want, want_grads) = jax.jit(outputs_and_grads)(*args)
-        forward_tol, backward_tol = self.tolerance(case)
+        assert RACE_REPORT not in capfd.readouterr().out, f"{implementation}: a kernel raced (output above)"
+        forward_tol, backward_tol = self.tolerance(case, implementation)
         chex.assert_trees_all_equal_shapes_and_dtypes(ours, want)
         chex.assert_trees_all_equal_shapes_and_dtypes(our_grads, want_grads)
         for i, (a, b) in enumerate(zip(jax.tree.leaves(ours), jax.tree.leaves(want))):
@@ -94,7 +100,8 @@ def parametrize_battery(metafunc) -> None:
     cls = metafunc.cls
     if cls is None or not issubclass(cls, KernelVsOracle):
         return
-    if "implementation" in metafunc.fixturenames:
-        metafunc.parametrize("implementation", cls.IMPLEMENTATIONS)
+    if "implementation" in metafunc.fixturenames:  # the Mosaic GPU lines run in the GPU-kernel environment
+        metafunc.parametrize("implementation", [
+            pytest.param(name, marks=pytest.mark.gpu_kernels) if "gpu" in name else name for name in cls.IMPLEMENTATIONS])
     if "case_id" in metafunc.fixturenames:
         metafunc.parametrize("case_id", list(cls.CASES))

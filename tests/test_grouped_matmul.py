@@ -17,6 +17,8 @@ from qwenjax.train.loss import next_token_loss
 def test_implementation_choice():
     assert Kernels().resolve("tpu").grouped_matmul == "pallas_tpu"
     assert Kernels().resolve("cpu").grouped_matmul == "ragged_dot"
+    assert Kernels().resolve("gpu_sm90").grouped_matmul == "pallas_gpu"  # NVIDIA Hopper (qwenjax.ops.platform)
+    assert Kernels().resolve("gpu").grouped_matmul == "ragged_dot"
     with pytest.raises(ValueError, match="grouped matmul implementation must be one of"):
         Kernels(grouped_matmul="megablox")
 

@@ -17,6 +17,8 @@ import pytest
 from kernel_test_base import KernelVsOracle
 from pallas_kernels.attention import attention_blockwise, attention_reference
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
+from pallas_kernels.gpu_common import interpreter_available
+from pallas_kernels.grouped_matmul.gpu import Blocks as GpuBlocks
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from pallas_kernels.grouped_matmul.tpu import Tiling
 from pallas_kernels.matmul import cpu
@@ -28,6 +30,9 @@ SHORT = {"float32": "f32", "bfloat16": "bf16"}
 # fp32: what is left is summation order; bf16: matmul operands (and some gradients) rounded to bf16, where the
 # oracle computes in fp32 from the same bf16 inputs: about one bf16 ulp of the largest value.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+# The Mosaic GPU kernels run in their interpreter where it exists (jax >= 0.11: the GPU-kernel environment of
+# scripts/gpu_env.sh, where .ci/run runs this file's GPU lines); they lower and compile in test_gpu_deviceless.py.
+GPU_INTERPRETED = ("pallas_gpu_interpret",) if interpreter_available() else ()
 
 
 # ---- the gated delta rule ------------------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class TestGatedDeltaRule(KernelVsOracle):
     def oracle(self, case):
         return _with_state(gated_delta_rule_recurrent)
 
-    def tolerance(self, case):
+    def tolerance(self, case, implementation):
         return TOLERANCE[case.dtype], TOLERANCE[case.dtype]
 
 
@@ -114,7 +119,7 @@ class TestGatedDeltaRuleStep(KernelVsOracle):
     def oracle(self, case):
         return _with_state(gated_delta_rule_recurrent)
 
-    def tolerance(self, case):
+    def tolerance(self, case, implementation):
         # Both compute in fp32 (a kernel on the vector unit); bf16 o is one rounding of nearly equal values.
         return TOLERANCE[case.dtype], 0.0
 
@@ -136,7 +141,7 @@ _GROUPS = {
 
 
 class TestGroupedMatmul(KernelVsOracle):
-    IMPLEMENTATIONS = ("ragged_dot", "pallas_tpu_interpret")
+    IMPLEMENTATIONS = ("ragged_dot", "pallas_tpu_interpret") + GPU_INTERPRETED
     EXACT_ZEROS = True
     CASES = {f"{SHORT[dtype]}-{name}": GmmCase(dtype, sizes, tiling)
              for dtype in ("float32", "bfloat16") for name, (sizes, tiling) in _GROUPS.items()}
@@ -150,12 +155,16 @@ class TestGroupedMatmul(KernelVsOracle):
 
     def run(self, name, case):
         fn = grouped_matmul.IMPLEMENTATIONS[name]
-        return functools.partial(fn, tiling=case.tiling) if name.startswith("pallas") else fn
+        if name.startswith("pallas_tpu"):
+            return functools.partial(fn, tiling=case.tiling)
+        if name.startswith("pallas_gpu"):  # the smallest wgmma tiles: every case crosses block edges
+            return functools.partial(fn, blocks=GpuBlocks(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2))
+        return fn
 
     def oracle(self, case):
         return grouped_matmul_reference
 
-    def tolerance(self, case):
+    def tolerance(self, case, implementation):
         return TOLERANCE["float32"], TOLERANCE[case.dtype]  # the forward accumulates in fp32 either way
 
 
@@ -186,7 +195,7 @@ class TestMatmul(KernelVsOracle):
     def oracle(self, case):
         return matmul_reference
 
-    def tolerance(self, case):
+    def tolerance(self, case, implementation):
         return TOLERANCE["float32"], TOLERANCE[case.dtype]  # products of bf16 are exact in fp32
 
 
@@ -234,7 +243,7 @@ class TestAttention(KernelVsOracle):
     def oracle(self, case):
         return lambda q, k, v, mask, causal: attention_reference(q, k, v, mask, 0.2).astype(q.dtype)
 
-    def tolerance(self, case):
+    def tolerance(self, case, implementation):
         return TOLERANCE[case.dtype], TOLERANCE[case.dtype]
 
 
@@ -263,10 +272,13 @@ def test_attention_blockwise_small_blocks(b, t, s, heads, blocks, tile):
 def test_every_dispatch_table_entry_is_in_a_battery_or_named_here():
     """An implementation added to a dispatch table without a battery line fails here, not silently."""
     on_tpu_only = {"pallas_tpu"}  # compiled for TPU topologies (libtpu, compile-only) in the ops' own tests
+    on_gpu_only = {"pallas_gpu"}  # compiled for an H100 target in test_gpu_deviceless.py
+    interpreted_elsewhere = set() if GPU_INTERPRETED else {"pallas_gpu_interpret"}  # the GPU-kernel environment's
     for table, battery in ((gated_delta_rule.IMPLEMENTATIONS, TestGatedDeltaRule),
                            (gated_delta_rule.IMPLEMENTATIONS, TestGatedDeltaRuleStep),
                            (grouped_matmul.IMPLEMENTATIONS, TestGroupedMatmul),
                            (attention.IMPLEMENTATIONS, TestAttention)):
-        untested = set(table) - set(battery.IMPLEMENTATIONS) - on_tpu_only - {"recurrent"}  # recurrent: the oracle
+        untested = (set(table) - set(battery.IMPLEMENTATIONS) - on_tpu_only - on_gpu_only - interpreted_elsewhere
+                    - {"recurrent"})  # recurrent: the oracle
         assert not untested, f"{battery.__name__}: no battery line for {sorted(untested)}"
     assert set(matmul.IMPLEMENTATIONS) - set(TestMatmul.IMPLEMENTATIONS) <= (set() if cpu.available() else {"kernel"})

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.grouped_matmul.base import group_metadata
 from pallas_kernels.tpu_common import F32, NN, NT, TN, dot, interpret_params
 
-__all__ = ["grouped_matmul_tpu", "Tiling", "group_metadata"]
-
+__all__ = ["grouped_matmul_tpu", "Tiling"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,31 +39,6 @@ class Tiling:
     tm: int = 512  # rows
     tk: int = 512  # contraction
     tn: int = 512  # output columns
-
-
-class GroupMetadata(NamedTuple):
-    group_ids: jax.Array   # [V] the group of each visit
-    m_tile_ids: jax.Array  # [V] the row tile of each visit
-    starts: jax.Array      # [G] first row of each group
-    ends: jax.Array        # [G] one past its last row
-    num_visits: jax.Array  # [1] visits that do work (the rest repeat the last one's blocks)
-
-
-def group_metadata(group_sizes: jax.Array, m: int, tm: int, *, visit_empty_groups: bool) -> GroupMetadata:
-    sizes = group_sizes.astype(jnp.int32)
-    g = sizes.shape[0]
-    ends = jnp.cumsum(sizes, dtype=jnp.int32)
-    starts = ends - sizes
-    tiles_m = pl.cdiv(m, tm)
-    first = jnp.minimum(starts // tm, tiles_m - 1)
-    last = (jnp.maximum(ends, 1) - 1) // tm
-    visits = jnp.where(sizes > 0, last - first + 1, 1 if visit_empty_groups else 0)
-    offsets = jnp.cumsum(visits, dtype=jnp.int32)
-    total = offsets[-1]
-    i = jnp.minimum(jnp.arange(tiles_m + g, dtype=jnp.int32), jnp.maximum(total - 1, 0))
-    group = jnp.minimum(jnp.searchsorted(offsets, i, side="right"), g - 1).astype(jnp.int32)
-    tile = first[group] + i - (offsets[group] - visits[group])
-    return GroupMetadata(group, tile, starts, ends, total[None])
 
 
 def _rows_of_group(meta_refs, i, tm):

@@ -31,6 +31,7 @@ from qwenjax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
 from qwenjax.model.moe import RouterStats, SparseMoeBlock
 from qwenjax.model.vision import VisionTower
 from qwenjax.ops.kernels import Kernels, resolve_kernels
+from qwenjax.ops.platform import platform_of
 from qwenjax.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -144,7 +145,7 @@ class Qwen35ForCausalLM(nnx.Module):
         (`from_pretrained` and `from_config` resolve them for the mesh's devices)."""
         self.config = cfg
         self.kernels = kernels if kernels is not None and kernels.resolved else resolve_kernels(
-            kernels, jax.default_backend())
+            kernels, platform_of())
         kw = dict(rngs=rngs, kernels=self.kernels, param_dtype=param_dtype, dtype=dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(cfg, t, **kw) for t in cfg.layer_types])

@@ -30,6 +30,7 @@ from qwenjax.model.layers import Embed, Linear, apply_rope, normal_init
 from qwenjax.model.positions import check_grid
 from qwenjax.ops.attention import dot_product_attention
 from qwenjax.ops.kernels import Kernels, resolve_kernels
+from qwenjax.ops.platform import platform_of
 from qwenjax.ops.matmul import matmul_wt
 
 LAYER_NORM_EPS = 1e-6  # transformers hard-codes it for every vision LayerNorm (the config has no field)
@@ -292,7 +293,7 @@ class VisionTower(nnx.Module):
                  kernels: Kernels | None = None):
         self.config = cfg
         self.kernels = kernels if kernels is not None and kernels.resolved else resolve_kernels(
-            kernels, jax.default_backend())
+            kernels, platform_of())
         kw = dict(rngs=rngs, kernels=self.kernels, param_dtype=param_dtype, dtype=dtype)
         self.patch_embed = PatchEmbed(cfg, **kw)
         # nn.Embedding in transformers (`pos_embed.weight`), read by weighted gathers, never by token id; it

@@ -21,6 +21,7 @@ from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
 from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_chunked, gated_delta_rule_step
 from qwenjax import _compat, sharding
+from qwenjax.ops.platform import platform_of
 
 IMPLEMENTATIONS = {  # name: (sequence, single token)
     "xla": (gated_delta_rule_chunked, gated_delta_rule_step),
@@ -53,7 +54,7 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     Returns o [B, T, HV, V] (v's dtype) and the fp32 final state [B, HV, K, V] (or every state).
     """
     if implementation == "auto":
-        implementation = auto(jax.default_backend())
+        implementation = auto(platform_of())
     sequence, single_token = IMPLEMENTATIONS[implementation]
     t = q.shape[1]
     if every_state or (t <= STEPWISE_MAX_TOKENS and segment_ids is None):

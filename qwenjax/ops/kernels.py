@@ -6,7 +6,8 @@
 
 A field is resolved once, when a model is built: the argument, else its environment variable
 (`QWENJAX_GATED_DELTA_RULE`, `QWENJAX_GROUPED_MATMUL`, `QWENJAX_EXPERT_PARALLEL`, `QWENJAX_CPU_MATVEC`), else
-"auto", which picks by the platform of the model's devices. The resolved setting lives in the model's graph
+"auto", which picks by the platform of the model's devices (`qwenjax.ops.platform`: NVIDIA Hopper is a platform of
+its own, where the Mosaic GPU kernels run). The resolved setting lives in the model's graph
 definition (a static attribute of the modules that dispatch), so it is part of every compile-cache key, and the
 ops receive it as a static argument: nothing reads the environment while tracing.
 """
@@ -25,7 +26,7 @@ from qwenjax.ops import gated_delta_rule, grouped_matmul, matmul, moe
 class _Field:
     env: str
     choices: tuple[str, ...]
-    auto: Callable[[str], str]  # platform ("cpu", "gpu", "tpu") -> choice
+    auto: Callable[[str], str]  # platform ("cpu", "gpu", "gpu_sm90", "tpu") -> choice
     what: str
 
 
@@ -47,7 +48,8 @@ class Kernels:
 
     - gated_delta_rule: "xla" | "pallas_tpu" | "pallas_tpu_interpret" | "recurrent"
       (auto: pallas_tpu on TPU, xla elsewhere);
-    - grouped_matmul: "ragged_dot" | "pallas_tpu" | "pallas_tpu_interpret" (auto: pallas_tpu on TPU);
+    - grouped_matmul: "ragged_dot" | "pallas_tpu" | "pallas_tpu_interpret" | "pallas_gpu" | "pallas_gpu_interpret"
+      (auto: pallas_tpu on TPU, pallas_gpu on NVIDIA Hopper);
     - expert_parallel: "allgather" | "ragged_all_to_all" | "ragged_all_to_all_emulated"
       (auto: ragged_all_to_all on TPU and GPU);
     - cpu_matvec: "kernel" | "xla": the C++ kernel for products of 1-4 rows on the CPU

@@ -13,6 +13,7 @@ import jax
 from pallas_kernels.matmul import cpu
 from pallas_kernels.matmul.cpu import matmul_cpu
 from pallas_kernels.matmul.xla import matmul_xla
+from qwenjax.ops.platform import platform_of
 
 IMPLEMENTATIONS = {"kernel": matmul_cpu, "xla": matmul_xla}
 
@@ -27,5 +28,5 @@ def matmul_wt(x: jax.Array, w: jax.Array, *, implementation: str = "auto") -> ja
     `implementation` is a name of IMPLEMENTATIONS; "auto" picks by the default backend.
     """
     if implementation == "auto":
-        implementation = auto(jax.default_backend())
+        implementation = auto(platform_of())
     return IMPLEMENTATIONS[implementation](x, w)

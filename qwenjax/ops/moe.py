@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwenjax import _compat, sharding
 from qwenjax.ops.grouped_matmul import grouped_matmul
+from qwenjax.ops.platform import is_gpu, platform_of
 
 
 class Routing(NamedTuple):
@@ -175,7 +176,7 @@ EXPERT_PARALLEL = ("allgather", "ragged_all_to_all", "ragged_all_to_all_emulated
 
 
 def auto_expert_parallel(platform: str) -> str:
-    return "ragged_all_to_all" if platform in ("tpu", "gpu") else "allgather"
+    return "ragged_all_to_all" if platform == "tpu" or is_gpu(platform) else "allgather"
 
 
 def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Array, *,
@@ -197,7 +198,7 @@ def moe_experts(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Ar
     expert_axes = sharding.mesh_axes_for("experts", gate_up.shape[0])
     token_axes = sharding.mesh_axes_for("batch", x.shape[0])
     gathered = tuple(a for a in token_axes if a in expert_axes)
-    method = auto_expert_parallel(jax.default_backend()) if expert_parallel == "auto" else expert_parallel
+    method = auto_expert_parallel(platform_of()) if expert_parallel == "auto" else expert_parallel
     ragged = method != "allgather" and gathered and gathered == expert_axes
     num_shards = math.prod(mesh.shape[a] for a in expert_axes)
 
