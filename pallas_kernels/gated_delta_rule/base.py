@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["L2NORM_EPS", "HIGHEST", "einsum", "l2norm", "prepare", "repeat_heads", "previous_doc"]
+__all__ = ["L2NORM_EPS", "HIGHEST", "einsum", "l2norm", "prepare", "check_step", "repeat_heads", "previous_doc"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 L2NORM_EPS = 1e-6
@@ -81,6 +81,23 @@ def prepare(q, k, v, g, beta, scale, initial_state, segment_ids, use_qk_l2norm):
             [jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
         doc = jnp.cumsum(changed.astype(jnp.int32), axis=1)
     return q, k, v, g, beta, state0, doc
+
+
+def check_step(q, k, v, g, beta, who: str) -> tuple[int, int, int, int, int]:
+    """A decode step's fused kernels take one token: (B, HK, K, HV, V), or a ValueError naming `who`."""
+    if q.ndim != 4 or q.shape[1] != 1:
+        raise ValueError(f"{who} takes one token, q [B, 1, HK, K]; got q{q.shape}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape; got q{q.shape}, k{k.shape}")
+    b, _, hk, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    if hv % hk:
+        raise ValueError(f"number of value heads HV={hv} must be a multiple of the number of q/k heads HK={hk} "
+                         f"(q/k shape {k.shape}, v shape {v.shape})")
+    if v.shape[:2] != (b, 1) or g.shape != (b, 1, hv) or beta.shape != (b, 1, hv):
+        raise ValueError(f"v must be [B, 1, HV, V] and g, beta [B, 1, HV]; got v{v.shape}, g{g.shape}, "
+                         f"beta{beta.shape}")
+    return b, hk, dk, hv, dv
 
 
 def repeat_heads(x, hv):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gated_delta_rule.base import L2NORM_EPS
+from pallas_kernels.gated_delta_rule.base import L2NORM_EPS, check_step
 from pallas_kernels.gated_delta_rule.xla import check_initial_state, chunk_quantities, from_chunks
 from pallas_kernels.tpu_common import F32, NT, TN, dot, interpret_params
 
@@ -288,18 +288,7 @@ def gated_delta_rule_step_tpu(q, k, v, g, beta, *, scale=None, initial_state=Non
 
     The state is read once and written once, in place when the caller donates it.
     """
-    if q.ndim != 4 or q.shape[1] != 1:
-        raise ValueError(f"gated_delta_rule_step_tpu takes one token, q [B, 1, HK, K]; got q{q.shape}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape; got q{q.shape}, k{k.shape}")
-    b, _, hk, dk = q.shape
-    hv, dv = v.shape[2], v.shape[3]
-    if hv % hk:
-        raise ValueError(f"number of value heads HV={hv} must be a multiple of the number of q/k heads HK={hk} "
-                         f"(q/k shape {k.shape}, v shape {v.shape})")
-    if v.shape[:2] != (b, 1) or g.shape != (b, 1, hv) or beta.shape != (b, 1, hv):
-        raise ValueError(f"v must be [B, 1, HV, V] and g, beta [B, 1, HV]; got v{v.shape}, g{g.shape}, "
-                         f"beta{beta.shape}")
+    b, hk, dk, hv, dv = check_step(q, k, v, g, beta, "gated_delta_rule_step_tpu")
     state = check_initial_state(initial_state, k, v)
     ratio = hv // hk
     column = lambda x: jnp.moveaxis(x, 1, -1)                      # [B, 1, H, D] -> [B, H, D, 1]

@@ -126,7 +126,8 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs, blocks, gpu: GpuFacts):
             pl.run_scoped(tile_scope, plgpu.SMEM((bm, bn), jnp.float32))
 
     kernel = plgpu.kernel(
-        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=(gpu.num_sms,), grid_names=("sm",),
+        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=(gpu.num_sms,),
+        grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return kernel(first_visit, meta.group_ids, meta.starts, meta.ends, lhs, rhs)[:m, :n]
 
