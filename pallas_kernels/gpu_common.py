@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-__all__ = ["GpuFacts", "H100", "interpreter_available", "interpreted", "RACE_REPORT"]
+__all__ = ["GpuFacts", "H100", "interpreter_available", "interpreted", "pad_to_multiple", "RACE_REPORT"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,18 @@ class GpuFacts:
 
 
 H100 = GpuFacts(num_sms=132, smem_bytes=227 * 1024)  # H100 SXM and H200: 132 SMs, 227 KiB per block
+
+
+def pad_to_multiple(x, axis: int, multiple: int):
+    """x zero-padded at the end of `axis` to a multiple of `multiple` (whole tiles for the kernels)."""
+    import jax.numpy as jnp
+
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
 
 
 def interpreter_available() -> bool:

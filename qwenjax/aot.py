@@ -227,38 +227,6 @@ def kernel_launches(compiled) -> dict[str, int]:
     return dict(counts)
 
 
-def mosaic_gpu_resources(fn, *args) -> dict[str, dict[str, int]]:
-    """What each Mosaic GPU kernel of `fn(*args)` takes, compiled for the GPU the args' shardings name (shapes on a
-    GPU target's devices, as `topology_devices` gives them): {kernel: {registers, spill_stores, spill_loads (bytes
-    per thread, from ptxas), smem (bytes of dynamic shared memory per block)}}. Turns on Mosaic GPU's dumps
-    (`MOSAIC_GPU_DUMP_TO`, `MOSAIC_GPU_DUMP_PTXAS`) for this compile alone, and clears JAX's caches first (a kernel
-    lowered before would not be lowered, nor dumped, again)."""
-    import os
-    import pathlib
-    import re
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as dump:
-        saved = {k: os.environ.get(k) for k in ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTXAS")}
-        os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1")
-        try:
-            jax.clear_caches()
-            jax.jit(fn).lower(*args).compile()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        found = {}
-        for ptxas in sorted(pathlib.Path(dump).glob("*.ptxas")):
-            text = ptxas.read_text()
-            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-            mlir = ptxas.with_suffix(".after_layout_inference.txt")
-            smem = re.search(r"dynamic_shared_memory_size %c(\d+)", mlir.read_text()) if mlir.exists() else None
-            found[ptxas.stem] = {"registers": int(re.search(r"Used (\d+) registers", text).group(1)),
-                                 "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
-                                 "smem": int(smem.group(1)) if smem else -1}
-    return found
-
-
 def summary(compiled) -> dict[str, float]:
     """Memory per device (bytes) and XLA's cost estimates of a compiled program."""
     memory = compiled.memory_analysis()

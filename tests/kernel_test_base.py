@@ -102,6 +102,7 @@ def parametrize_battery(metafunc) -> None:
         return
     if "implementation" in metafunc.fixturenames:  # the Mosaic GPU lines run in the GPU-kernel environment
         metafunc.parametrize("implementation", [
-            pytest.param(name, marks=pytest.mark.gpu_kernels) if "gpu" in name else name for name in cls.IMPLEMENTATIONS])
+            pytest.param(name, marks=pytest.mark.gpu_kernels) if "gpu" in name else name
+            for name in cls.IMPLEMENTATIONS])
     if "case_id" in metafunc.fixturenames:
         metafunc.parametrize("case_id", list(cls.CASES))

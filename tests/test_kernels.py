@@ -73,7 +73,7 @@ def _with_state(fn):
 class TestGatedDeltaRule(KernelVsOracle):
     """The sequence form (prefill, training) against the token-by-token recurrence."""
 
-    IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret")
+    IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret") + GPU_INTERPRETED
     CASES = {  # every GVA ratio, dtype and option meets the others; T off the chunk size (64), documents on it
         "f32-gva2-t100-state": GdrCase("float32", 2, 100, True, False),
         "f32-gva3-t130-segments": GdrCase("float32", 3, 130, False, True),
@@ -103,7 +103,7 @@ class TestGatedDeltaRule(KernelVsOracle):
 class TestGatedDeltaRuleStep(KernelVsOracle):
     """The single-token form (a decode step) against the recurrence; inference only."""
 
-    IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret")
+    IMPLEMENTATIONS = ("xla", "pallas_tpu_interpret") + GPU_INTERPRETED
     CASES = {f"{SHORT[dtype]}-gva{ratio}": GdrCase(dtype, ratio, 1, True, False)
              for dtype in ("float32", "bfloat16") for ratio in (1, 2, 3)}
     BACKWARD = False

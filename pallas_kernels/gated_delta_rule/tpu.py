@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gated_delta_rule.base import L2NORM_EPS, check_step
-from pallas_kernels.gated_delta_rule.xla import check_initial_state, chunk_quantities, from_chunks
+from pallas_kernels.gated_delta_rule.xla import check_initial_state, from_chunks, state_pass_inputs
 from pallas_kernels.tpu_common import F32, NT, TN, dot, interpret_params
 
 __all__ = ["gated_delta_rule_chunked_tpu", "gated_delta_rule_step_tpu", "SAVE_STATES"]
@@ -248,14 +248,10 @@ def gated_delta_rule_chunked_tpu(q, k, v, g, beta, *, chunk_size=64, scale=None,
       save_states: keep the per-chunk states for the backward instead of recomputing them
         (default `SAVE_STATES`).
     """
-    x, t = chunk_quantities(q, k, v, g, beta, chunk_size=chunk_size, scale=scale, segment_ids=segment_ids,
-                            use_qk_l2norm=use_qk_l2norm)
-    state0 = check_initial_state(initial_state, k, v)
-    operand = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
-    cast = lambda a: a.astype(operand)
-    gates = jnp.concatenate([x.decay_in, x.decay_out], axis=-1)  # [B, HV, N, 2C]
-    o, final_state = _state_pass(cast(x.q), cast(x.k), cast(x.w), cast(x.u), cast(x.attn), gates, state0,
-                                 jnp.dtype(v.dtype),
+    operands, gates, state0, t = state_pass_inputs(q, k, v, g, beta, chunk_size=chunk_size, scale=scale,
+                                                   initial_state=initial_state, segment_ids=segment_ids,
+                                                   use_qk_l2norm=use_qk_l2norm)
+    o, final_state = _state_pass(*operands, gates, state0, jnp.dtype(v.dtype),
                                  SAVE_STATES if save_states is None else bool(save_states), bool(interpret))
     return from_chunks(o, t, v.dtype), final_state
 

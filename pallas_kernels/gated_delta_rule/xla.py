@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule.base import einsum, prepare, previous_doc, repeat_heads
 
 __all__ = ["gated_delta_rule_chunked", "fitted_chunk_size", "gated_delta_rule_step", "ChunkQuantities",
-           "chunk_quantities", "state_pass", "check_initial_state", "from_chunks"]
+           "chunk_quantities", "state_pass", "state_pass_inputs", "check_initial_state", "from_chunks"]
 
 # Masked pairwise exponents are replaced by this *before* exp: exp() gives an
 # exact 0 and, unlike masking after exp, no inf*0 = NaN reaches the gradients.
@@ -246,6 +246,17 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=None, scale=None, i
     state0 = check_initial_state(initial_state, k, v)
     o, final_state = state_pass(x, state0)
     return from_chunks(o, t, v.dtype), final_state
+
+
+def state_pass_inputs(q, k, v, g, beta, *, chunk_size, scale, initial_state, segment_ids, use_qk_l2norm):
+    """What a state-pass kernel takes: (q, k, w, u, attn) as matmul operands (bf16 for bf16 v, else fp32), the
+    gates fp32 [B, HV, N, 2C] (decay_in | decay_out, one row per chunk), the fp32 initial state, and T."""
+    x, t = chunk_quantities(q, k, v, g, beta, chunk_size=chunk_size, scale=scale, segment_ids=segment_ids,
+                            use_qk_l2norm=use_qk_l2norm)
+    operand = jnp.bfloat16 if v.dtype == jnp.bfloat16 else jnp.float32
+    operands = tuple(a.astype(operand) for a in (x.q, x.k, x.w, x.u, x.attn))
+    gates = jnp.concatenate([x.decay_in, x.decay_out], axis=-1)
+    return operands, gates, check_initial_state(initial_state, k, v), t
 
 
 def check_initial_state(initial_state, k, v):

@@ -27,7 +27,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gpu_common import H100, GpuFacts, interpreted
+from pallas_kernels.gpu_common import H100, GpuFacts, interpreted, pad_to_multiple
 from pallas_kernels.grouped_matmul.base import group_metadata
 from pallas_kernels.grouped_matmul.xla import grouped_matmul_xla
 
@@ -51,15 +51,6 @@ class Blocks:
         return self.max_concurrent_steps * stage + self.block_m * self.block_n * 4
 
 
-def _pad_to(x, axis, multiple):
-    pad = -x.shape[axis] % multiple
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
-
-
 def _gmm(lhs, rhs, group_sizes, *, transpose_rhs, blocks, gpu: GpuFacts):
     """[M, n] fp32: lhs [M, k] rows by group times rhs[g] ([G, n, k] if transpose_rhs, else [G, k, n]).
 
@@ -78,8 +69,8 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs, blocks, gpu: GpuFacts):
                          f"more than the {gpu.smem_bytes} a block has ({gpu})")
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    lhs = _pad_to(_pad_to(lhs, 1, bk), 0, bm)
-    rhs = _pad_to(_pad_to(rhs, 2 if transpose_rhs else 1, bk), 1 if transpose_rhs else 2, bn)
+    lhs = pad_to_multiple(pad_to_multiple(lhs, 1, bk), 0, bm)
+    rhs = pad_to_multiple(pad_to_multiple(rhs, 2 if transpose_rhs else 1, bk), 1 if transpose_rhs else 2, bn)
     mp, kp = lhs.shape
     np_ = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiles_m, tiles_n = mp // bm, np_ // bn
@@ -136,7 +127,7 @@ def _transposed_ragged_dot(lhs, rhs, group_sizes, *, blocks, gpu: GpuFacts):
     """[G, N, K] in lhs's dtype, out[g] = Σ_{m in g} lhs[m]ᵀ rhs[m] for lhs [M, N], rhs [M, K]."""
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
     n, k = lhs.shape[1], rhs.shape[1]
-    lhs, rhs = _pad_to(lhs, 1, blocks.block_m), _pad_to(rhs, 1, blocks.block_n)
+    lhs, rhs = pad_to_multiple(lhs, 1, blocks.block_m), pad_to_multiple(rhs, 1, blocks.block_n)
     # The kernel sizes its persistent grid by `jax.devices()[0].core_count`: give it the SM count of the GPU we
     # build for (the CPU devices of the tests and of a deviceless compile have none).
     devices = [types.SimpleNamespace(core_count=gpu.num_sms)]

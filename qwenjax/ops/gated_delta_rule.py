@@ -5,8 +5,12 @@ An implementation is a pair: the function for sequences, and the one for a singl
 - "pallas_tpu": the Mosaic kernels (`pallas_kernels/gated_delta_rule/tpu.py`): the chunked form's state pass
   with a custom VJP, and a fused decode step;
 - "pallas_tpu_interpret": the same kernels through Pallas' TPU interpreter, on any backend (slow; for tests);
+- "pallas_gpu": the Mosaic GPU kernels for Hopper (`pallas_kernels/gated_delta_rule/gpu.py`): the chunked form's
+  state passes forward and backward (bf16; fp32 inputs take the XLA form) and a fused decode step;
+- "pallas_gpu_interpret": the same kernels in Mosaic GPU's interpreter with race detection (CPU, jax >= 0.11);
 - "recurrent": the token-by-token `lax.scan` oracle for both (slow; for checking).
-The choice is the model's `Kernels.gated_delta_rule` ("auto": pallas_tpu on TPU, xla elsewhere).
+The choice is the model's `Kernels.gated_delta_rule` ("auto": pallas_tpu on TPU, pallas_gpu on NVIDIA Hopper,
+xla elsewhere).
 """
 
 from __future__ import annotations
@@ -18,22 +22,26 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_recurrent
+from pallas_kernels.gated_delta_rule.gpu import gated_delta_rule_chunked_gpu, gated_delta_rule_step_gpu
 from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_chunked, gated_delta_rule_step
 from qwenjax import _compat, sharding
-from qwenjax.ops.platform import platform_of
+from qwenjax.ops.platform import HOPPER, platform_of
 
 IMPLEMENTATIONS = {  # name: (sequence, single token)
     "xla": (gated_delta_rule_chunked, gated_delta_rule_step),
     "pallas_tpu": (gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu),
     "pallas_tpu_interpret": (functools.partial(gated_delta_rule_chunked_tpu, interpret=True),
                              functools.partial(gated_delta_rule_step_tpu, interpret=True)),
+    "pallas_gpu": (gated_delta_rule_chunked_gpu, gated_delta_rule_step_gpu),
+    "pallas_gpu_interpret": (functools.partial(gated_delta_rule_chunked_gpu, interpret=True),
+                             functools.partial(gated_delta_rule_step_gpu, interpret=True)),
     "recurrent": (gated_delta_rule_recurrent, gated_delta_rule_recurrent),
 }
 
 
 def auto(platform: str) -> str:
-    return "pallas_tpu" if platform == "tpu" else "xla"
+    return {"tpu": "pallas_tpu", HOPPER: "pallas_gpu"}.get(platform, "xla")
 
 
 STEPWISE_MAX_TOKENS = 8  # up to this many tokens without documents run one at a time through the decode step

@@ -46,8 +46,8 @@ _FIELDS = {
 class Kernels:
     """One implementation name per hot op; None (unset) or "auto" until `resolve` fills it in.
 
-    - gated_delta_rule: "xla" | "pallas_tpu" | "pallas_tpu_interpret" | "recurrent"
-      (auto: pallas_tpu on TPU, xla elsewhere);
+    - gated_delta_rule: "xla" | "pallas_tpu" | "pallas_tpu_interpret" | "pallas_gpu" | "pallas_gpu_interpret"
+      | "recurrent" (auto: pallas_tpu on TPU, pallas_gpu on NVIDIA Hopper, xla elsewhere);
     - grouped_matmul: "ragged_dot" | "pallas_tpu" | "pallas_tpu_interpret" | "pallas_gpu" | "pallas_gpu_interpret"
       (auto: pallas_tpu on TPU, pallas_gpu on NVIDIA Hopper);
     - expert_parallel: "allgather" | "ragged_all_to_all" | "ragged_all_to_all_emulated"
