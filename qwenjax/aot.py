@@ -215,7 +215,10 @@ def kernel_launches(compiled) -> dict[str, int]:
     text = compiled.as_text()
     entry = text[text.index("\nENTRY "):]
     entry = entry[:entry.index("\n}")]
-    detail = {"fusion": r"kind=(\w+)", "custom-call": r'custom_call_target="([^"]+)"'}  # what tells them apart
+    # what tells them apart: a fusion's kind, then for a custom fusion (GPU) what its backend made of it (a Triton
+    # GEMM, a Triton elementwise or reduction kernel, a dynamic-slice fusion around a library or Mosaic call, ...)
+    detail = {"fusion": r"kind=(\w+)", "custom-call": r'custom_call_target="([^"]+)"'}
+    custom_fusion = r'"fusion_backend_config":\{"kind":"_*([^"]+)"(?:,"custom_fusion_config":\{"name":"([^"]+)")?'
     counts: collections.Counter = collections.Counter()
     for line in entry.splitlines()[1:]:
         m = re.search(r"= (?:\S+|\([^=]*\)) ([\w-]+)\(", line)  # "= shape opcode(" or "= (tuple shape) opcode("
@@ -223,7 +226,10 @@ def kernel_launches(compiled) -> dict[str, int]:
             continue
         kind = m.group(1)
         sub = re.search(detail[kind], line) if kind in detail else None
-        counts[f"{kind}:{sub.group(1)}" if sub else kind] += 1
+        name = f"{kind}:{sub.group(1)}" if sub else kind
+        if name == "fusion:kCustom" and (backend := re.search(custom_fusion, line)):
+            name += ":" + (backend.group(2) or backend.group(1))
+        counts[name] += 1
     return dict(counts)
 
 
