@@ -105,3 +105,21 @@ def test_dense_model_with_interpreted_gpu_kernels_equals_xla_path(capfd):
     noise, _ = gradient_errors(runs["recurrent"][1], ga)
     bad = {k: (v, noise[k]) for k, v in per.items() if not v <= 4e-2 + 2 * noise[k]}
     assert not bad, bad
+
+
+def test_the_gpu_check_script_runs_every_section_at_tiny_shapes(tmp_path):
+    """scripts/gpu_check.py --smoke: the code a lent GPU runs, here in the interpreter, so that device time is not
+    spent on a bug in it. Every section reports, and the kernels agree with XLA as the battery demands."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert {r["section"] for r in rows} == {"gdn", "step", "gmm", "train"}
+    errors = [e for r in rows for e in r.get("errors", {}).values()]
+    assert errors and max(errors) < 2e-2, rows
+    assert all(r["ms"] > 0 for r in rows if "ms" in r)
