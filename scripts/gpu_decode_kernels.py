@@ -23,6 +23,7 @@ def main() -> int:
     p.add_argument("--batch", default="1,32")
     p.add_argument("--max-len", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--gated-delta-rule", default="auto", help="the Kernels setting (auto: pallas_gpu on an H100)")
     args = p.parse_args()
 
     import jax
@@ -31,12 +32,13 @@ def main() -> int:
     from qwenjax.config import load_config, resolve_config
 
     cfg = load_config(resolve_config(args.config))
-    print(f"{args.config} decode step, {args.dtype}, cache of {args.max_len} slots, compiled for {args.target} "
-          f"(jax {jax.__version__}, no GPU)")
+    print(f"{args.config} decode step, {args.dtype}, cache of {args.max_len} slots, gated delta rule "
+          f"{args.gated_delta_rule}, compiled for {args.target} (jax {jax.__version__}, no GPU)")
     print("| batch | launches per step | by kind |")
     print("|---|---|---|")
     for batch in (int(b) for b in args.batch.split(",")):
-        compiled = aot.compile_decode_step(cfg, args.target, batch=batch, max_len=args.max_len, dtype=args.dtype)
+        compiled = aot.compile_decode_step(cfg, args.target, batch=batch, max_len=args.max_len, dtype=args.dtype,
+                                           kernels={"gated_delta_rule": args.gated_delta_rule})
         kinds = aot.kernel_launches(compiled)
         detail = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
         print(f"| {batch} | {sum(kinds.values())} | {detail} |")

@@ -282,3 +282,15 @@ def test_every_dispatch_table_entry_is_in_a_battery_or_named_here():
                     - {"recurrent"})  # recurrent: the oracle
         assert not untested, f"{battery.__name__}: no battery line for {sorted(untested)}"
     assert set(matmul.IMPLEMENTATIONS) - set(TestMatmul.IMPLEMENTATIONS) <= (set() if cpu.available() else {"kernel"})
+
+
+def test_one_row_bf16_product_is_padded_for_the_cpu_only():
+    """XLA:CPU gets a one-row bf16 product as two rows (its GEMM path); a program lowered for a GPU or TPU must
+    not, also when it is lowered on a CPU host (a deviceless compile): the choice is made per lowering platform."""
+    from pallas_kernels.matmul.xla import matmul_xla
+
+    x, w = jax.ShapeDtypeStruct((1, 64), jnp.bfloat16), jax.ShapeDtypeStruct((32, 64), jnp.bfloat16)
+    lowered = {platform: jax.jit(matmul_xla).trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+               for platform in ("cpu", "cuda", "tpu")}
+    assert "concatenate" in lowered["cpu"]
+    assert "concatenate" not in lowered["cuda"] and "concatenate" not in lowered["tpu"]
