@@ -348,3 +348,15 @@ def test_heads_not_divisible_raises(fn):
     g = beta = np.zeros((BATCH, 8, 3), np.float32)
     with pytest.raises(ValueError, match=r"HV=3.*HK=2"):
         fn(q, k, v, g, beta)
+
+
+def test_fp32_products_are_highest_precision_when_lowered_for_tpu_or_gpu_on_a_cpu_host():
+    """The XLA form's fp32 products: HIGHEST wherever the default would round operands (TPU bf16 passes, GPU tf32),
+    also in a program lowered on this CPU host for those platforms (qwenjax.aot); plain on CPU, where it is exact."""
+    from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_chunked
+
+    q, k, v, g, beta, _ = make_inputs(0, t=64)
+    fn = jax.jit(lambda *a: gated_delta_rule_chunked(*a)[0])
+    lowered = {p: fn.trace(q, k, v, g, beta).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    assert "HIGHEST" not in lowered["cpu"]
+    assert "HIGHEST" in lowered["cuda"] and "HIGHEST" in lowered["tpu"]

@@ -17,9 +17,12 @@ L2NORM_EPS = 1e-6
 
 
 def einsum(spec, *operands):
-    # fp32 dots are exact fp32 on CPU whatever the precision flag, and HIGHEST takes a slower path there.
-    precision = None if jax.default_backend() == "cpu" else HIGHEST
-    return jnp.einsum(spec, *operands, precision=precision)
+    """jnp.einsum at full fp32 precision on every platform. fp32 dots are exact on CPU whatever the precision flag
+    (HIGHEST takes a slower path there); TPU and GPU round fp32 operands unless told HIGHEST (bf16 passes, tf32).
+    Chosen per lowering platform, not by the default backend: a program compiled on a CPU host for a TPU or GPU
+    (`qwenjax.aot`) must get HIGHEST."""
+    product = lambda precision: lambda *ops: jnp.einsum(spec, *ops, precision=precision)
+    return jax.lax.platform_dependent(*operands, cpu=product(None), default=product(HIGHEST))
 
 
 def l2norm(x):
