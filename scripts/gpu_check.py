@@ -17,7 +17,8 @@ Sections, each independent (one failing is reported and the rest go on):
 - train: the 0.8B train step (bf16, 2 x 2048 tokens) and its MFU, 6 · parameters · tokens flops over the GPU's
   dense bf16 peak.
 Times are medians of --repeats calls after a warm-up (compilation), each call waited for (`block_until_ready`;
-torch: CUDA events). Writes DIR/gpu_check.json and DIR/gpu_check.md, and prints the table.
+torch: CUDA events). A kernel more than TOLERANCE off the XLA path fails its section (exit status 1). Writes
+DIR/gpu_check.json and DIR/gpu_check.md, and prints the table.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM; the H200 has the H100's tensor cores
+TOLERANCE = 2e-2  # max |error| / max |XLA's|: bf16 operands where XLA computes in fp32 (the battery's bound)
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
@@ -273,6 +275,10 @@ def main() -> int:
         start = time.perf_counter()
         try:
             globals()[section](args, rows)
+            worst = max((e for r in rows if r["section"] == section for e in r.get("errors", {}).values()), default=0.0)
+            if worst > TOLERANCE:
+                failed.append(section)
+                print(f"gpu_check: {section}: a kernel is {worst:.3g} off the XLA path (> {TOLERANCE})", flush=True)
         except Exception:  # report and go on: one section's failure must not cost the others' device time
             failed.append(section)
             rows.append({"section": section, "impl": "FAILED", "error": traceback.format_exc(limit=3)[-400:]})
