@@ -333,12 +333,13 @@ def _state_pass_bwd(out_dtype, interpret, residuals, cotangents):
     dt = w.dtype
     decay_in, decay_out = gates[..., :c, None], gates[..., c:, None]
     do = do.astype(F32)
+    dq_in = (decay_in * do).astype(dt)  # d(Q S)
     with interpreted(interpret):
         # the state entering each chunk, recomputed (a second forward pass, as the TPU kernels do by default)
         (states,) = _state_pass_forward_call(q, k, w, u, attn, gates, s0, out_dtype=out_dtype, emit_output=False,
                                              emit_states=True)
         dstates, du, ds0 = _state_gradient_pass_call(q, k, w, _matmul("bhnij,bhniv->bhnjv", attn, do.astype(dt)),
-                                                     (decay_in * do).astype(dt), gates, dfinal.astype(F32),
+                                                     dq_in, gates, dfinal.astype(F32),
                                                      du_dtype=u.dtype)
     # Everything else for all chunks at once (batched matmuls), from each chunk's entering state S and the
     # gradient dS of its leaving one: the TPU backward kernel's per-chunk formulas.
@@ -348,7 +349,7 @@ def _state_pass_bwd(out_dtype, interpret, residuals, cotangents):
     k_ds = _matmul("bgnck,bgrnkv->bgrncv", k, ds_op)
     q_s = _matmul("bgnck,bgrnkv->bgrncv", q, s_op)
     do_g = grouped(do)
-    dq = _matmul("bgrncv,bgrnkv->bgnck", grouped((decay_in * do).astype(dt)), s_op)
+    dq = _matmul("bgrncv,bgrnkv->bgnck", grouped(dq_in), s_op)
     dk = _matmul("bgrncv,bgrnkv->bgnck", (grouped(decay_out) * v_new).astype(dt), ds_op)
     dw = -_matmul("bgrncv,bgrnkv->bgrnck", grouped(du.astype(dt)), s_op)
     dattn = _matmul("bgrniv,bgrnjv->bgrnij", do_g.astype(dt), v_new.astype(dt))
