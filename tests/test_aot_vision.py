@@ -1,11 +1,12 @@
 """`qwenjax.aot`'s multimodal programs: the image batch it lays out, and the forward with images compiled for a TPU
-topology (libtpu's compile-only devices; skipped without libtpu)."""
+topology (libtpu's compile-only devices; skipped where libtpu is not installed, failed where it is broken)."""
 
 import json
 
 import numpy as np
 import pytest
 
+from compile_targets import require_libtpu
 from qwenjax import aot
 from qwenjax.config import config_from_dict, load_config
 from qwenjax.inputs import vision_inputs, vision_positions
@@ -47,7 +48,7 @@ def test_image_batch_rejects_what_cannot_be_laid_out(kw, match):
 
 
 def test_multimodal_forward_compiles_for_tpu():
-    pytest.importorskip("libtpu", reason="compiling for TPU needs libtpu (the test extra installs it)")
+    require_libtpu()
     cfg = _tiny_multimodal()
     compiled = aot.compile_multimodal_forward(cfg, "v5e:2x2", batch=4, seq=64, image_size=16, logits_to_keep=1)
     assert compiled.out_info.shape == (4, 1, cfg.vocab_size)  # the last position's logits of each row

@@ -11,6 +11,7 @@ import qwenjax
 from pallas_kernels.grouped_matmul.tpu import grouped_matmul_tpu
 from qwenjax import Kernels
 from qwenjax.pretrained import forward
+from compile_targets import tpu_devices
 from qwenjax.testing import gradient_errors
 from qwenjax.train.loss import next_token_loss
 
@@ -48,12 +49,7 @@ def test_moe_model_with_kernels_equals_xla_path():
 
 
 def _tpu_device(topology="v5e:2x2"):
-    from qwenjax import aot
-
-    try:
-        return aot.topology_devices(topology)[0]
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    return tpu_devices(topology)[0]
 
 
 def test_kernels_compile_for_tpu_at_the_35b_a3b_expert_shape():

@@ -15,8 +15,8 @@ from qwenjax.model.positions import multimodal_positions
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import Qwen3_5Config
-from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5Model
+from transformers import Qwen3_5Config  # noqa: E402
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5Model  # noqa: E402
 
 # Only the config's merge size and token ids matter to `get_rope_index`; the model is tiny so building it is cheap.
 TEXT = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.matmul.xla import matmul_xla
 
-__all__ = ["matmul_cpu", "matvec", "available", "require", "applies", "MAX_ROWS", "TARGETS"]
+__all__ = ["matmul_cpu", "matvec", "available", "require", "applies", "compiler", "MAX_ROWS", "TARGETS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matvec.c
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler the kernel is built with, or None where the machine has none."""
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -87,7 +88,7 @@ def _build(cxx: str) -> str:
 @functools.cache
 def _build_and_register() -> str | None:
     """Builds and registers the kernel once per process; None, or why it cannot be had (also in a warning)."""
-    cxx = _compiler()
+    cxx = compiler()
     try:
         if cxx is None:
             raise RuntimeError("no C++ compiler found ($CXX, g++, c++, clang++)")
