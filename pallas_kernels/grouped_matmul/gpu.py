@@ -128,6 +128,9 @@ def _transposed_ragged_dot(lhs, rhs, group_sizes, *, blocks, gpu: GpuFacts):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
     n, k = lhs.shape[1], rhs.shape[1]
     lhs, rhs = pad_to_multiple(lhs, 1, blocks.block_m), pad_to_multiple(rhs, 1, blocks.block_n)
+    # The kernel reads the rows (its contraction) by TMA in tiles of 8: M off a multiple of 8 does not lower for
+    # a GPU (the interpreter runs it). Zero rows past every group add nothing.
+    lhs, rhs = pad_to_multiple(lhs, 0, 8), pad_to_multiple(rhs, 0, 8)
     # The kernel sizes its persistent grid by `jax.devices()[0].core_count`: give it the SM count of the GPU we
     # build for (the CPU devices of the tests and of a deviceless compile have none).
     devices = [types.SimpleNamespace(core_count=gpu.num_sms)]
