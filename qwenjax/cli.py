@@ -423,8 +423,19 @@ def cmd_finetune(args) -> int:
         targets = tuple(args.lora_targets.split(",")) if args.lora_targets else ALL_TARGETS
         lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
                           dropout=args.lora_dropout, targets=targets, seed=args.seed)
-    tokenizer = Tokenizer(args.model)  # before the weights: a checkpoint without one fails at once
-    model = qwenjax.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
+    path = args.model
+    if path is None:
+        from qwenjax.demo import DEFAULT_MODEL_DIR
+
+        path = DEFAULT_MODEL_DIR
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"no --model given, and the bundled model {path} is missing (run python "
+                                    "scripts/train_default_model.py, or pass --model DIR)")
+        print(f"No --model given: fine-tuning the bundled {path} — a small Qwen3.5 trained from scratch on "
+              "Python's documentation by scripts/train_default_model.py, for trying the command out. Pass --model "
+              "DIR for a real checkpoint.", file=sys.stderr, flush=True)
+    tokenizer = Tokenizer(path)  # before the weights: a checkpoint without one fails at once
+    model = qwenjax.from_pretrained(path, dtype=args.dtype, mesh=args.mesh)
     history = finetune(model, tokenizer, args.data, args.out, train=train, run=run, lora=lora, resume=args.resume,
                        overwrite=args.overwrite)
     if history:
@@ -497,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_flags(c)
     c.set_defaults(fn=cmd_chat)
     t = sub.add_parser("finetune", help="fine-tune on a JSONL file (full or LoRA), with checkpoints and resume")
-    t.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with tokenizer)")
+    t.add_argument("--model", help="local Hugging Face checkpoint directory, with its tokenizer (default: the "
+                   "bundled tiny-pydoc model, to try the command)")
     t.add_argument("--data", required=True,
                    help='JSONL: {"text": ...} or {"messages": [...]} per line; with a vision model, a message\'s '
                         'content may list {"type": "image", "image": PATH} parts (paths relative to the file)')

@@ -82,3 +82,33 @@ def test_packing_is_deterministic_complete_and_resumable(tokenizer, tmp_path):
     resumed = list(itertools.islice(stream.from_position(position), 2))
     for (a, _), (b, _) in zip(first[3:], resumed):
         assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_data_smaller_than_a_batch_repeats_its_epoch_and_resumes(tokenizer, tmp_path):
+    """40 short samples, one epoch a few rows: each batch packs the epoch several times over, shuffled anew each
+    time; every batch is full, and a resumed stream continues with the same batches."""
+    lines = [json.dumps({"text": f"sample {i} " * (1 + i % 3)}) for i in range(40)]
+    samples, _ = read_jsonl(_write(tmp_path / "small.jsonl", lines), tokenizer, max_len=256,
+                            eos_id=tokenizer.token_to_id("<|endoftext|>"))
+    one_epoch = len(pack_epoch(samples, 256, seed=0, epoch=0)["input_ids"])
+    stream = PackedBatches(samples, pack_len=256, rows=4, grad_accum=2, seed=0)
+    assert one_epoch < 8
+    first = list(itertools.islice(iter(stream), 4))
+    rows, epochs = stream.group(0)
+    assert len(rows) >= 8 and epochs > 1
+    assert f"packs into {one_epoch} rows of 256 tokens" in stream.repeats()
+    # the group is its epochs' shuffles one after the other: every sample `epochs` times, in differing orders
+    laid = [s.line for row in rows for s in row]
+    assert sorted(laid) == sorted([s.line for s in samples] * epochs)
+    n = len(samples)
+    assert all(laid[i * n:(i + 1) * n] != laid[(i + 1) * n:(i + 2) * n] for i in range(epochs - 1))
+    for batch, _ in first:
+        assert batch["input_ids"].shape == (2, 4, 256) and batch["attention_mask"].any(-1).all()  # no empty row
+    # here a group fills one batch: the next batch starts the next group, the epochs after the ones packed
+    assert [p for _, p in first[:2]] == [{"epoch": 0, "row": 8}, {"epoch": epochs, "row": 8}]
+    assert not np.array_equal(first[0][0]["input_ids"], first[1][0]["input_ids"])
+    resumed = list(itertools.islice(stream.from_position(first[1][1]), 2))
+    for (a, pa), (b, pb) in zip(first[2:], resumed):
+        assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
+    # data that fills a batch keeps one epoch per group (the positions of runs written before repeating existed)
+    assert PackedBatches(samples, pack_len=256, rows=1, grad_accum=1, seed=0).repeats() is None

@@ -11,8 +11,10 @@ them: `{"type": "text", "text": ...}`, `{"type": "image", "image": "pictures/cat
 and keeps its grid and its sample's multimodal positions; the pixels are decoded again when a batch needs them, so
 a large image set never sits in memory. Pad tokens of pictures are never loss targets.
 
-Packing is deterministic: the samples of epoch e are shuffled with `seed + e` and laid greedily into rows of
-`pack_len` tokens, each document with its own segment id. A position (epoch, row) is all a resumed run needs.
+Packing is deterministic: the samples of epoch e are shuffled by (seed, e) and laid greedily into rows of
+`pack_len` tokens, each document with its own segment id. Data too small to fill one batch is repeated: the epochs
+from e on, each shuffled anew, are packed as one stream until their rows fill a batch (`PackedBatches.group`), as
+other trainers repeat a small dataset. A position (the group's first epoch, row) is all a resumed run needs.
 With pictures, a batch also holds each row's [3, T] positions (every document's own, from 0) and its pictures
 (`qwenjax.inputs.PackedVision`: every picture of a micro-batch in token order, padded to a power-of-two patch
 capacity, so a run compiles once per capacity it meets).
@@ -205,19 +207,27 @@ def read_jsonl(path: str | os.PathLike, tokenizer, *, max_len: int, eos_id: int 
     return samples, problems
 
 
-def pack_rows(samples: list[Sample], pack_len: int, seed: int, epoch: int) -> list[list[Sample]]:
-    """The samples of each row of one epoch: shuffled by (seed, epoch), laid greedily in order."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(samples))
+def pack_rows(samples: list[Sample], pack_len: int, seed: int, epoch: int, epochs: int = 1) -> list[list[Sample]]:
+    """The samples of each row of epochs `epoch` .. `epoch + epochs - 1` packed as one stream: each epoch's samples
+    shuffled by (seed, epoch), laid greedily in order."""
     rows: list[list[Sample]] = [[]]
     used = 0
-    for i in order:
+    for e in range(epoch, epoch + epochs):
+        used = _lay(rows, used, samples, pack_len, seed, e)
+    return rows
+
+
+def _lay(rows: list[list[Sample]], used: int, samples: list[Sample], pack_len: int, seed: int, epoch: int) -> int:
+    """Lays epoch `epoch`'s shuffled samples after `rows` (whose last row holds `used` tokens); returns the tokens
+    the last row then holds."""
+    for i in np.random.default_rng([seed, epoch]).permutation(len(samples)):
         s = samples[i]
         if used + len(s.ids) > pack_len:
             rows.append([])
             used = 0
         rows[-1].append(s)
         used += len(s.ids)
-    return rows
+    return used
 
 
 def pack_epoch(samples: list[Sample], pack_len: int, seed: int, epoch: int, *,
@@ -283,22 +293,45 @@ class PackedBatches:
     seed: int = 0
     vision: VisionData | None = None
 
+    def __post_init__(self):
+        if not self.samples:
+            raise DataError("no samples to pack")
+
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
         return self.from_position({"epoch": 0, "row": 0})
 
+    def group(self, epoch: int) -> tuple[list[list[Sample]], int]:
+        """(the rows' samples, the number of epochs) of the group of batches that starts at `epoch`: that epoch
+        alone when its rows fill at least one batch; else it and the epochs after it, each shuffled anew, packed as
+        one stream, as many as fill one batch."""
+        per_batch, rows, used, epochs = self.rows * self.grad_accum, [[]], 0, 0
+        while epochs == 0 or len(rows) < per_batch:
+            used = _lay(rows, used, self.samples, self.pack_len, self.seed, epoch + epochs)
+            epochs += 1
+        return rows, epochs
+
+    def repeats(self) -> str | None:
+        """None when an epoch fills a batch; else a sentence saying how the data is repeated to fill one."""
+        _, epochs = self.group(0)
+        if epochs == 1:
+            return None
+        n = len(pack_rows(self.samples, self.pack_len, self.seed, 0))
+        return (f"the data ({len(self.samples)} samples) packs into {n} row{'s' * (n != 1)} of {self.pack_len} "
+                f"tokens, fewer than one batch ({self.rows} rows x {self.grad_accum} micro-batches): each batch "
+                f"repeats the epoch about {epochs} times, shuffled anew each time (a row may hold a sample more than "
+                "once; the rows left over after a batch are dropped)")
+
     def from_position(self, position: dict[str, int]) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
-        """Yields (batch, position after it). A batch never spans two epochs: an epoch's last rows that do not
-        fill one are dropped."""
+        """Yields (batch, position after it). A batch never spans two groups (`group`: one epoch, or as many as
+        fill a batch): a group's last rows that do not fill one are dropped. The position is the group's first
+        epoch and the row after the batch."""
         epoch, row = int(position["epoch"]), int(position["row"])
         per_batch = self.rows * self.grad_accum
         pictures = self.vision is not None and any(s.pictures for s in self.samples)
         while True:
-            samples = pack_rows(self.samples, self.pack_len, self.seed, epoch)
+            samples, epochs = self.group(epoch)
             rows = pack_arrays(samples, self.pack_len, positions=pictures)
             n = len(rows["input_ids"])
-            if n < per_batch:
-                raise DataError(f"an epoch packs into {n} rows of {self.pack_len} tokens, fewer than one batch "
-                                f"({self.rows} rows x {self.grad_accum} micro-batches)")
             while row + per_batch <= n:
                 batch = {k: v[row:row + per_batch].reshape(self.grad_accum, self.rows, *v.shape[1:])
                          for k, v in rows.items()}
@@ -309,4 +342,4 @@ class PackedBatches:
                          for a in range(self.grad_accum)], self.vision)
                 row += per_batch
                 yield batch, {"epoch": epoch, "row": row}
-            epoch, row = epoch + 1, 0
+            epoch, row = epoch + epochs, 0

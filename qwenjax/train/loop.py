@@ -10,12 +10,13 @@ Orbax writes each checkpoint under a temporary name and renames it when complete
 whole checkpoints; `resume=True` continues from the newest one with the same data position, and the metrics log
 is cut back to that step, so the loss curve of a resumed run is the uninterrupted run's. A run directory holds
 one run: a new run into a used one is refused unless asked to overwrite it, and a resume with other settings is
-refused, naming them.
+refused, naming them. Nothing is written before the first step has run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -78,8 +79,10 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
     returns the metrics of the steps run.
 
     `out_dir` must be new or empty, unless `resume` (continue the run it holds: the settings that shape the run
-    must be the ones it recorded) or `overwrite` (replace the run it holds). Nothing is written before the data
-    has been read and the training state built, so a run that fails to start leaves the directory as it was.
+    must be the ones it recorded) or `overwrite` (replace the run it holds). Nothing is written before the first
+    step has run (the data read and packed, the training state built, the step compiled and run to a finite loss),
+    so a run that fails to start leaves the directory as it was: absent, or holding what it held. Data too small to
+    fill one batch is repeated, each epoch shuffled anew (`PackedBatches.group`), and a warning says so.
     A run stops with `TrainingDiverged` at the first step whose loss or gradient norm is not finite.
 
     The model's dtype and mesh are the run's: the mesh spreads the weights, optimizer state and batch rows over
@@ -117,55 +120,71 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
     elif _entries(out_dir) and not overwrite:
         raise RunDirectoryError(f"{out_dir} is not empty ({', '.join(_entries(out_dir)[:4])}): pass resume to continue "
                                 "the run it holds, overwrite to replace it, or choose a new directory")
+    packer = PackedBatches(samples, run.pack_len, run.rows, train.grad_accum, train.seed, vision)
+    if (repeats := packer.repeats()) is not None:
+        log.warning("%s", repeats)
     m = add_lora(model, lora) if lora is not None else model
     step_fn = jit_train_step(m.graphdef, train, m.mesh, m.rules)
     state = init_state(m.params, train)
     position = {"epoch": 0, "row": 0}
-    if jax.process_count() > 1:  # every process has checked the directory before process 0 changes it
-        multihost_utils.sync_global_devices(f"qwenjax finetune {out_dir}")
-    if primary and not resuming:
-        for name in _RUN_ENTRIES:  # overwrite: only what a run writes; anything else in the directory stays
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        os.makedirs(out_dir, exist_ok=True)
-        _write_atomic(os.path.join(out_dir, RUN_RECORD), (json.dumps(record, indent=2) + "\n").encode())
-
     checkpoints = os.path.join(out_dir, "checkpoints")
-    if primary:
-        _remove_unfinished_checkpoints(checkpoints)
-    manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(
-        max_to_keep=run.keep_checkpoints))
     metrics_file = os.path.join(out_dir, "metrics.jsonl")
-    if resuming:
-        state, position = _restore_newest(manager, state, position)
+    manager = None
+    if resuming:  # a run directory already: what it holds is read (a cut-off save removed) before the first step
+        _sync(f"qwenjax finetune {out_dir}: checked")
         if primary:
-            _truncate_metrics(metrics_file, int(state.step))
+            _remove_unfinished_checkpoints(checkpoints)
+        _sync(f"qwenjax finetune {out_dir}: cleaned")
+        manager = _manager(checkpoints, run)
+        state, position = _restore_newest(manager, state, position)
 
-    batches = PackedBatches(samples, run.pack_len, run.rows, train.grad_accum, train.seed,
-                            vision).from_position(position)
+    def start_writing():
+        """After the first step has run (or, resuming a finished run, at once): the directory takes the run."""
+        nonlocal manager
+        _sync(f"qwenjax finetune {out_dir}: started")  # every process has checked it before process 0 changes it
+        if primary and not resuming:
+            for name in _RUN_ENTRIES:  # overwrite: only what a run writes; anything else in the directory stays
+                path = os.path.join(out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+            os.makedirs(out_dir, exist_ok=True)
+            _write_atomic(os.path.join(out_dir, RUN_RECORD), (json.dumps(record, indent=2) + "\n").encode())
+        if primary and resuming:
+            _truncate_metrics(metrics_file, first)  # the lines of the steps after the checkpoint resumed from
+        _sync(f"qwenjax finetune {out_dir}: written")
+        manager = manager or _manager(checkpoints, run)
+        return open(metrics_file if primary else os.devnull, "a")
+
     first, last = int(state.step), train.total_steps
+    if first < last:  # the first batch is packed (its pictures read) before anything is written
+        batches = packer.from_position(position)
+        batches = itertools.chain([next(batches)], batches)
     bar = _progress(first, last) if progress and primary else None
-    history = []
-    with open(metrics_file if primary else os.devnull, "a") as log:
+    history, metrics_log = [], None
+    try:
         for step in range(first, last):
             batch, position = next(batches)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             metrics.update(step=step + 1, tokens_per_s=metrics["tokens"] / (time.perf_counter() - t0))
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+            if metrics_log is None and finite:
+                metrics_log = start_writing()
+            if metrics_log is not None:
+                metrics_log.write(json.dumps(metrics) + "\n")
+                metrics_log.flush()
             history.append(metrics)
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                newest = manager.latest_step()
+            if not finite:
+                newest = manager.latest_step() if manager is not None else None
                 raise TrainingDiverged(
                     f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} (not finite); "
                     f"stopped without saving it. The newest checkpoint is "
-                    f"{'step ' + str(newest) if newest is not None else 'none'}; a lower learning rate "
-                    f"(now {metrics['learning_rate']:.3g}) or clipping may help")
+                    f"{'step ' + str(newest) if newest is not None else 'none'}"
+                    f"{'' if metrics_log is not None else f' ({out_dir} was left as it was)'}; a lower learning "
+                    f"rate (now {metrics['learning_rate']:.3g}) or clipping may help")
             if bar is not None:
                 mtp = {"mtp_loss": f"{metrics['mtp_loss']:.4f}"} if "mtp_loss" in metrics else {}
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", **mtp, tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -174,14 +193,28 @@ def finetune(model: Qwen35, tokenizer: Tokenizer, data_path: str | os.PathLike, 
                 _save(manager, state, position)
             if on_step is not None:
                 on_step(step + 1, metrics)
-    if bar is not None:
-        bar.close()
+        if metrics_log is None:  # resuming a run whose steps had all run
+            metrics_log = start_writing()
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+        if bar is not None:
+            bar.close()
     manager.close()
     if run.export:
         trained = m.replace(params=state.all_params())
         export_hf(model, os.path.join(out_dir, "export"), overwrite=True,
                   params=(merge_lora(trained) if lora is not None else trained).params)
     return history
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _manager(checkpoints: str, run: RunConfig) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints))
 
 
 # ---- the run directory -------------------------------------------------------------------------------------------
