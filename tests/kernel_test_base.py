@@ -183,6 +183,22 @@ def assert_matches(actual, expected, tol: float, what: str, exact_zeros: bool = 
         assert err <= tol, f"{what}: max |actual| = {err:.3g} > {tol} where the oracle is all zeros"
 
 
+def with_lasting_decays(model, seed: int = 0):
+    """`model` with every linear-attention head's A = exp(A_log) drawn log-uniformly from [0.01, 1]: decays of
+    about 0.27 to 0.99 a token, so that state lasts across chunks and every gate's gradient carries signal. (The
+    initializer's [0.01, 16] leaves heads with A > 8 forgetting within a token, decay e^-10 or less: their gate
+    gradients are rounding noise, 1e-8 where another layer's are 1e-5, on which two fp32 paths differ by 93%, and
+    no relative bound can check them.) For the model-level tests of the gated delta rule's kernels."""
+    rng = np.random.default_rng(seed)
+
+    def decay(path, x):
+        if "A_log" not in jax.tree_util.keystr(path):
+            return x
+        return jnp.asarray(rng.uniform(np.log(0.01), 0.0, x.shape), x.dtype)
+
+    return model.replace(params=jax.tree_util.tree_map_with_path(decay, model.params))
+
+
 def parametrize_battery(metafunc) -> None:
     """conftest's `pytest_generate_tests`: the (implementation, case) lines of a KernelVsOracle class, the cases an
     implementation `covers`; the Mosaic GPU lines are marked to run in the GPU-kernel environment."""

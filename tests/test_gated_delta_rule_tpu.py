@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_test_base import with_lasting_decays
 from pallas_kernels.gated_delta_rule import gated_delta_rule_step
 from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
 from test_gated_delta_rule import make_inputs
@@ -66,29 +67,27 @@ def _model_loss_and_grads(m, ids, segment_ids):
 
 
 def test_model_with_kernels_equals_xla_path():
+    """fp32, decays that last (`with_lasting_decays`: every gate's gradient is signal, not rounding noise). The
+    kernel's products are the XLA path's at HIGHEST precision, in another order. Measured (seeds 1-3): logits
+    7e-7 apart, every parameter's gradient within 4.2e-6 of max |grad| (A_log and dt_bias the largest; the
+    token-by-token oracle is as far from either). Bounds, fixed: 1e-5 on the logits, 2e-5 per parameter."""
     import qwenjax
 
     cfg = qwenjax.load_config("configs/tiny-gva3-8layers.json")  # GVA ratio 3
-    m = qwenjax.from_config(cfg, dtype="float32", seed=1)
+    m = with_lasting_decays(qwenjax.from_config(cfg, dtype="float32", seed=1))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 100)), jnp.int32)
     segment_ids = jnp.asarray(_segments(2, 100))
     results = {name: _model_loss_and_grads(m.replace(kernels=m.kernels.replace(gated_delta_rule=name)), ids,
                                            segment_ids)
-               for name in ("xla", "pallas_tpu_interpret", "recurrent")}
+               for name in ("xla", "pallas_tpu_interpret")}
     (loss_x, logits_x, grads_x), (loss_k, logits_k, grads_k) = results["xla"], results["pallas_tpu_interpret"]
     np.testing.assert_allclose(np.asarray(logits_k), np.asarray(logits_x), atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(loss_k), float(loss_x), rtol=1e-6)
-    flat_x = jax.tree_util.tree_leaves_with_path(grads_x)
-    for (path, gx), gk, gr in zip(flat_x, jax.tree.leaves(grads_k), jax.tree.leaves(results["recurrent"][2])):
+    for (path, gx), gk in zip(jax.tree_util.tree_leaves_with_path(grads_x), jax.tree.leaves(grads_k)):
         scale = max(float(np.max(np.abs(np.asarray(gx)))), 1e-12)
         err = float(np.max(np.abs(np.asarray(gk) - np.asarray(gx)))) / scale
-        # A gate's gradient sums many terms that cancel: in fp32 the XLA path itself lies up to ~2e-3 of max |grad|
-        # from the token-by-token oracle there (A_log; measured over seeds). The kernel must match the XLA path to
-        # 1e-4, or to within the XLA path's own distance from the oracle where that is larger.
-        floor = float(np.max(np.abs(np.asarray(gx) - np.asarray(gr)))) / scale
-        assert err < max(1e-4, floor), (f"{jax.tree_util.keystr(path)}: max error / max |grad| = {err:.3g} "
-                                        f"(the XLA path's distance from the oracle: {floor:.3g})")
+        assert err < 2e-5, f"{jax.tree_util.keystr(path)}: max error / max |grad| = {err:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------------

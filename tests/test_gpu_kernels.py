@@ -1,7 +1,9 @@
 """The Mosaic GPU kernels beyond the battery (tests/test_kernels.py runs each against its oracle in the interpreter):
 the race check can fail, and whole models on the interpreted kernels equal the XLA path. Needs the GPU-kernel
 environment (`bash scripts/gpu_env.sh`: jax 0.11, whose Mosaic GPU interpreter runs on the CPU); `.ci/run` runs
-the `gpu_kernels` tests there, and the main environment skips this file, saying so."""
+the `gpu_kernels` tests there, and the main environment (jax 0.10, no interpreter) skips this file, saying so.
+Where the interpreter must exist (that environment, QWENJAX_GPU_KERNEL_ENV=1, or any jax >= 0.11) nothing skips:
+its absence fails."""
 
 from __future__ import annotations
 
@@ -12,14 +14,21 @@ import jax
 import jax.numpy as jnp
 
 import qwenjax
+from kernel_test_base import gpu_interpreter_required, with_lasting_decays
 from pallas_kernels.gpu_common import RACE_REPORT, interpreted, interpreter_available
 from qwenjax.pretrained import forward
 from qwenjax.testing import gradient_errors
 from qwenjax.train.loss import next_token_loss
 
 pytestmark = [pytest.mark.gpu_kernels,
-              pytest.mark.skipif(not interpreter_available(),
+              pytest.mark.skipif(not interpreter_available() and not gpu_interpreter_required(),
                                  reason="needs the Mosaic GPU interpreter (jax >= 0.11): bash scripts/gpu_env.sh")]
+
+
+def test_the_interpreter_is_there():
+    """Runs where the interpreter is required (or present): its absence fails here, in so many words."""
+    assert interpreter_available(), (f"jax {jax.__version__} has no Mosaic GPU interpreter, which the GPU-kernel "
+                                     "environment needs: bash scripts/gpu_env.sh")
 
 
 def _copy_doubled(wait_for_the_copy: bool):
@@ -80,18 +89,18 @@ def test_moe_model_with_interpreted_gpu_kernels_equals_xla_path(capfd):
 
 def test_dense_model_with_interpreted_gpu_kernels_equals_xla_path(capfd):
     """The gated delta rule's kernels in the bundled layout (K = V = 16, zero-padded to the kernels' 64): 100
-    tokens take the chunked form forward and backward (two chunks), 6 tokens the decode step one at a time.
+    tokens take the chunked form forward and backward (two chunks), 6 tokens the decode step one at a time. Decays
+    that last (`with_lasting_decays`): every gate's gradient is signal, none rounding noise.
 
     bf16 operands in the kernels where XLA computes in fp32. Measured: logits within 2e-2 of the largest, the
-    gradients 1.6e-2 off overall, 1.5-3.2% per parameter, as the TPU kernels (same operands) give. Layer 0's gate
-    parameters (A_log, dt_bias, in_proj_a) are rounding noise of the bf16 model: two fp32 paths, XLA's chunked form
-    and the token-by-token recurrence, already differ there by 93%. So each parameter's bound is 4e-2 plus twice
-    what those two fp32 oracles disagree by."""
+    gradients 1.8e-2 off overall, at most 3.2% per parameter (the token-by-token fp32 recurrence is itself 2.3%
+    from XLA's chunked form per parameter, in this bf16 model). Bounds, fixed: 2e-2 on the logits, 3e-2 overall,
+    5e-2 per parameter (a zero or wrong gradient is 100% off)."""
     cfg = qwenjax.load_config("configs/tiny.json")
-    base = qwenjax.from_config(cfg, dtype="bfloat16", seed=7)
+    base = with_lasting_decays(qwenjax.from_config(cfg, dtype="bfloat16", seed=7))
     ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 100)))
     models = {impl: base.replace(kernels=base.kernels.replace(gated_delta_rule=impl))
-              for impl in ("xla", "recurrent", "pallas_gpu_interpret")}
+              for impl in ("xla", "pallas_gpu_interpret")}
     runs = {impl: _model_loss_and_grads(model, ids) for impl, model in models.items()}
     short = [jax.jit(forward, static_argnums=0)(models[impl].graphdef, models[impl].params, ids[:, :6])
              for impl in ("xla", "pallas_gpu_interpret")]
@@ -101,9 +110,8 @@ def test_dense_model_with_interpreted_gpu_kernels_equals_xla_path(capfd):
         want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
         assert np.max(np.abs(got - want)) <= 2e-2 * np.max(np.abs(want))
     per, overall = gradient_errors(gb, ga)
-    assert overall < 2e-2, overall
-    noise, _ = gradient_errors(runs["recurrent"][1], ga)
-    bad = {k: (v, noise[k]) for k, v in per.items() if not v <= 4e-2 + 2 * noise[k]}
+    assert overall < 3e-2, overall
+    bad = {k: v for k, v in per.items() if not v <= 5e-2}
     assert not bad, bad
 
 
