@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 
 import qwenjax
@@ -36,12 +37,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serving(*flags: str):
-    """A `qwenjax serve` process on a free port, with `flags`: (the process, its URL) once /health answers."""
+def _serving(*flags: str, dtype: str | None = "float32"):
+    """A `qwenjax serve` process on a free port, with `flags` (and `--dtype dtype`; None: the server's default):
+    (the process, its URL) once /health answers."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwenjax.cli", "serve", "--port", str(port), "--dtype", "float32", "--log-level",
-         "warning", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "qwenjax.cli", "serve", "--port", str(port), "--log-level", "warning",
+         *(["--dtype", dtype] if dtype else []), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -141,20 +143,29 @@ def test_chat_splits_thinking_and_counts_cached_tokens(client, reference):
         tok.decode(alone2), prompt_opened_thinking=True)
 
 
-def test_speculative_server_equals_generate(reference):
-    """`--speculative 2`: the bundled model's MTP head drafts, and every greedy reply, streamed or not, is plain
-    greedy decoding's; the prefix cache serves the next turn; /metrics counts drafts and accepted ones."""
+def test_speculative_server_equals_generate(reference, tmp_path):
+    """`--speculative 2 --draft-vocab FILE`: the bundled model's MTP head drafts from the vocabulary's tokens, and
+    every greedy reply, streamed or not, is plain greedy decoding's; the prefix cache serves the next turn; /metrics
+    counts drafts and accepted ones. The vocabulary leaves out every token of the completion's greedy reply: its
+    drafts are all rejected (the whole vocabulary's are accepted half the time), while the chat replies, made of
+    other tokens too, keep some."""
     m, tok = reference
-    with _serving("--speculative", "2", "--max-batch", "4", "--max-len", "256", "--prefill-chunk", "64") as (_, url):
+    prompt = "The os module provides"
+    alone = qwenjax.generate(m, [tok.encode(prompt)], max_new_tokens=40, temperature=0.0)[0]
+    vocab = tmp_path / "draft_vocab.json"
+    vocab.write_text(json.dumps(sorted(set(range(m.config.vocab_size)) - set(alone))))
+    with _serving("--speculative", "2", "--draft-vocab", str(vocab), "--max-batch", "4", "--max-len", "256",
+                  "--prefill-chunk", "64") as (_, url):
         spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-        prompt = "The os module provides"
-        alone = qwenjax.generate(m, [tok.encode(prompt)], max_new_tokens=40, temperature=0.0)[0]
         with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three at once: batched verify passes
             replies = list(pool.map(lambda stream: spec.completions.create(
                 model="tiny-pydoc", prompt=prompt, max_tokens=40, temperature=0, stream=stream), [False, True, False]))
         assert replies[0].choices[0].text == tok.decode(alone) == replies[2].choices[0].text
         assert "".join(c.choices[0].text for c in replies[1]) == tok.decode(alone)
         assert replies[0].usage.completion_tokens == len(alone)
+        metrics = _metrics(url)
+        assert metrics["qwenjax_spec_decode_accepted_tokens_total"] == 0 < \
+            metrics["qwenjax_spec_decode_draft_tokens_total"]
         messages = [{"role": "user", "content": "What does the json module do?"}]
         turn2 = messages + [{"role": "assistant", "content": "It reads and writes JSON."},
                             {"role": "user", "content": "And pickle?"}]
@@ -287,10 +298,115 @@ def test_load_64_clients_every_request_answered_or_refused(server):
     assert after["qwenjax_requests_refused_total"] - before["qwenjax_requests_refused_total"] == codes.count(429)
 
 
+# Every filter set, at values that keep all but the least likely tokens (the checkpoint's defaults are top_k 20,
+# top_p 0.95): the sampling tests' requests then differ in data alone and share compiled programs.
+UNFILTERED = {"top_k": 4096, "top_p": 1 - 1e-7, "min_p": 1e-9}
+
+
+def test_sampling_filters_keep_only_their_tokens(client):
+    """At temperature 3, four choices of 16 tokens each (one compiled program: see UNFILTERED): with top_k 3
+    every token is among the model's 3 most likely (its own log-probabilities, the raw logits' ranking, as
+    `logprobs` reports them); with min_p 0.2 every token's probability at that temperature is at least 0.2 of the
+    most likely one's, p / p_max = exp((lp - lp_max) / T); top_k 1, top_p 1e-6 and min_p 1 each keep only the most
+    likely token: greedy's text. Unfiltered, tokens break both rules and the text is not greedy's; filtered (not
+    at a limit), some tokens are not the most likely: it is sampling."""
+    prompt, temperature, floor = "The os module provides", 3.0, np.log(0.2)
+    greedy = client.completions.create(model="tiny-pydoc", prompt=prompt, max_tokens=16, temperature=0)
+    greedy = greedy.choices[0].text
+
+    def sample(**filters):  # (texts, [(the chosen token's log-probability, the 3 most likely's)] over the choices)
+        r = client.completions.create(model="tiny-pydoc", prompt=prompt, max_tokens=16, temperature=temperature,
+                                      seed=3, n=4, logprobs=3, extra_body={**UNFILTERED, **filters})
+        assert len(r.choices) == 4
+        return [c.text for c in r.choices], [(lp, sorted(top.values(), reverse=True)) for c in r.choices
+                                             for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs)]
+
+    in_top_3 = lambda lp, top: lp >= top[-1] - 1e-5
+    kept_by_min_p = lambda lp, top: (lp - top[0]) / temperature >= floor - 1e-5
+    texts, free = sample()
+    assert greedy not in texts
+    assert not all(in_top_3(*t) for t in free) and not all(kept_by_min_p(*t) for t in free)
+    for filters, rule in (({"top_k": 3}, in_top_3), ({"min_p": 0.2}, kept_by_min_p)):
+        _, tokens = sample(**filters)
+        assert all(rule(*t) for t in tokens), filters
+        assert any(lp < top[0] - 1e-5 for lp, top in tokens), filters
+    for filters in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
+        texts, tokens = sample(**filters)
+        assert texts == [greedy] * 4 and all(abs(lp - top[0]) < 1e-5 for lp, top in tokens), filters
+
+
+def test_n_choices_each_seeded_apart(client):
+    """n = 3: three choices (indices 0-2) from one prompt, prefilled once (usage counts the prompt once, the
+    tokens of all three), each its own sample; the same request gives the same three, and streamed the chunks
+    carry the same texts by index."""
+    body = dict(model="tiny-pydoc", prompt="The os module provides", max_tokens=12, temperature=1.0, seed=11, n=3,
+                logprobs=3, extra_body=UNFILTERED)  # the programs of test_sampling_filters_keep_only_their_tokens
+    r = client.completions.create(**body)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.text for c in r.choices]
+    assert len(set(texts)) == 3
+    assert r.usage.prompt_tokens == len(Tokenizer(DEFAULT_MODEL_DIR).encode(body["prompt"]))
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices) > 3
+    assert [c.text for c in client.completions.create(**body).choices] == texts
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(stream=True, **body):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == texts
+
+
+def test_enable_thinking_false_goes_to_the_template(client, reference):
+    """chat_template_kwargs {"enable_thinking": false}: the template's empty thinking block ends the prompt (the
+    usage counts its tokens), the reply is generate's on that prompt, and none of it is reasoning."""
+    m, tok = reference
+    messages = [{"role": "user", "content": "What does the os module do?"}]
+    on, off = (tok.apply_chat_template(messages, enable_thinking=flag) for flag in (True, False))
+    assert off.endswith("<think>\n\n</think>\n\n") and not on.endswith("</think>\n\n")
+    ask = lambda **kw: client.chat.completions.create(model="tiny-pydoc", messages=messages, max_tokens=24,
+                                                      temperature=0, **kw)
+    r = ask(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    alone = qwenjax.generate(m, [tok.encode(off)], max_new_tokens=24, eos_token_ids=2)[0]
+    assert r.usage.prompt_tokens == len(tok.encode(off)) != len(tok.encode(on))
+    assert (r.choices[0].message.reasoning_content or "", r.choices[0].message.content) == split_thinking(
+        tok.decode(alone), prompt_opened_thinking=False)
+    assert not r.choices[0].message.reasoning_content
+    r = ask(extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert r.usage.prompt_tokens == len(tok.encode(on)) == ask().usage.prompt_tokens
+
+
+def test_metrics_count_prefilled_and_cached_tokens_and_the_cache_size(server, client):
+    """A 300-token prompt prefills in full (two chunks) and leaves snapshots (its 256-token block boundary and
+    its end); a prompt sharing its first 256 tokens prefills only its own 20: /metrics' prompt, prefilled and
+    cached counters, prefix-cache lookups, hits, entries and bytes move by exactly that."""
+    url = server[1]
+    rng = np.random.default_rng(21)
+    first = rng.integers(5, 4000, 300).tolist()
+    second = first[:256] + rng.integers(5, 4000, 20).tolist()
+    names = ["qwenjax_prompt_tokens_total", "qwenjax_prefill_tokens_total", "qwenjax_cached_prompt_tokens_total",
+             "qwenjax_prefix_cache_lookups_total", "qwenjax_prefix_cache_hits_total",
+             "qwenjax_prefix_cache_entries", "qwenjax_prefix_cache_bytes", "qwenjax_generation_tokens_total"]
+    moved = lambda a, b: [b[k] - a[k] for k in names]
+    m0 = _metrics(url)
+    r1 = client.completions.create(model="tiny-pydoc", prompt=first, max_tokens=4, temperature=0)
+    m1 = _metrics(url)
+    r2 = client.completions.create(model="tiny-pydoc", prompt=second, max_tokens=4, temperature=0)
+    m2 = _metrics(url)
+    assert (r1.usage.prompt_tokens_details.cached_tokens, r2.usage.prompt_tokens_details.cached_tokens) == (0, 256)
+    prompt, prefilled, cached, lookups, hits, entries, size, generated = moved(m0, m1)
+    assert (prompt, prefilled, cached, lookups, hits, generated) == (300, 300, 0, 1, 0, r1.usage.completion_tokens)
+    assert entries == 2 and size > 0
+    prompt, prefilled, cached, lookups, hits, entries, more, generated = moved(m1, m2)
+    assert (prompt, prefilled, cached, lookups, hits, generated) == (276, 20, 256, 1, 1, r2.usage.completion_tokens)
+    assert entries == 1 and 0 < more < size  # the new snapshot holds keys and values of its 20-odd tokens alone
+    assert m2["qwenjax_prefix_cache_hit_rate"] == pytest.approx(
+        m2["qwenjax_prefix_cache_hits_total"] / m2["qwenjax_prefix_cache_lookups_total"], abs=1e-4)
+
+
 def test_a_client_killed_mid_stream_frees_its_row(server):
     url = server[1]
     before = _metrics(url)['qwenjax_requests_total{reason="cancelled"}']
-    with _stream(url, "/v1/completions", {"prompt": "Once", "max_tokens": 480, "stream": True,
+    # "The": 480 greedy tokens without an eos ("Once" ends after 26, which may come before the close is seen)
+    with _stream(url, "/v1/completions", {"prompt": "The", "max_tokens": 480, "stream": True,
                                           "temperature": 0}) as (status, lines):
         assert status == 200 and next(lines).startswith("data: ")
     deadline = time.monotonic() + 60
@@ -303,15 +419,22 @@ def test_a_client_killed_mid_stream_frees_its_row(server):
         pytest.fail(f"the row was not freed: {metrics}")
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits(server):
-    """Last in this file: it stops the server."""
+def test_sigterm_finishes_in_flight_requests_then_exits(server, reference):
+    """Last in this file: it stops the server. A stream of 400 greedy tokens, SIGTERM after its first: every token
+    arrives (generate's, and the closing usage counts them all) before the server exits."""
     proc, url = server
-    with _stream(url, "/v1/completions", {"prompt": "The", "max_tokens": 64, "stream": True,
-                                          "temperature": 0}) as (status, lines):
-        next(lines)
+    m, tok = reference
+    alone = qwenjax.generate(m, [tok.encode("The")], max_new_tokens=400, temperature=0.0)[0]
+    with _stream(url, "/v1/completions", {"prompt": "The", "max_tokens": 400, "stream": True, "temperature": 0,
+                                          "stream_options": {"include_usage": True}}) as (status, lines):
+        first = next(lines)
         proc.send_signal(signal.SIGTERM)
         rest = list(lines)
     assert rest[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in [first, *rest[:-1]]]
+    assert "".join(c["text"] for e in events for c in e["choices"]) == tok.decode(alone)
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == len(alone) == 400
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     if os.name == "posix":
         with pytest.raises(OSError):

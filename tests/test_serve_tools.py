@@ -1,5 +1,7 @@
 """Tool calls end to end: a tiny model fine-tuned here (qwenjax's own trainer) to answer one question by thinking
-and then calling a tool in Qwen3.5's XML format, served by a real `qwenjax serve`, read with the `openai` client."""
+and then calling a tool in Qwen3.5's XML format, served by a real `qwenjax serve`, read with the `openai` client.
+Its chat template, like Qwen3.5's, lists the tools and writes an assistant's tool calls back in that format, so a
+call and its result go back through it."""
 
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ import sys
 import time
 import urllib.request
 
+import jax
+import numpy as np
 import pytest
 
 import qwenjax
 from qwenjax.demo import write_random_checkpoint
 from qwenjax.inference.tokenizer import Tokenizer
+from qwenjax.serve.reply_parser import ReplyParser, collect
 from qwenjax.train.loop import RunConfig, finetune
 from qwenjax.train.step import TrainConfig
 
@@ -27,25 +32,61 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather forecast for a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
                    "required": ["city"]}}}]
+# The demo template with Qwen3.5's handling of tools: a system turn listing them, and an assistant's tool calls
+# written as <tool_call> blocks from their arguments (a mapping: a JSON string would not render).
+TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n# Tools\\n' }}
+{%- for tool in tools %}
+{{- tool.function.name + ': ' + tool.function.description + '\\n' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}
+{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' + (message.content or '') }}
+{%- for call in message.tool_calls or [] %}
+{%- set call = call.function if call.function is defined else call %}
+{{- '<tool_call>\\n<function=' + call.name + '>\\n' }}
+{%- for name, value in call.arguments | items %}
+{{- '<parameter=' + name + '>\\n' + (value if value is string else value | tojson) + '\\n</parameter>\\n' }}
+{%- endfor %}
+{{- '</function>\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+{%- else %}
+{{ raise_exception('Unknown role: ' + message.role) }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n<think>\\n' }}
+{%- endif %}
+"""
 
 
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory):
-    """A random tiny-chat checkpoint trained until its greedy reply to QUESTION is REPLY (~15 s on 2 cores)."""
+    """A random tiny-chat checkpoint with TEMPLATE, trained until its greedy reply to QUESTION, with TOOLS or
+    without, is REPLY (~30 s on 2 cores)."""
     root = tmp_path_factory.mktemp("tools")
     base = write_random_checkpoint(root / "base")
+    (root / "base" / "chat_template.jinja").write_text(TEMPLATE)
     tok = Tokenizer(base)
-    text = tok.apply_chat_template(QUESTION) + REPLY + "<|im_end|>"
+    prompts = [tok.apply_chat_template(QUESTION, tools=tools) for tools in (TOOLS, None)]
     data = root / "data.jsonl"
-    data.write_text((json.dumps({"text": text}) + "\n") * 4)
+    data.write_text("".join(json.dumps({"text": p + REPLY + "<|im_end|>"}) + "\n" for p in prompts * 2))
     finetune(qwenjax.from_pretrained(base, dtype="float32"), tok, data, root / "run", progress=False,
              train=TrainConfig(learning_rate=1e-2, warmup_steps=5, total_steps=120, weight_decay=0.0),
-             run=RunConfig(pack_len=256, rows=2, save_every=1000))
+             run=RunConfig(pack_len=384, rows=2, save_every=1000))
     out = str(root / "run" / "export")
     m = qwenjax.from_pretrained(out, dtype="float32")
-    learned = tok.decode(qwenjax.generate(m, [tok.encode(tok.apply_chat_template(QUESTION))], max_new_tokens=160,
-                                          temperature=0.0)[0])
-    assert learned == REPLY, f"the fine-tune did not learn the reply: {learned!r}"
+    for prompt in prompts:
+        learned = tok.decode(qwenjax.generate(m, [tok.encode(prompt)], max_new_tokens=160, temperature=0.0)[0])
+        assert learned == REPLY, f"the fine-tune did not learn the reply to {prompt!r}: {learned!r}"
     return out
 
 
@@ -97,13 +138,42 @@ def test_tool_call_streamed_as_a_delta(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_without_tools_the_markup_stays_text_and_tool_results_go_back(client):
+def test_without_tools_the_markup_stays_text(client):
     r = client.chat.completions.create(model="tools", messages=QUESTION, max_tokens=160, temperature=0)
     assert r.choices[0].finish_reason == "stop" and "<function=get_weather>" in r.choices[0].message.content
-    # the call and its result fed back: the assistant's tool_calls (arguments as a JSON string) and a tool message
-    call = {"id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
-    r = client.chat.completions.create(model="tools", tools=TOOLS, max_tokens=8, temperature=0, messages=[
-        *QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
-    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls") and r.usage.prompt_tokens > 0
+    assert r.choices[0].message.tool_calls is None
+
+
+def test_a_tool_call_and_its_result_go_back_through_the_template(client, tool_model):
+    """The call the server returned (arguments as a JSON string) sent back in the assistant's message, with the
+    tool's result: the template gets the arguments as a mapping and writes the call as the model wrote it, then
+    the result; the second turn's prompt is that rendering token for token (its length, and the reply's
+    log-probabilities, which depend on every prompt token, equal a forward pass over it), and the reply is
+    `generate`'s on it."""
+    first = client.chat.completions.create(model="tools", messages=QUESTION, tools=TOOLS, max_tokens=160,
+                                           temperature=0).choices[0].message
+    [call] = first.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}
+    messages = [*QUESTION, {"role": "assistant", "content": first.content, "tool_calls": [call.model_dump()]}, result]
+    tok = Tokenizer(tool_model)
+    text = tok.apply_chat_template([*QUESTION, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}]},
+        result], tools=TOOLS)
+    assert text.endswith(REPLY.split("</think>\n\n")[1] + "<|im_end|>\n<|im_start|>user\n<tool_response>\n"
+                         "sunny, 21 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n")
+    prompt = tok.encode(text)
+    m = qwenjax.from_pretrained(tool_model, dtype="float32")
+    alone = qwenjax.generate(m, [prompt], max_new_tokens=24, temperature=0.0)[0]
+    r = client.chat.completions.create(model="tools", messages=messages, tools=TOOLS, max_tokens=24, temperature=0,
+                                       logprobs=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(alone))
+    full = np.asarray(jax.nn.log_softmax(m([prompt + alone[:-1]])[0].astype("float32"), axis=-1))
+    np.testing.assert_allclose([e.logprob for e in r.choices[0].logprobs.content],
+                               [full[len(prompt) - 1 + j, t] for j, t in enumerate(alone)], atol=1e-4)
+    parser = ReplyParser(thinking=True, tools=TOOLS)
+    reasoning, content, calls = collect(parser.feed(tok.decode(alone)) + parser.finish())
+    msg = r.choices[0].message
+    assert (msg.reasoning_content or "", msg.content or "") == (reasoning, content)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls or ()] == [
+        (c.name, json.loads(c.arguments)) for c in calls]

@@ -21,6 +21,7 @@ import qwenjax
 from qwenjax.demo import DEFAULT_VISION_MODEL_DIR
 from qwenjax.inference.processor import load_processor
 from qwenjax.inference.tokenizer import split_thinking
+from test_serve_api import _metrics
 
 openai = pytest.importorskip("openai")
 
@@ -30,16 +31,22 @@ QUESTION = "Describe the image."
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    """The server's --allowed-local-media-path: the example image, and a 4-frame video as frame images and as a
-    file (png frames in QuickTime, lossless)."""
+    """The server's --allowed-local-media-path: the example image, another image of its size, and a 4-frame video
+    as frame images (and, where PyAV is installed, as a file: png frames in QuickTime, lossless). Only the video
+    file needs PyAV."""
     root = tmp_path_factory.mktemp("media")
     shutil.copy(EXAMPLE, root / "example.png")
+    Image.open(EXAMPLE).convert("RGB").transpose(Image.Transpose.ROTATE_90).point(lambda v: 255 - v).save(
+        root / "other.png")
     t, y, x = np.meshgrid(np.arange(4), np.arange(64), np.arange(64), indexing="ij")
     frames = np.stack([x * 4 - t * 9, y * 3 + t * 20, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     (root / "clip").mkdir()
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(root / "clip" / f"{i:02d}.png")
-    av = pytest.importorskip("av")
+    try:
+        import av
+    except ImportError:
+        return str(root)
     with av.open(str(root / "clip.mov"), "w") as container:
         stream = container.add_stream("png", rate=2)
         stream.height, stream.width, stream.pix_fmt = 64, 64, "rgb24"
@@ -91,22 +98,39 @@ def _alone(content: list[dict], max_new_tokens: int = 40) -> tuple[str, str, int
             inputs["input_ids"].shape[1], len(alone))
 
 
-def test_a_video_as_frames_a_file_or_a_data_url(client, media):
-    question = {"type": "text", "text": "Describe the video."}
-    ask = lambda url: client.chat.completions.create(model="tiny-vision", max_tokens=24, temperature=0, messages=[
-        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, question]}])
-    for path in (os.path.join(media, "clip"), os.path.join(media, "clip.mov")):
-        thinking, answer, prompt_tokens, _ = _alone([{"type": "video", "video": path}, question], 24)
-        r = ask(path)
-        assert (r.choices[0].message.reasoning_content or "", r.choices[0].message.content) == (thinking, answer)
-        assert r.usage.prompt_tokens == prompt_tokens
-    with open(os.path.join(media, "clip.mov"), "rb") as f:
-        data_url = "data:video/quicktime;base64," + base64.b64encode(f.read()).decode()
-    assert ask(data_url).choices[0].message.content == answer
+def _ask_video(client, url: str):
+    return client.chat.completions.create(model="tiny-vision", max_tokens=24, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, VIDEO_QUESTION]}])
+
+
+VIDEO_QUESTION = {"type": "text", "text": "Describe the video."}
+
+
+def test_a_video_as_a_directory_of_frames(client, media):
+    """No PyAV needed: the frames are images."""
+    path = os.path.join(media, "clip")
+    thinking, answer, prompt_tokens, _ = _alone([{"type": "video", "video": path}, VIDEO_QUESTION], 24)
+    r = _ask_video(client, path)
+    assert (r.choices[0].message.reasoning_content or "", r.choices[0].message.content) == (thinking, answer)
+    assert r.usage.prompt_tokens == prompt_tokens
+    # not a video (the server's PyAV refuses it, or without PyAV it cannot read video files at all: a 400 either way)
     with pytest.raises(openai.BadRequestError, match="messages"):
-        ask("data:video/mp4;base64," + base64.b64encode(b"not a video").decode())
+        _ask_video(client, "data:video/mp4;base64," + base64.b64encode(b"not a video").decode())
     with pytest.raises(openai.BadRequestError, match="outside the server's --allowed-local-media-path"):
-        ask(DEFAULT_VISION_MODEL_DIR)
+        _ask_video(client, DEFAULT_VISION_MODEL_DIR)
+
+
+def test_a_video_as_a_file_or_a_data_url(client, media):
+    pytest.importorskip("av", reason="decoding a video file needs PyAV (pip install av); frames directories and "
+                                     "images do not")
+    path = os.path.join(media, "clip.mov")
+    thinking, answer, prompt_tokens, _ = _alone([{"type": "video", "video": path}, VIDEO_QUESTION], 24)
+    r = _ask_video(client, path)
+    assert (r.choices[0].message.reasoning_content or "", r.choices[0].message.content) == (thinking, answer)
+    assert r.usage.prompt_tokens == prompt_tokens
+    with open(path, "rb") as f:
+        data_url = "data:video/quicktime;base64," + base64.b64encode(f.read()).decode()
+    assert _ask_video(client, data_url).choices[0].message.content == answer
 
 
 def test_an_image_as_a_data_url_or_a_local_file(client, media):
@@ -121,6 +145,30 @@ def test_an_image_as_a_data_url_or_a_local_file(client, media):
     assert _ask(client, local).choices[0].message.content == answer
     streamed = _ask(client, "file://" + local, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == answer
+
+
+def test_pictures_skip_the_prefix_cache(client, media):
+    """Two images of one size make prompts of the same tokens (the same number of image pads): the second must not
+    restore the first's cache row. It is answered as `generate` answers it, with no cached tokens, and neither
+    image prompt is looked up or leaves a snapshot; a text chat on the same server does (the cache is on)."""
+    url = str(client.base_url).removesuffix("/v1/")
+    metrics = lambda: {k: v for k, v in _metrics(url).items() if k.startswith("qwenjax_prefix_cache_")}
+    example, other = (os.path.join(media, name) for name in ("example.png", "other.png"))
+    _, answer, prompt_tokens, new_tokens = _alone([{"type": "image", "image": other},
+                                                   {"type": "text", "text": QUESTION}])
+    assert answer != _alone([{"type": "image", "image": example}, {"type": "text", "text": QUESTION}])[1]
+    before = metrics()
+    assert _ask(client, example).usage.prompt_tokens == prompt_tokens
+    r = _ask(client, other)
+    assert r.choices[0].message.content == answer
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.prompt_tokens_details.cached_tokens) == (
+        prompt_tokens, new_tokens, 0)
+    assert metrics() == before
+    client.chat.completions.create(model="tiny-vision", max_tokens=4, temperature=0,
+                                   messages=[{"role": "user", "content": QUESTION}])
+    after = metrics()
+    assert after["qwenjax_prefix_cache_lookups_total"] == before["qwenjax_prefix_cache_lookups_total"] + 1
+    assert after["qwenjax_prefix_cache_entries"] > before["qwenjax_prefix_cache_entries"]
 
 
 @pytest.mark.parametrize("url, names", [
