@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compile_targets import tpu_devices  # skipped only where libtpu is not installed; a broken one fails
 from kernel_test_base import with_lasting_decays
 from pallas_kernels.gated_delta_rule import gated_delta_rule_step
 from pallas_kernels.gated_delta_rule.tpu import gated_delta_rule_chunked_tpu, gated_delta_rule_step_tpu
@@ -94,11 +95,6 @@ def test_model_with_kernels_equals_xla_path():
 # Compiled for real TPUs (libtpu compile-only devices; no TPU needed)
 # ---------------------------------------------------------------------------------------------------------
 
-def _tpu_devices(topology):
-    pytest.importorskip("libtpu", reason="compiling for TPU needs libtpu (the test extra installs it)")
-    from qwenjax import aot
-    return aot.topology_devices(topology)
-
 
 def _kernel_programs(dtype):
     """(name, function, args) at a real GDN shape: 9B/35B heads (16 q/k, 32 value heads of 128), 512 tokens."""
@@ -120,7 +116,7 @@ def _kernel_programs(dtype):
 @pytest.mark.parametrize("topology,dtype", [("v5e:2x2", "bfloat16"), ("v5e:2x2", "float32"),
                                             ("v6e:2x2", "bfloat16"), ("v5p:2x2x1", "bfloat16")])
 def test_kernels_compile_for_tpu(topology, dtype):
-    device = _tpu_devices(topology)[0]
+    device = tpu_devices(topology)[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     for name, fn, shapes in _kernel_programs(jnp.dtype(dtype)):
         args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
@@ -134,7 +130,7 @@ def test_model_forward_backward_compiles_for_tpu_with_kernels():
     from qwenjax import Kernels, aot
     from qwenjax.config import load_config
 
-    _tpu_devices("v5e:2x2")
+    tpu_devices("v5e:2x2")
     cfg = load_config("configs/tiny-gva3-8layers.json")
     compiled = aot.compile_forward_backward(cfg, "v5e:2x2", mesh="fsdp=2,tensor=2", batch=4, seq=256,
                                             kernels=Kernels(gated_delta_rule="pallas_tpu"))
