@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import queue
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import qwenjax
-from qwenjax.inference.sampling import SamplingParams, filter_logits
+from qwenjax.inference.sampling import SamplingParams
 from qwenjax.serve.engine import Engine, Finished, Request
 from qwenjax.testing import add_mtp_tensors_, hf_mtp_head, make_hf_checkpoint
+from test_speculative import three_token_chi_square
 
 PROMPT, N, MAX_BATCH = [3, 1, 4, 1, 5], 4096, 64
 SAMPLING = SamplingParams(temperature=1.0, top_k=6)
@@ -31,21 +29,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def p_value(model):
-    """Pearson's chi-square p-value of N rows of 3 tokens against the exact probabilities of the 512 triples
-    from the model's own logits (cells of expected count < 5 pooled)."""
-    triples = np.array(np.meshgrid(*[np.arange(8)] * 3, indexing="ij")).reshape(3, -1).T  # [512, 3]
-    seqs = np.concatenate([np.tile(PROMPT, (len(triples), 1)), triples], axis=1)
-    logits = np.asarray(model(seqs))[:, len(PROMPT) - 1:len(PROMPT) + 2]  # the logits each sampled token came from
-    probs = np.asarray(jax.nn.softmax(jax.vmap(lambda z: filter_logits(z, SAMPLING), 1, 1)(jnp.asarray(logits))))
-    exact = np.prod(np.take_along_axis(probs, triples[:, :, None], axis=2)[..., 0], axis=1)
-
-    def p(rows):
-        counts, expected = np.bincount(np.asarray(rows) @ np.array([64, 8, 1]), minlength=512), exact * len(rows)
-        big = expected >= 5
-        obs, exp = np.append(counts[big], counts[~big].sum()), np.append(expected[big], expected[~big].sum())
-        return float(jax.scipy.stats.chi2.sf(float(np.sum((obs - exp) ** 2 / exp)), len(obs) - 1))
-
-    return p
+    return three_token_chi_square(model, PROMPT, SAMPLING)
 
 
 def _serve_all(m, k: int, **engine_kw) -> tuple[list[list[int]], int, int]:

@@ -325,6 +325,25 @@ def test_frequent_tokens_counts_and_breaks_ties_by_id():
     assert speculative.frequent_tokens(Words(), ["5 3 3 9", "9 3 7 7", "1"], 3) == [3, 7, 9]
 
 
+def three_token_chi_square(model, prompt, sampling: SamplingParams):
+    """rows of 3 tokens sampled after `prompt` from a model of 8 tokens -> Pearson's chi-square p-value of their
+    joint counts against the exact probabilities of the 512 triples from the model's own logits (cells of expected
+    count < 5 pooled)."""
+    triples = np.array(np.meshgrid(*[np.arange(8)] * 3, indexing="ij")).reshape(3, -1).T  # [512, 3]
+    seqs = np.concatenate([np.tile(prompt, (len(triples), 1)), triples], axis=1)
+    logits = np.asarray(model(seqs))[:, len(prompt) - 1:len(prompt) + 2]  # the logits each sampled token came from
+    probs = np.asarray(jax.nn.softmax(jax.vmap(lambda z: filter_logits(z, sampling), 1, 1)(jnp.asarray(logits))))
+    exact = np.prod(np.take_along_axis(probs, triples[:, :, None], axis=2)[..., 0], axis=1)
+
+    def p_value(rows):
+        counts, expected = np.bincount(np.asarray(rows) @ np.array([64, 8, 1]), minlength=512), exact * len(rows)
+        big = expected >= 5
+        obs, exp = np.append(counts[big], counts[~big].sum()), np.append(expected[big], expected[~big].sum())
+        return float(jax.scipy.stats.chi2.sf(float(np.sum((obs - exp) ** 2 / exp)), len(obs) - 1))
+
+    return p_value
+
+
 def test_speculative_sampling_has_plain_sampling_distribution(tmp_path, monkeypatch):
     """Rejection sampling keeps plain sampling's distribution. A model of 8 tokens with a random head (far from
     the model: most drafts are rejected, some kept), temperature 1 and top-k 6; 4,096 rows of one prompt each
@@ -338,20 +357,7 @@ def test_speculative_sampling_has_plain_sampling_distribution(tmp_path, monkeypa
     m = qwenjax.from_pretrained(tmp_path, dtype="float32")
     prompt, n, kw = [3, 1, 4, 1, 5], 4096, dict(temperature=1.0, top_k=6)
     sampling = SamplingParams(**kw)
-    triples = np.array(np.meshgrid(*[np.arange(8)] * 3, indexing="ij")).reshape(3, -1).T  # [512, 3]
-    seqs = np.concatenate([np.tile(prompt, (len(triples), 1)), triples], axis=1)
-    logits = np.asarray(m(seqs))[:, len(prompt) - 1:len(prompt) + 2]  # the logits each sampled token came from
-    probs = np.asarray(jax.nn.softmax(jax.vmap(lambda z: filter_logits(z, sampling), 1, 1)(jnp.asarray(logits))))
-    exact = np.prod(np.take_along_axis(probs, triples[:, :, None], axis=2)[..., 0], axis=1)
-
-    def p_value(rows):
-        index = np.asarray(rows) @ np.array([64, 8, 1])
-        counts, expected = np.bincount(index, minlength=512), exact * n
-        big = expected >= 5
-        obs = np.append(counts[big], counts[~big].sum())
-        exp = np.append(expected[big], expected[~big].sum())
-        stat = float(np.sum((obs - exp) ** 2 / exp))
-        return float(jax.scipy.stats.chi2.sf(stat, len(obs) - 1))
+    p_value = three_token_chi_square(m, prompt, sampling)
 
     spec = qwenjax.generate(m, [prompt] * n, max_new_tokens=3, seed=1, num_speculative_tokens=2, **kw)
     assert p_value(spec) > 1e-3
