@@ -65,8 +65,15 @@ _ANSWER_TURN = """\
 _EMPTY_THINKING_TURN = """\
 {{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content.split('</think>')[-1].lstrip('\\n') }}
 {{- '<|im_end|>\\n' }}"""
-CHAT_TEMPLATE = _TEMPLATE.replace("@ASSISTANT_TURN@", _ANSWER_TURN)
-CHAT_TEMPLATE_EMPTY_THINKING = _TEMPLATE.replace("@ASSISTANT_TURN@", _EMPTY_THINKING_TURN)
+
+
+def chat_template(assistant_turn: str) -> str:
+    """The demo chat template with `assistant_turn` (Jinja that renders `message`) for the assistant's turns."""
+    return _TEMPLATE.replace("@ASSISTANT_TURN@", assistant_turn)
+
+
+CHAT_TEMPLATE = chat_template(_ANSWER_TURN)
+CHAT_TEMPLATE_EMPTY_THINKING = chat_template(_EMPTY_THINKING_TURN)
 
 
 def byte_tokenizer():

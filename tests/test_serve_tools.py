@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import qwenjax
-from qwenjax.demo import write_random_checkpoint
+from qwenjax.demo import chat_template, write_random_checkpoint
 from qwenjax.inference.tokenizer import Tokenizer
 from qwenjax.serve.reply_parser import ReplyParser, collect
 from qwenjax.train.loop import RunConfig, finetune
@@ -42,10 +42,7 @@ TEMPLATE = """\
 {%- endfor %}
 {{- '<|im_end|>\\n' }}
 {%- endif %}
-{%- for message in messages %}
-{%- if message.role == 'user' %}
-{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
-{%- elif message.role == 'assistant' %}
+""" + chat_template("""\
 {{- '<|im_start|>assistant\\n' + (message.content or '') }}
 {%- for call in message.tool_calls or [] %}
 {%- set call = call.function if call.function is defined else call %}
@@ -55,17 +52,7 @@ TEMPLATE = """\
 {%- endfor %}
 {{- '</function>\\n</tool_call>' }}
 {%- endfor %}
-{{- '<|im_end|>\\n' }}
-{%- elif message.role == 'tool' %}
-{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
-{%- else %}
-{{ raise_exception('Unknown role: ' + message.role) }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-{{- '<|im_start|>assistant\\n<think>\\n' }}
-{%- endif %}
-"""
+{{- '<|im_end|>\\n' }}""")
 
 
 @pytest.fixture(scope="module")
