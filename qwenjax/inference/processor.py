@@ -6,9 +6,11 @@
     logits = model(**batch)                   # or qwenjax.generate(model, **batch, max_new_tokens=...)
 
 - `ImageProcessor` is transformers' PIL backend of `Qwen2VLImageProcessor` (`Qwen2VLImageProcessorPil`; the class
-  transformers 5 picks by default is a torchvision port of it): RGB (transparency composited on white), `smart_resize`
-  to multiples of patch·merge within [min_pixels, max_pixels], Pillow bicubic on the uint8 image, rescale,
-  normalise, the image repeated over one temporal patch, patches in merge-block order. Equal to transformers' output.
+  transformers 5 picks by default is a torchvision port of it): RGB as `media_loading.load_image` makes it (a file
+  or an image file's bytes as transformers' `load_image`: upright by EXIF orientation, an alpha band dropped; a PIL
+  image or array in memory composited on white, as transformers' processors do), `smart_resize` to multiples of
+  patch·merge within [min_pixels, max_pixels], Pillow bicubic on the uint8 image, rescale, normalise, the image
+  repeated over one temporal patch, patches in merge-block order. Equal to transformers' output.
 - `VideoProcessor` is `Qwen3VLVideoProcessor`: frames sampled at `fps` per second of the source (between
   min_frames and max_frames), the video's own `smart_resize`, the last frame repeated to a whole temporal patch,
   and one timestamp per temporal patch for the prompt. transformers resizes video frames with torchvision only;
@@ -17,7 +19,11 @@
   webm, mkv, ...: decoded with PyAV, `pip install av` or `qwenjax[video]`, as transformers' `read_video_pyav`
   decodes it: the first video stream's frame count and average frame rate drive the sampling and the timestamps,
   and only the frames up to the last one sampled are decoded). Wrap frames in `Video(frames, fps)` to give the
-  source frame rate; without it 24 fps is assumed, as transformers assumes.
+  source frame rate; without it 24 fps is assumed, as transformers assumes. Each frame read from a file is resized
+  as it is decoded: one frame at a time is held at full size.
+- `prepare(picture, name, limits)` reads one picture within `ReadLimits` (the pixels of an image or frame, the
+  directory files must resolve into, the decoders reached) and processes it at once: a `ProcessedPicture`, which
+  the processor takes back as is wherever a picture goes (a server reads each picture of a request this way).
 - `Processor` renders the chat template and expands each image placeholder `<|image_pad|>` into t·h·w/merge² pad
   tokens, and each video placeholder `<|vision_start|><|video_pad|><|vision_end|>` (or a bare `<|video_pad|>`)
   into, per temporal patch, `<{seconds:.1f} seconds><|vision_start|>` + h·w/merge² video pads + `<|vision_end|>`,
@@ -40,8 +46,11 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from qwenjax.config import load_config
+from qwenjax.inference.media_loading import NO_LIMITS, ReadLimits, frame_files, load_image, pil, read_frames
+from qwenjax.inference.media_loading import MissingVideoDecoder as MissingVideoDecoder  # re-exported
+from qwenjax.inference.media_loading import ProcessorError, read_video_file
 from qwenjax.inference.tokenizer import Tokenizer
-from qwenjax.validate import InputError, check, check_range, read_json_object
+from qwenjax.validate import check, check_range, read_json_object
 
 IMAGE_CONFIG_FILE = "preprocessor_config.json"
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
@@ -58,21 +67,24 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 
 
-class ProcessorError(InputError):
-    """An image, video, prompt or processor config that cannot become model inputs."""
-
-
-class MissingVideoDecoder(ProcessorError, ImportError):
-    """A video file given where PyAV, which decodes video files, is not installed."""
-
-
 class Video(NamedTuple):
     """A video: `frames` ([T, H, W, 3] uint8, a directory of frame images read in name order, so name them with
-    zero-padded numbers, or a video file) and the frame rate they were taken at (None: unknown, 24 assumed; for a
-    video file, the file's own average frame rate; a rate given here overrides it)."""
+    zero-padded numbers, a video file, or a video file's bytes) and the frame rate they were taken at (None:
+    unknown, 24 assumed; for a video file, the file's own average frame rate; a rate given here overrides it)."""
 
     frames: Any
     fps: float | None = None
+
+
+class ProcessedPicture(NamedTuple):
+    """An image or video already read and processed (`ImageProcessor.prepare`, `VideoProcessor.prepare`): its
+    patches, grid (t, h, w), the seconds of each temporal patch (videos; None for an image), and the processor
+    that made it, which alone takes it back, as is, where a picture goes (`__call__`, content parts)."""
+
+    pixels: np.ndarray
+    grid: tuple[int, int, int]
+    timestamps: list[float] | None
+    processor: Any
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -119,126 +131,6 @@ def _check_aspect_ratio(height: int, width: int) -> None:
         raise ProcessorError(f"an image of {height} x {width} pixels (height x width): its aspect ratio "
                              f"{max(height, width) / min(height, width):.4g} is above {MAX_ASPECT_RATIO}, the most "
                              "the Qwen vision processors accept; crop or pad it")
-
-
-# ---- reading pictures --------------------------------------------------------------------------------------------
-def _pil():
-    try:
-        import PIL.Image
-        import PIL.ImageOps
-    except ImportError:
-        raise ImportError("images and videos need Pillow: pip install pillow") from None
-    return PIL
-
-
-def load_image(image: Any, name: str = "image") -> np.ndarray:
-    """`image` (a PIL image, an [H, W(, C)] uint8 array, or a file path) as [H, W, 3] uint8 RGB, converted as
-    transformers converts it: a file is opened, turned upright by its EXIF orientation and converted to RGB
-    (`load_image`); a PIL image or array with transparency is composited on white (`convert_to_rgb`). Errors
-    name the file, or `name` for an image in memory."""
-    PIL = _pil()
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            hint = " (URLs are not fetched: download the image first)" if "://" in path else ""
-            raise ProcessorError(f"image file {path!r} does not exist{hint}")
-        try:
-            with PIL.Image.open(path) as opened:
-                return np.asarray(PIL.ImageOps.exif_transpose(opened).convert("RGB"))
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, DecompressionBombError, ...
-            raise ProcessorError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    if isinstance(image, PIL.Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.asarray(PIL.Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ProcessorError(f"{name}: an image array must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] uint8 "
-                                 f"(channels last), got {list(image.shape)} {image.dtype}")
-        image = image.reshape(*image.shape[:2], -1)
-        if image.shape[2] == 1:
-            return np.repeat(image, 3, axis=2)
-        if image.shape[2] == 4:
-            alpha = image[..., 3:] / 255
-            return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-        return image
-    raise ProcessorError(f"{name}: an image must be a PIL image, a uint8 array or a file path, got "
-                         f"{type(image).__name__}")
-
-
-def _frame_files(directory: str) -> list[str]:
-    names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
-    files = [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
-    if not files:
-        raise ProcessorError(f"video directory {directory!r} holds no frame images")
-    return files
-
-
-def read_video_file(path: str | os.PathLike, sample_indices: Any = None) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """Decode the video file `path` with PyAV as transformers' `read_video_pyav` does: the first video stream, its
-    frame count (`stream.frames`; where the container does not record it, as Matroska/WebM, the stream's packets are
-    counted instead) and average frame rate (None where the file has none) give the frame `indices` to keep,
-    `sample_indices(total_frames, fps)` (None: every frame); the frames are decoded from the start up to the last
-    index and converted to RGB (`to_ndarray(format="rgb24")`). Returns (frames [len(indices), H, W, 3] uint8,
-    frames[k] the frame at indices[k], the indices, the frame rate). An index repeated (more frames asked for than
-    there are) repeats its frame, as indexing an array of the frames does (and torchcodec, transformers' default
-    decoder); transformers' PyAV reader keeps such a frame once, and its prompt then disagrees with its pixels.
-    A header that counts more frames than the decoder yields: the indices are sampled again from the frames
-    decoded. Errors name the file; without PyAV, `MissingVideoDecoder` (an ImportError) says how to install it."""
-    path = os.fspath(path)
-    try:
-        import av
-    except ImportError:
-        raise MissingVideoDecoder(f"{path}: decoding a video file needs PyAV: pip install av (or pip install "
-                                  "'qwenjax[video]'); or pass the decoded frames, [T, H, W, 3] uint8, or a "
-                                  "directory of frame images") from None
-    if not os.path.isfile(path):
-        raise ProcessorError(f"video file {path!r} does not exist")
-    sample_indices = sample_indices or (lambda total, fps: np.arange(total))
-
-    def decode(last: int, keep: set[int]) -> tuple[dict[int, np.ndarray], int]:
-        """(the kept frames by index, how many frames were decoded: last + 1, or fewer where the stream ends)."""
-        kept, decoded = {}, 0
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # threads decode the same frames, in order
-            for i, frame in enumerate(container.decode(stream)):
-                decoded = i + 1
-                if i in keep:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-        return kept, decoded
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ProcessorError(f"{path}: holds no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate) if stream.average_rate else None
-            total = stream.frames
-            if total <= 0:  # not in the header (Matroska, WebM): one packet per frame
-                total = sum(1 for packet in container.demux(stream) if packet.size > 0)
-        for _ in range(2):
-            if total <= 0:
-                raise ProcessorError(f"{path}: its video stream holds no frames")
-            indices = np.asarray(sample_indices(total, fps), dtype=np.int64)
-            kept, decoded = decode(int(indices.max()), set(indices.tolist()))
-            if decoded > indices.max():
-                break
-            total = decoded  # fewer frames than the header says: sample from those there are
-        else:
-            raise ProcessorError(f"{path}: the decoder yields {decoded} frame(s), fewer than it did a moment "
-                                 "before; a damaged file?")
-    except av.error.FFmpegError as e:
-        raise ProcessorError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
-    shapes = {frame.shape for frame in kept.values()}
-    if len(shapes) > 1:
-        raise ProcessorError(f"{path}: its frames change size ({' and '.join(f'{h} x {w}' for h, w, _ in shapes)} "
-                             "pixels); a video's frames must all have one size")
-    return np.stack([kept[i] for i in indices.tolist()]), indices, fps
 
 
 # ---- the processors ----------------------------------------------------------------------------------------------
@@ -317,7 +209,7 @@ class _VisionProcessor:
 
     def _resize(self, frame: np.ndarray, height: int, width: int) -> np.ndarray:
         """[H, W, 3] uint8 → [height, width, 3] uint8 with Pillow, as transformers' PIL backend resizes."""
-        PIL = _pil()
+        PIL = pil()
         return np.asarray(PIL.Image.fromarray(frame).resize((width, height), resample=self.resample))
 
     def _normalize(self, frames: np.ndarray) -> np.ndarray:
@@ -342,6 +234,11 @@ class _VisionProcessor:
         x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # → (gt, gh/m, gw/m, m, m, c, tp, p, p)
         return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
+    def _taken_back(self, picture: ProcessedPicture, name: str) -> ProcessedPicture:
+        if picture.processor != self:  # another config's patches would not match the prompt or the tower
+            raise ProcessorError(f"{name}: a picture processed by another processor ({picture.processor!r:.200})")
+        return picture
+
     def _check_not_resized(self, height: int, width: int) -> None:
         factor = self.patch_size * self.merge_size
         if height % factor or width % factor:
@@ -358,21 +255,31 @@ class ImageProcessor(_VisionProcessor):
     _PIXEL_KEYS: typing.ClassVar[bool] = True
 
     def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        """`images`: one image or a list (PIL images, [H, W, 3] uint8 arrays, file paths)."""
+        """`images`: one image or a list (PIL images, [H, W, 3] uint8 arrays, file paths, image files' bytes,
+        `ProcessedPicture`s of this processor)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ProcessorError("no images given")
         patches, grids = [], []
         for i, image in enumerate(images):
-            name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"images[{i}]"
-            pixels = load_image(image, name)
-            try:
-                pixels, grid = self._one(pixels)
-            except ProcessorError as e:
-                raise ProcessorError(f"{name}: {e}") from None
-            patches.append(pixels)
-            grids.append(grid)
+            if isinstance(image, ProcessedPicture):
+                image = self._taken_back(image, f"images[{i}]")
+            else:
+                image = self.prepare(image, os.fspath(image) if isinstance(image, (str, os.PathLike)) else
+                                     f"images[{i}]")
+            patches.append(image.pixels)
+            grids.append(image.grid)
         return np.concatenate(patches), np.array(grids, np.int64)
+
+    def prepare(self, image: Any, name: str | None = None, limits: ReadLimits = NO_LIMITS) -> ProcessedPicture:
+        """One image (as `__call__` takes one) read within `limits` and processed now. Errors start with `name`
+        (default: the file's path, or "image")."""
+        pixels = load_image(image, name, limits)
+        name = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
+        try:
+            return ProcessedPicture(*self._one(pixels), None, self)
+        except ProcessorError as e:
+            raise ProcessorError(f"{name}: {e}") from None
 
     def _one(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         height, width = image.shape[:2]
@@ -448,68 +355,81 @@ class VideoProcessor(_VisionProcessor):
         return [(seconds[i] + seconds[i + tp - 1]) / 2 for i in range(0, len(seconds), tp)]
 
     def __call__(self, videos: Any) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
-        """`videos`: one video or a list of them."""
+        """`videos`: one video or a list of them (`ProcessedPicture`s of this processor too)."""
         videos = list(videos) if isinstance(videos, list) else [videos]
         if not videos:
             raise ProcessorError("no videos given")
         patches, grids, timestamps = [], [], []
         for i, video in enumerate(videos):
-            try:
-                pixels, grid, seconds = self._one(video if isinstance(video, Video) else Video(video))
-            except ProcessorError as e:
-                raise type(e)(f"videos[{i}]: {e}") from None
-            patches.append(pixels)
-            grids.append(grid)
-            timestamps.append(seconds)
+            if isinstance(video, ProcessedPicture):
+                video = self._taken_back(video, f"videos[{i}]")
+            else:
+                video = self.prepare(video, f"videos[{i}]")
+            patches.append(video.pixels)
+            grids.append(video.grid)
+            timestamps.append(video.timestamps)
         return np.concatenate(patches), np.array(grids, np.int64), timestamps
 
-    def _one(self, video: Video) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
+    def prepare(self, video: Any, name: str | None = None, limits: ReadLimits = NO_LIMITS) -> ProcessedPicture:
+        """One video (as `__call__` takes one) read within `limits` and processed now. Errors start with `name`."""
+        try:
+            return ProcessedPicture(*self._one(video if isinstance(video, Video) else Video(video), limits), self)
+        except ProcessorError as e:
+            raise type(e)(f"{name}: {e}" if name else str(e)) from None
+
+    def _frame_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        """The size the `num_frames` frames sampled from a video of height x width frames are resized to."""
+        factor, max_pixels = self.patch_size * self.merge_size, self.max_pixels
+        if self.cap_pixels_per_frame:  # as transformers: per-frame budget, floored at 1.05 · min_pixels
+            per_frame = max(min(self.max_video_tokens * factor * factor, self.max_pixels // num_frames),
+                            int(self.min_pixels * 1.05))
+            max_pixels = per_frame * num_frames
+        return smart_resize_video(num_frames, height, width, self.temporal_patch_size, factor, self.min_pixels,
+                                  max_pixels)
+
+    def _fit(self, frame: np.ndarray, num_frames: int) -> np.ndarray:
+        """One of `num_frames` sampled frames at the size the model takes: resized as soon as it is read, so
+        that a video file or directory is never held at full size."""
+        height, width = frame.shape[:2]
+        if not self.do_resize:
+            self._check_not_resized(height, width)
+            return frame
+        size = self._frame_size(num_frames, height, width)
+        # torchvision, which transformers resizes videos with, skips equal sizes
+        return frame if size == (height, width) else self._resize(frame, *size)
+
+    def _one(self, video: Video, limits: ReadLimits) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
         fps = video.fps
         if fps is not None:
             fps = check_range(check(fps, float, "Video.fps", ProcessorError), "Video.fps", above=0,
                               error=ProcessorError)
-        if isinstance(video.frames, (str, os.PathLike)) and os.path.isfile(video.frames):
+        source = video.frames
+        if isinstance(source, (str, os.PathLike)):
+            source = os.fspath(source)
+            resolved = limits.resolve(source)  # first: nothing is said of a path outside the root
+        if isinstance(source, (bytes, bytearray, memoryview)) or \
+                (isinstance(source, str) and os.path.isfile(resolved)):
             frames, indices, file_fps = read_video_file(
-                video.frames, lambda total, file_fps: self.sample_indices(total, file_fps if fps is None else fps))
+                source, lambda total, file_fps: self.sample_indices(total, file_fps if fps is None else fps),
+                limits=limits, transform=self._fit)
             fps = file_fps if fps is None else fps
-        elif isinstance(video.frames, (str, os.PathLike)):
-            directory = os.fspath(video.frames)
-            if not os.path.isdir(directory):
-                hint = " (URLs are not fetched: download the video first)" if "://" in directory else ""
-                raise ProcessorError(f"video {directory!r} does not exist: neither a video file nor a directory of "
+        elif isinstance(source, str):
+            if not os.path.isdir(resolved):
+                hint = " (URLs are not fetched: download the video first)" if "://" in source else ""
+                raise ProcessorError(f"video {source!r} does not exist: neither a video file nor a directory of "
                                      f"frame images{hint}")
-            files = _frame_files(directory)
+            files = frame_files(source, limits)
             indices = self.sample_indices(len(files), fps)
-            frames = [load_image(files[i]) for i in indices]  # only the sampled frames are read
-            for i, frame in zip(indices, frames):
-                if frame.shape != frames[0].shape:
-                    raise ProcessorError(f"{files[i]}: {frame.shape[0]} x {frame.shape[1]} pixels, but "
-                                         f"{files[indices[0]]} is {frames[0].shape[0]} x {frames[0].shape[1]}; a "
-                                         "video's frames must all have one size")
-            frames = np.stack(frames)
+            frames = read_frames(files, indices, limits, self._fit)  # only the sampled frames are read
         else:
-            frames = video.frames
-            if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
-                    or frames.shape[3] != 3 or len(frames) == 0:
-                shown = f"{list(frames.shape)} {frames.dtype}" if isinstance(frames, np.ndarray) \
-                    else type(frames).__name__
+            if not isinstance(source, np.ndarray) or source.dtype != np.uint8 or source.ndim != 4 \
+                    or source.shape[3] != 3 or len(source) == 0:
+                shown = f"{list(source.shape)} {source.dtype}" if isinstance(source, np.ndarray) \
+                    else type(source).__name__
                 raise ProcessorError(f"a video must be a [T, H, W, 3] uint8 array of frames (T >= 1), a directory "
-                                     f"of frame images or a video file, got {shown}")
-            indices = self.sample_indices(len(frames), fps)
-            frames = frames[indices]
-        num_frames, height, width = frames.shape[:3]
-        if self.do_resize:
-            factor, max_pixels = self.patch_size * self.merge_size, self.max_pixels
-            if self.cap_pixels_per_frame:  # as transformers: per-frame budget, floored at 1.05 · min_pixels
-                per_frame = max(min(self.max_video_tokens * factor * factor, self.max_pixels // num_frames),
-                                int(self.min_pixels * 1.05))
-                max_pixels = per_frame * num_frames
-            size = smart_resize_video(num_frames, height, width, self.temporal_patch_size, factor, self.min_pixels,
-                                      max_pixels)
-            if size != (height, width):  # torchvision, which transformers resizes videos with, skips equal sizes
-                frames = np.stack([self._resize(frame, *size) for frame in frames])
-        else:
-            self._check_not_resized(height, width)
+                                     f"of frame images, a video file or its bytes, got {shown}")
+            indices = self.sample_indices(len(source), fps)
+            frames = np.stack([self._fit(frame, len(indices)) for frame in source[indices]])
         pixels, grid = self._patchify(self._normalize(frames))
         return pixels, grid, self.timestamps(indices.tolist(), fps)
 
