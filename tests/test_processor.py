@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import tracemalloc
 import types
 
 import numpy as np
@@ -37,6 +38,8 @@ from qwenjax.inference.processor import (IMAGE_PLACEHOLDER, VIDEO_PAD, VIDEO_PLA
                                          VISION_START, ImageProcessor, MissingVideoDecoder, Processor,
                                          ProcessorError, Video, VideoProcessor, load_processor, read_video_file,
                                          smart_resize, smart_resize_video)
+from qwenjax.inference.media_loading import ReadLimits, load_image  # noqa: E402
+from qwenjax.inference.processor import ProcessedPicture  # noqa: E402
 from qwenjax.inference.tokenizer import Tokenizer  # noqa: E402
 from qwenjax.inputs import vision_inputs  # noqa: E402
 
@@ -451,6 +454,72 @@ def test_video_files_missing_unreadable_or_without_pyav_are_named(tmp_path, monk
     from_dir, from_array = processor(str(frames_dir)), processor(Video(_gradient_frames(8), 8.0))  # no PyAV needed
     np.testing.assert_array_equal(from_dir[0], from_array[0])
     np.testing.assert_array_equal(with_av[0], from_array[0])  # the lossless file: the same frames
+
+
+# ---- reading within limits, pictures processed ahead -------------------------------------------------------------
+@pytest.mark.parametrize("form", ["file", "directory"])
+def test_video_frames_are_resized_as_they_are_read(tmp_path, form):
+    """A video from a file or a directory is never held at full size: each sampled frame is resized as it is
+    decoded (the peak of traced allocations stays under 6 full frames of the 32 sampled), and the inputs are those
+    of the frames resized afterwards."""
+    frames = _gradient_frames(32, 240, 320)  # 230 kB a frame, 7.4 MB in all
+    if form == "file":
+        source, fps = _write_video(tmp_path / "clip.mov", frames, fps=8), 8.0
+    else:
+        source, fps = tmp_path / "frames", None
+        source.mkdir()
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(source / f"{i:03d}.png")
+    processor = VideoProcessor(patch_size=4, merge_size=2, min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 64, fps=None,
+                               num_frames=32)
+    expected = processor(Video(frames, fps))
+    tracemalloc.start()
+    try:
+        got = processor(str(source))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * frames[0].nbytes, f"peak {peak / 1e6:.1f} MB"
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prepared_pictures_are_taken_back_by_their_processor_only(tokenizers, monkeypatch):
+    rng = np.random.default_rng(11)
+    settings = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 40)
+    images, videos = ImageProcessor(**settings), VideoProcessor(**settings)
+    image, frames = _random_image(rng, 30, 50), _random_image(rng, 5 * 24, 32).reshape(5, 24, 32, 3)
+    prepared, prepared_video = images.prepare(image), videos.prepare(Video(frames, 4.0))
+    assert isinstance(prepared, ProcessedPicture) and prepared.timestamps is None
+    for got, expected in zip(images([prepared, image]), images([image, image])):
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(videos([prepared_video]), videos([Video(frames, 4.0)])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    with pytest.raises(ProcessorError, match=r"images\[1\]: a picture processed by another processor"):
+        ImageProcessor(**{**settings, "max_pixels": 8 * 8 * 80})([image, prepared])
+    with pytest.raises(ProcessorError, match=r"videos\[0\]: a picture processed by another processor"):
+        videos([prepared])
+    _, ours = _processors(tokenizers, monkeypatch, None)
+    content = lambda picture: [{"role": "user", "content": [{"type": "image", "image": picture}]}]  # noqa: E731
+    np.testing.assert_array_equal(ours(content(ours.image_processor.prepare(image)))["pixel_values"],
+                                  ours(content(image))["pixel_values"])
+
+
+def test_image_bytes_read_as_their_file_within_the_limits(tmp_path):
+    rng = np.random.default_rng(12)
+    path = tmp_path / "image.bmp"
+    Image.fromarray(_random_image(rng, 20, 30)).save(path)
+    np.testing.assert_array_equal(load_image(path.read_bytes()), load_image(str(path)))
+    np.testing.assert_array_equal(load_image(path.read_bytes()), np.asarray(hf_load_image(str(path))))
+    with pytest.raises(ProcessorError, match=r"picture: not a readable image \(Pillow cannot identify it; accepted "
+                                             r"formats: PNG, JPEG\)"):
+        load_image(path.read_bytes(), "picture", ReadLimits(image_formats=("PNG", "JPEG")))
+    with pytest.raises(ProcessorError, match=r"picture: 30 x 20 pixels \(width x height\) = 600, above the limit "
+                                             r"of 599 pixels"):
+        load_image(path.read_bytes(), "picture", ReadLimits(max_pixels=599))
+    assert load_image(str(path), limits=ReadLimits(max_pixels=600, root=str(tmp_path))).shape == (20, 30, 3)
+    with pytest.raises(ProcessorError, match=r"is outside the allowed directory"):
+        load_image(str(path), limits=ReadLimits(root=str(tmp_path / "elsewhere")))
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -181,4 +182,42 @@ def test_pictures_skip_the_prefix_cache(client, media):
 def test_bad_images_get_a_400(client, media, url, names):
     with pytest.raises(openai.BadRequestError, match=names):
         _ask(client, url)
+    assert _ask(client, os.path.join(media, "example.png")).choices[0].finish_reason in ("stop", "length")
+
+
+def test_hostile_pictures_get_a_400_naming_the_part(client, media):
+    """Issue 37's probes over HTTP: an EXIF-rotated JPEG read alike by path and data URL (as `generate` reads the
+    file); a video data URL with a 300-character media type, an image over --max-image-pixels (the default, 2^24)
+    and a frame linked out of --allowed-local-media-path each get a 400 naming the part; the server goes on."""
+    rotated = os.path.join(media, "rotated.jpg")
+    upright = Image.open(EXAMPLE).convert("RGB")
+    exif = upright.getexif()
+    exif[0x0112] = 6  # stored turned a quarter left, shown upright
+    upright.transpose(Image.Transpose.ROTATE_90).save(rotated, "JPEG", exif=exif, quality=95)
+    _, answer, prompt_tokens, _ = _alone([{"type": "image", "image": rotated}, {"type": "text", "text": QUESTION}])
+    with open(rotated, "rb") as f:
+        data_url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+    for url in (rotated, data_url):
+        r = _ask(client, url)
+        assert (r.choices[0].message.content, r.usage.prompt_tokens) == (answer, prompt_tokens)
+
+    big = os.path.join(media, "big.png")
+    Image.new("L", (4097, 4096), 200).save(big)  # a few kB of PNG, 16.8M pixels
+    with open(big, "rb") as f:
+        big_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    outside = os.path.join(os.path.dirname(media), "outside-" + os.path.basename(media))
+    os.makedirs(outside, exist_ok=True)
+    shutil.copy(EXAMPLE, os.path.join(outside, "secret.png"))
+    linked = os.path.join(media, "linked")
+    shutil.copytree(os.path.join(media, "clip"), linked)
+    os.remove(os.path.join(linked, "01.png"))
+    os.symlink(os.path.join(outside, "secret.png"), os.path.join(linked, "01.png"))
+    for ask, url, names in [
+            (_ask_video, "data:video/" + "x" * 300 + ";base64,AAAA", "is not a valid media type"),
+            (_ask, big, "above the server's limit (--max-image-pixels) of 16,777,216"),
+            (_ask, big_url, "above the server's limit (--max-image-pixels) of 16,777,216"),
+            (_ask_video, linked, "is outside the server's --allowed-local-media-path")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(names)) as refused:
+            ask(client, url)
+        assert refused.value.param == "messages[0].content[0]" and "secret" not in str(refused.value)
     assert _ask(client, os.path.join(media, "example.png")).choices[0].finish_reason in ("stop", "length")

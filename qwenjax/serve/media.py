@@ -27,7 +27,7 @@ VIDEO_TYPES = frozenset({"mp4", "webm", "quicktime", "x-matroska", "matroska", "
                          "3gpp", "3gpp2", "x-m4v", "mp2t", "x-flv"})
 # single-file containers: not playlists (hls), lists of files (concat) or image sequences, which open other files
 VIDEO_DEMUXERS = ("mov", "mp4", "matroska", "webm", "avi", "mpeg", "mpegts", "ogg", "flv")
-_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,126}/[a-z0-9][a-z0-9.+-]{0,126}")
+_SUBTYPE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,126}")  # RFC 6838's restricted names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Pictures:
         if url.startswith("data:"):
             subtype, data = self._data(url, "video", where)
             if subtype not in VIDEO_TYPES:
-                raise APIError(400, f"{where}: video type video/{subtype[:40]!r} is not one the server reads "
+                raise APIError(400, f"{where}: video type {'video/' + subtype[:40]!r} is not one the server reads "
                                     f"(video/{', video/'.join(sorted(VIDEO_TYPES))})", where)
             source, name = data, "the video"
         else:
@@ -98,12 +98,15 @@ class Pictures:
         fields = header[len("data:"):].split(";")
         if fields[-1] != "base64":
             raise APIError(400, f"{where}: a data URL must be base64 ({example})", where)
-        media_type = fields[0].lower()
-        if not _MEDIA_TYPE.fullmatch(media_type) or media_type.split("/")[0] != kind:
+        major, _, subtype = fields[0].lower().partition("/")
+        if major != kind:
             raise APIError(400, f"{where}: a {kind}_url data URL needs a {kind} media type ({example}), got "
                                 f"{fields[0][:60]!r}", where)
+        if not _SUBTYPE.fullmatch(subtype):
+            raise APIError(400, f"{where}: {fields[0][:60]!r}... is not a valid media type" if len(fields[0]) > 60
+                           else f"{where}: {fields[0]!r} is not a valid media type", where)
         try:
-            return media_type.split("/")[1], base64.b64decode(data, validate=True)
+            return subtype, base64.b64decode(data, validate=True)
         except binascii.Error as e:
             raise APIError(400, f"{where}: not a readable {kind} (not base64: {e})", where) from None
 
