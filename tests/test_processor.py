@@ -520,6 +520,15 @@ def test_image_bytes_read_as_their_file_within_the_limits(tmp_path):
     assert load_image(str(path), limits=ReadLimits(max_pixels=600, root=str(tmp_path))).shape == (20, 30, 3)
     with pytest.raises(ProcessorError, match=r"is outside the allowed directory"):
         load_image(str(path), limits=ReadLimits(root=str(tmp_path / "elsewhere")))
+    stored = Image.fromarray(_random_image(rng, 12, 20))
+    for orientation in range(1, 9):  # every EXIF orientation, turned upright as transformers turns it
+        exif = stored.getexif()
+        exif[0x0112] = orientation
+        stored.save(tmp_path / "turned.png", exif=exif)
+        expected = np.asarray(hf_load_image(str(tmp_path / "turned.png")))
+        assert expected.shape == ((12, 20, 3) if orientation < 5 else (20, 12, 3))
+        np.testing.assert_array_equal(load_image(str(tmp_path / "turned.png")), expected)
+        np.testing.assert_array_equal(load_image((tmp_path / "turned.png").read_bytes()), expected)
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------

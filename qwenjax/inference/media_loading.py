@@ -135,7 +135,7 @@ def _rgb(image) -> np.ndarray:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(PIL.Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # a conversion to itself: a copy
 
 
 def _decode_image(file: str | io.BytesIO, name: str, limits: ReadLimits) -> np.ndarray:
@@ -145,8 +145,9 @@ def _decode_image(file: str | io.BytesIO, name: str, limits: ReadLimits) -> np.n
     try:
         with PIL.Image.open(file, formats=limits.image_formats) as opened:  # reads the header only
             limits.check_pixels(*opened.size, name)
-            upright = PIL.ImageOps.exif_transpose(opened)  # decodes
-            return _rgb(upright.convert("RGB"))
+            # in place, and no conversion of RGB to itself: each would copy the whole image (67 MB at 2^24 pixels)
+            PIL.ImageOps.exif_transpose(opened, in_place=True)  # decodes
+            return _rgb(opened if opened.mode == "RGB" else opened.convert("RGB"))
     except ProcessorError:
         raise
     except PIL.UnidentifiedImageError:

@@ -454,8 +454,9 @@ class Processor:
         """Model inputs for one prompt: `m(**inputs)` and `qwenjax.generate(m, **inputs, ...)` take them.
 
         Either `messages`, a conversation rendered with the chat template: a message's content may be a list of
-        parts, `{"type": "text", "text": ...}`, `{"type": "image", "image": IMAGE}` (a path, PIL image or array),
-        `{"type": "video", "video": VIDEO}` (a `Video`, or frames); each picture becomes its placeholder,
+        parts, `{"type": "text", "text": ...}`, `{"type": "image", "image": IMAGE}` (a path, PIL image, array or
+        image file's bytes), `{"type": "video", "video": VIDEO}` (a `Video`, or frames), either also a
+        `ProcessedPicture` of this processor's (`prepare`); each picture becomes its placeholder,
         `IMAGE_PLACEHOLDER` / `VIDEO_PLACEHOLDER`, and the parts are joined into one string before the template
         renders the message (as Qwen's own templates render list content; templates that only take string
         content, like the demo's, work too). Or `text`, the prompt already rendered, holding one placeholder
