@@ -9,6 +9,8 @@ import base64
 import concurrent.futures
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +104,26 @@ def test_a_video_data_url_is_read_as_its_file(processor, tmp_path):
         got = _expand(pictures, {"type": "video_url", "video_url": {"url": url}}, tmp_path)
         np.testing.assert_array_equal(got["pixel_values_videos"], expected[0])
         np.testing.assert_array_equal(got["video_grid_thw"], expected[1])
+
+
+def test_unreadable_bytes_and_invalid_paths_are_a_400_naming_the_part(processor, tmp_path):
+    pictures = Pictures(processor, str(tmp_path))
+    for url in [str(tmp_path / "a\0b.png"), "file://" + str(tmp_path) + "/\0"]:
+        for kind in ("image_url", "video_url"):
+            assert "not a valid path (it holds a NUL character)" in _refused(pictures, {"type": kind, kind: url},
+                                                                              tmp_path)
+    long_path = str(tmp_path / ("a" * 200)) * 30  # 6000 characters: not echoed whole
+    assert len(_refused(pictures, {"type": "video_url", "video_url": long_path}, tmp_path)) < 1200
+    # garbage as an image, in a fresh process: Pillow has then registered only its commonest plugins
+    code = ("import base64; from qwenjax.demo import DEFAULT_VISION_MODEL_DIR as d; "
+            "from qwenjax.inference.processor import load_processor; from qwenjax.serve.media import Pictures; "
+            "from qwenjax.serve.errors import APIError\n"
+            "try: Pictures(load_processor(d)).image('data:image/png;base64,' + base64.b64encode(b'garbage' * 9)"
+            ".decode(), 'm')\nexcept APIError as e: print(e.status, e.message)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.startswith("400 m: the image: not a readable image (Pillow cannot identify it; accepted formats: "
+                                 "PNG, JPEG, MPO, WEBP"), out.stdout + out.stderr
 
 
 # ---- probe 5: every file read resolved within --allowed-local-media-path -----------------------------------------

@@ -64,6 +64,8 @@ class ReadLimits:
         """`path` with its symlinks resolved; it must lie inside `root`. The refusal names `path` as given and says
         nothing of where it leads (nor whether that exists)."""
         path = os.fspath(path)
+        if "\0" in path:  # the OS takes no such name (os functions raise ValueError)
+            raise ProcessorError(f"{path[:200]!r} is not a valid path (it holds a NUL character)")
         if self.root is None:
             return path
         real = os.path.realpath(path)
@@ -142,8 +144,12 @@ def _decode_image(file: str | io.BytesIO, name: str, limits: ReadLimits) -> np.n
     """An image file as transformers' `load_image` then its image processor make it: `convert("RGB")` drops an
     alpha band, but keeps a palette's or grey image's transparent colour, which `convert_to_rgb` then composites."""
     PIL = pil()
+    formats = limits.image_formats
+    if formats is not None:
+        PIL.Image.init()  # registers every plugin: `formats` may name one not loaded yet
+        formats = [f for f in formats if f in PIL.Image.OPEN]  # this Pillow's build may lack some (WEBP)
     try:
-        with PIL.Image.open(file, formats=limits.image_formats) as opened:  # reads the header only
+        with PIL.Image.open(file, formats=formats) as opened:  # reads the header only
             limits.check_pixels(*opened.size, name)
             # in place, and no conversion of RGB to itself: each would copy the whole image (67 MB at 2^24 pixels)
             PIL.ImageOps.exif_transpose(opened, in_place=True)  # decodes

@@ -57,7 +57,7 @@ class Pictures:
             _, data = self._data(url, "image", where)
             source, name = data, "the image"
         else:
-            source = name = self._local(url, "image_url", where)
+            source, name = self._local(url, "image_url", where), None  # errors name the file
         return self._read(self.processor.image_processor, source, name, where)
 
     def video(self, video_url, where: str, scratch: str | None = None):
@@ -72,14 +72,15 @@ class Pictures:
                                     f"(video/{', video/'.join(sorted(VIDEO_TYPES))})", where)
             source, name = data, "the video"
         else:
-            source = name = self._local(url, "video_url", where)
+            source, name = self._local(url, "video_url", where), None
         return self._read(self.processor.video_processor, source, name, where)
 
-    def _read(self, processor, source, name: str, where: str):
+    def _read(self, processor, source, name: str | None, where: str):
         try:
             return processor.prepare(source, name, self._limits)
         except ProcessorError as e:  # MissingVideoDecoder too: a video file and no PyAV
-            raise APIError(400, f"{where}: {e}", where) from None
+            message = str(e) if len(str(e)) <= 1000 else str(e)[:1000] + "..."  # a long path is not echoed whole
+            raise APIError(400, f"{where}: {message}", where) from None
 
     def _url(self, part, kind: str, where: str) -> str:
         url = part.get("url") if isinstance(part, dict) else part
@@ -112,6 +113,8 @@ class Pictures:
 
     def _local(self, url: str, kind: str, where: str) -> str:
         path = url.removeprefix("file://")
+        if "\0" in path:
+            raise APIError(400, f"{where}: {url[:200]!r} is not a valid path (it holds a NUL character)", where)
         if self.local_dir is None or not os.path.isabs(path):
             raise APIError(400, f"{where}: {kind} must be a base64 data URL (URLs are not fetched; local files "
                                 "need the server's --allowed-local-media-path)", where)
