@@ -440,6 +440,21 @@ def test_complete_grammar_allows_only_eos(backend, tok):
     assert not m.terminated and m.validate([ids[-1], EOS[0]]) == 2
 
 
+def test_rollback_and_bad_ids_leave_the_matcher_usable(backend, tok):
+    """Rolling back past the start, or token ids outside the vocabulary, are refused without breaking the
+    matcher (llguidance's own errors would be permanent); a long reply rolls back whole."""
+    m, ids = backend.matcher(_spec("json_object")), tok.encode('{"a": "' + "word " * 200 + '"}') + [EOS[0]]
+    assert all(m.accept(t) for t in ids) and m.accepted == len(ids)
+    with pytest.raises(ValueError, match="cannot roll back"):
+        m.rollback(len(ids) + 1)
+    m.rollback(len(ids))
+    assert not m.accept(-1) and not m.accept(4096) and m.validate(ids[:3] + [4096] + ids[3:]) == 3
+    assert m.validate(ids) == len(ids)
+    m.accept(ids[0])
+    m.reset()
+    assert m.accepted == 0 and m.validate(ids) == len(ids)
+
+
 def test_tool_calls_may_end_or_go_on(backend, tok):
     """With parallel calls, a complete call allows eos or another call; a named function allows only one."""
     call = DOCS[1][1]

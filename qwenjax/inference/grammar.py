@@ -312,8 +312,10 @@ class GrammarMatcher:
     that ends the reply is then counted here (`_eos_past_stop`), so that accept, validate and rollback treat it
     as any other token."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, words: int, eos_ids: frozenset[int]):
-        self._m, self.words, self.eos_ids = matcher, words, eos_ids
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: frozenset[int]):
+        self._m, self.vocab_size, self.eos_ids = matcher, vocab_size, eos_ids
+        self.words = -(-vocab_size // 32)
+        self.accepted = 0           # tokens accepted (and not rolled back): how far rollback may go
         self._ended = False         # an eos was accepted: nothing may follow
         self._eos_past_stop = 0     # 1 if that eos came after llguidance stopped (it did not consume it)
 
@@ -334,22 +336,27 @@ class GrammarMatcher:
         """Advances past `token_id` if the grammar allows it (True); else changes nothing (False)."""
         token_id = int(token_id)
         self._check()
-        if self._ended:
+        if self._ended or not 0 <= token_id < self.vocab_size:
             return False
-        if self._m.is_stopped():
-            self._ended = self._eos_past_stop = token_id in self.eos_ids
-            return self._ended
-        if self._m.validate_tokens([token_id]) != 1:
-            return False
-        ok = self._m.consume_token(token_id)
-        self._check()
-        self._ended = ok and token_id in self.eos_ids
-        return ok
+        if self._m.is_stopped():  # complete: only eos, which llguidance does not take then
+            if token_id not in self.eos_ids:
+                return False
+            self._ended = self._eos_past_stop = True
+        else:
+            # validate first: a refused consume_token would leave llguidance in its (sticky) error state
+            if self._m.validate_tokens([token_id]) != 1 or not self._m.consume_token(token_id):
+                self._check()
+                return False
+            self._ended = token_id in self.eos_ids
+        self.accepted += 1
+        return True
 
     def validate(self, ids: Sequence[int]) -> int:
         """How many of `ids` (a draft), from the first, the grammar allows in a row; the state is unchanged."""
         self._check()
         ids = [int(t) for t in ids]
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), len(ids))
+        ids = ids[:bad]
         if self._ended or not ids:
             return 0
         if self._m.is_stopped():
@@ -358,10 +365,14 @@ class GrammarMatcher:
 
     def rollback(self, n: int) -> None:
         """Undoes the last `n` accepted tokens."""
+        n = int(n)
+        if not 0 <= n <= self.accepted:
+            raise ValueError(f"cannot roll back {n} tokens: {self.accepted} accepted")
+        self.accepted -= n
         if n and self._ended:
             n, self._ended, self._eos_past_stop = n - self._eos_past_stop, False, 0
-        if n and not self._m.rollback(int(n)):
-            raise ValueError(f"cannot roll back {n} tokens: {_short(self._m.get_error())}")
+        if n and not self._m.rollback(n):
+            self._check()
 
     def fill_draft_bitmasks(self, words: np.ndarray, row: int, draft: Sequence[int]) -> int:
         """For speculative decoding: the masks of positions 0..len(draft) into rows row, row+1, ... (position
@@ -389,8 +400,8 @@ class GrammarMatcher:
         return not self._ended and self._m.is_accepting()
 
     def reset(self) -> None:
-        self._m.reset()
-        self._ended, self._eos_past_stop = False, 0
+        """Back to the grammar's start."""
+        self.rollback(self.accepted)
 
 
 class GrammarBackend:
@@ -446,7 +457,7 @@ class GrammarBackend:
 
     def matcher(self, spec: GrammarSpec, after_thinking: bool = False) -> GrammarMatcher:
         """A new request's matcher, at the start of `spec`'s grammar."""
-        return GrammarMatcher(self.compile(spec, after_thinking).deep_copy(), self.words, frozenset(self.eos_ids))
+        return GrammarMatcher(self.compile(spec, after_thinking).deep_copy(), self.vocab_size, frozenset(self.eos_ids))
 
     def fill_bitmasks(self, words: np.ndarray, rows: Sequence[tuple[GrammarMatcher, int]]) -> None:
         """`fill_bitmask` for many (matcher, row) pairs at once, on llguidance's thread pool."""
