@@ -455,6 +455,30 @@ def test_rollback_and_bad_ids_leave_the_matcher_usable(backend, tok):
     assert m.accepted == 0 and m.validate(ids) == len(ids)
 
 
+def test_tool_parameters_by_schema(backend, tok):
+    """Values as Qwen3.5 writes them: a string (or a type list with one) as raw text, other types as JSON, `$ref`s
+    into the parameters' `$defs` (as pydantic writes them) resolved, enum and const as their texts."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+                            "additionalProperties": False}},
+        "properties": {"p": {"$ref": "#/$defs/Point"}, "s": {"type": ["string", "null"]},
+                       "n": {"type": "number"}, "c": {"const": 3}, "b": {"type": "boolean"}},
+        "required": ["p", "s", "n", "c", "b"]}}}
+    m = backend.matcher(GrammarSpec.from_tools([tool], "required"))
+    head = "<tool_call>\n<function=f>\n<parameter=p>\n"
+    good = (head + '{"x": 1}\n</parameter>\n<parameter=s>\n"quoted" <i>text</i>\n</parameter>\n<parameter=n>\n'
+            "-2.5e3\n</parameter>\n<parameter=c>\n3\n</parameter>\n<parameter=b>\ntrue\n</parameter>\n</function>\n"
+            "</tool_call>")
+    ids = tok.encode(good) + [EOS[0]]
+    assert m.validate(ids) == len(ids)
+    call = parse_tool_call(good[len("<tool_call>"):-len("</tool_call>")], [tool])
+    assert json.loads(call.arguments) == {"p": {"x": 1}, "s": '"quoted" <i>text</i>', "n": -2500.0, "c": 3,
+                                          "b": True}
+    for bad in ('{"x": "1"}', '{"y": 1}', "Point(x=1)"):
+        ids = tok.encode(head + bad + "\n</parameter>")
+        assert m.validate(ids) < len(ids), bad
+
+
 def test_tool_calls_may_end_or_go_on(backend, tok):
     """With parallel calls, a complete call allows eos or another call; a named function allows only one."""
     call = DOCS[1][1]
@@ -546,6 +570,9 @@ def _tool(name="f", **properties):
     ([_tool(name="a>b")], "required", "tools[0].function.name"),
     ([_tool(x={"type": "string", "pattern": "^a$"})], "required", "tools[0].function.parameters.properties.x"),
     ([_tool(x={"type": "integer", "minimum": "1"})], "required", "tools[0].function.parameters.properties.x"),
+    ([_tool(x={"type": "string", "anyOf": [{"maxLength": 3}]})], "required",
+     "tools[0].function.parameters.properties.x"),
+    ([_tool(x={"$ref": "#/$defs/Missing"})], "required", "tools[0].function.parameters.properties.x"),
     ([_tool(**{"a\nb": {"type": "string"}})], "required", "tools[0].function.parameters.properties key"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], "required",
      "tools[0].function.parameters.type"),

@@ -12,21 +12,27 @@
 The split follows vLLM's StructuredOutputBackend (one per engine: the tokenizer, compiling, the cache) and
 StructuredOutputGrammar (one per request: accept, validate, rollback, fill, terminated). Bit j of word i allows
 token 32*i + j, the convention of llguidance, xgrammar and vLLM. Thinking: with `after_thinking`, the reply
-starts inside Qwen3.5's `<think>` block (the chat template opened it); any text but eos is allowed until
-`</think>` (SGLang's reasoner wrapper), and the constraint starts after it and at most a few blank lines.
+starts inside Qwen3.5's `<think>` block (the chat template opened it); any text but eos and special tokens is
+allowed until `</think>` (SGLang's reasoner wrapper), then at most 8 blank characters, then the constraint.
 
-The library is llguidance, chosen over xgrammar after measuring both (scripts/bench_grammar.py, issue 37):
-- Runtime dependencies: llguidance has none (one Rust extension); xgrammar requires torch, transformers and
-  triton and imports torch on `import xgrammar` (its bitmask is a CPU torch tensor). qwenjax's runtime has no
-  torch.
-- The tokenizer: llguidance reads `tokenizer.json` itself (byte-level BPE, added tokens as special tokens that
-  a grammar names by id, so `</think>` and `<tool_call>` stay the model's single tokens); xgrammar needs the
-  decoded vocabulary and vocab type from the caller (or a transformers tokenizer).
-- Speed on the bundled 4,096 vocabulary and a Qwen-sized 248,320 one: compiles in under a millisecond to a few
-  milliseconds where xgrammar takes ~10-100x longer (it precomputes masks per grammar state), and mask fills in
-  tens of microseconds for both (numbers in the module's report and BENCHMARKS.md).
-- Tool calls: a Lark grammar with inline JSON schemas (`%json {...}`) and lazy lexemes writes Qwen3.5's XML
-  format with each value typed by its parameter's schema in ~40 lines here.
+The library is llguidance (>= 1.9), chosen over xgrammar 0.2.9 after measuring both (issue 37; the bundled
+4,096-token vocabulary, and a Qwen3.5-sized one of 248,320 ids built from Qwen's own BPE ranks as
+scripts/bench_grammar.py describes; a 2-core CPU shared with other jobs):
+- Runtime dependencies: llguidance has none (one Rust extension, 8 MB); xgrammar requires torch, transformers
+  and triton, and `import xgrammar` imports torch and transformers (9.5 s here). qwenjax's runtime has no torch.
+- Special tokens: llguidance takes a tokenizer.json and treats added tokens as special, never text: a grammar
+  names them by id (`</think>`, `<tool_call>` stay the model's single tokens) and no string can hold them.
+  xgrammar, given the same vocabulary (raw or through transformers), let `<|im_start|>`, `<think>` and
+  `</think>` be written inside a JSON string.
+- Compile time at 248k: json_object 1.4-1.8 ms against xgrammar's 62-71 ms; a json_schema (nested object,
+  enum, arrays, required fields) 1.7-6 ms against 65-88 ms; a 3-tool call grammar 2.7-11 ms against 410-485 ms
+  (xgrammar precomputes masks per grammar state). At 4,096 ids both take 1-8 ms.
+- Mask fill at 248k, medians per token: 13-22 us against xgrammar's 3-28 us; per whole reply 1-4 ms for the JSON
+  documents against 2-5 ms. llguidance walks the vocabulary's trie (~3-10 ms here) in the few states its slices
+  do not cover: just after a '<' in free text, e.g. twice as each string parameter's `</parameter>` is
+  written (a 68-token reply of two calls: ~40 ms of masks against xgrammar's 0.3 ms, but 400 ms less compile).
+- Tool calls: a Lark grammar with inline JSON schemas (`%json {...}`) writes Qwen3.5's XML format with each
+  value typed by its parameter's schema in ~60 lines here.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ from qwenjax.validate import InputError
 KINDS = ("json_object", "json_schema", "tool_call")
 THINK_CLOSE, CALL_OPEN, CALL_CLOSE = "</think>", "<tool_call>", "</tool_call>"
 MAX_SPEC_CHARS = 1 << 20  # far above real schemas and tool lists; llguidance has handled schemas of 4 MB
-# JSON whitespace: at most 32 characters in a row (a newline and an indent), so that a model cannot loop on
-# whitespace forever (the default pattern is unbounded); llguidance matches it at most once per position.
+# JSON whitespace between tokens: one space, or a line break and an indent of up to 32 (llguidance matches the
+# pattern at most once per position). Its default is any run of whitespace, on which a model can loop forever:
+# the bundled model, constrained, wrote runs of 32 spaces until the bound stopped it.
 _JSON_OPTIONS = {"whitespace_pattern": r"\x20|\n[\x20\x09]{0,32}"}
 _BLANK = r"/[\x20\x0A\x0D\x09]{1,8}/"  # between </think> and the answer, and between tool calls
 # Free text (thinking, a string parameter) is written as pieces: a run without '<' (TEXT), then runs from one '<'
@@ -101,8 +108,8 @@ def _name(value: Any, where: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class GrammarSpec:
     """What a request constrains its reply to. `kind`: "json_object" | "json_schema" (`spec`: the JSON schema)
-    | "tool_call" (`spec`: {"functions": [{"name", "parameters"}], "parallel": bool}); `spec` is JSON text, key
-    order kept (llguidance writes object properties in schema order), so the spec is a cache key."""
+    | "tool_call" (`spec`: {"functions": [{"name", "properties", "required", "defs"}], "parallel": bool}).
+    `spec` is JSON text, key order kept (llguidance writes object properties in schema order): a cache key."""
     kind: str
     spec: str
 
@@ -183,10 +190,11 @@ class GrammarSpec:
         if parameters.get("type", "object") != "object":
             raise InputError(f"{where}.function.parameters.type: must be 'object', got {parameters['type']!r}")
         properties = _object(parameters.get("properties", {}), f"{where}.function.parameters.properties")
+        defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
         for key, schema in properties.items():
             _name(key, f"{where}.function.parameters.properties key")
             rules = ["start: v"] + _TEXT_RULES
-            _value_rule(schema, "v", f"{where}.function.parameters.properties.{key}", rules)
+            _value_rule(schema, "v", f"{where}.function.parameters.properties.{key}", rules, defs)
             error = llguidance.LLMatcher.validate_grammar("\n".join(rules))
             if error:
                 raise InputError(f"{where}.function.parameters.properties.{key}: {_short(error)}")
@@ -194,7 +202,7 @@ class GrammarSpec:
         if not isinstance(required, list) or any(r not in properties for r in required):
             raise InputError(f"{where}.function.parameters.required: must list names of `properties`, "
                              f"got {required!r}")
-        return {"name": name, "properties": properties, "required": required}
+        return {"name": name, "properties": properties, "required": required, "defs": defs}
 
     @classmethod
     def _checked(cls, kind: str, value: dict, where: str) -> GrammarSpec:
@@ -228,10 +236,11 @@ def _json_rule(schema: Any, where: str) -> str:
     return "%json " + _dump(schema, where)
 
 
-def _value_rule(schema: Any, rule: str, where: str, out: list[str]) -> None:
+def _value_rule(schema: Any, rule: str, where: str, out: list[str], defs: dict) -> None:
     """Appends to `out` the Lark rules for a tool parameter's value as Qwen3.5 writes it, ending with the
-    `\\n</parameter>` that closes it: a string as its raw text, anything else as JSON; `enum` and `const` as
-    their texts. A plain string is a lazy lexeme (it ends at the first `\\n</parameter>`)."""
+    `</parameter>` that closes it: a string (a type list holding "string" too) as its raw text, anything else as
+    JSON (`defs`: the parameters' `$defs`/`definitions`, which its `$ref`s point into); `enum` and `const` as
+    their texts."""
     schema = _object(schema, where) if not isinstance(schema, bool) else {}
     close = _literal("\n</parameter>")
     types = schema.get("type")
@@ -242,9 +251,8 @@ def _value_rule(schema: Any, rule: str, where: str, out: list[str]) -> None:
             raise InputError(f"{where}.enum: must be a non-empty list")
         texts = dict.fromkeys(c if isinstance(c, str) else _dump(c, where) for c in choices)
         out.append(f"{rule}: ({' | '.join(_literal(t) for t in texts)}) {close}")
-    elif types is not None and "string" in types and not any(k in schema for k in ("anyOf", "oneOf", "allOf",
-                                                                                      "$ref", "not")):
-        unsupported = [k for k in ("pattern", "format", "contentEncoding", "contentMediaType") if k in schema]
+    elif isinstance(types, list) and "string" in types:
+        unsupported = [k for k in ("pattern", "format", "anyOf", "oneOf", "allOf", "$ref", "not") if k in schema]
         if unsupported:
             raise InputError(f"{where}: {unsupported[0]!r} is not supported for a string tool parameter "
                              "(written as raw text)")
@@ -252,14 +260,14 @@ def _value_rule(schema: Any, rule: str, where: str, out: list[str]) -> None:
         if not isinstance(lo, int) or isinstance(lo, bool) or lo < 0 or \
                 hi is not None and (not isinstance(hi, int) or isinstance(hi, bool) or hi < lo):
             raise InputError(f"{where}: minLength/maxLength must be integers with 0 <= minLength <= maxLength")
-        if (lo, hi) == (0, None):  # the value's last line break is part of the text here
+        if (lo, hi) == (0, None):  # pieces (see _TEXT_RULES); the value's last line break is in its text
             out.append(f"{rule}: TEXT? LT_CALL* {_literal('</parameter>')}")
         else:  # one bounded lexeme, ending at the first `\n</parameter>` (lazy)
             out.append(f"{rule}[suffix={close}]: {rule.upper()}")
             out.append(f"{rule.upper()}: /(?s:.{{{lo},{'' if hi is None else hi}}})/ & "
                        r"~/(?s:.*)<\/?(parameter|function|tool_call)[=>](?s:.*)/")
     else:
-        out.append(f"{rule}: {_json_rule(schema, where)} {close}")
+        out.append(f"{rule}: {_json_rule({**defs, **schema} if defs and schema else schema, where)} {close}")
 
 
 def _tool_call_rules(spec: dict, markers: dict) -> list[str]:
@@ -269,13 +277,14 @@ def _tool_call_rules(spec: dict, markers: dict) -> list[str]:
     for i, function in enumerate(spec["functions"]):
         parts = []
         for j, (key, schema) in enumerate(function["properties"].items()):
-            _value_rule(schema, f"v{i}_{j}", f"parameter {key!r}", rules)
+            _value_rule(schema, f"v{i}_{j}", f"parameter {key!r}", rules, function["defs"])
             rules.append(f"p{i}_{j}: " + _literal(f"<parameter={key}>\n") + f" v{i}_{j} " + _literal("\n"))
             parts.append(f"p{i}_{j}" + ("" if key in function["required"] else "?"))
         opening, closing = _literal(f"<function={function['name']}>\n"), _literal("</function>\n")
         rules.append(f"f{i}: {opening} {' '.join(parts)} {closing}")
         alternatives.append(f"f{i}")
-    rules.append(f"call: {markers[CALL_OPEN]} {_literal(chr(10))} ({' | '.join(alternatives)}) {markers[CALL_CLOSE]}")
+    newline, functions = _literal("\n"), " | ".join(alternatives)
+    rules.append(f"call: {markers[CALL_OPEN]} {newline} ({functions}) {markers[CALL_CLOSE]}")
     rules.append("calls: call (BLANK? call)*" if spec["parallel"] else "calls: call")
     return rules
 
