@@ -78,6 +78,7 @@ def parsed(text: str, tok, tools=TOOLS, thinking: bool = False, parse_tools: boo
         parser = ReplyParser(thinking, tools, parse_tools=parse_tools)
         deltas = [d for piece in pieces for d in parser.feed(piece)] + parser.finish()
         reasoning, content, calls = collect(deltas)
+        assert parser.calls == len(calls)  # the count the server's finish_reason reads
         for call in calls:
             assert isinstance(json.loads(call.arguments), dict), call.arguments
         results[mode] = (reasoning, content, canonical((c.name, json.loads(c.arguments)) for c in calls))

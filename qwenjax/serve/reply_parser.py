@@ -25,8 +25,11 @@ An XML value is read by its parameter's JSON schema: strings stay as written; bo
 and arrays are read from JSON or from the Python literals (`True`, `None`) the chat template writes (it renders
 values with str()), with `anyOf` / `oneOf`, type lists and `enum` honoured. A value ends only at the
 `</parameter>` that closes it — tags opened on a line of their own inside a value are paired with their own
-closing tags — followed by the next parameter (one the schema names, not given yet) or by `</function>`
-ending the call; so code holding these tags goes through whole.
+closing tags — followed by the next parameter (one the schema names, not given yet) or by `</function>` and
+`</tool_call>` ending the call (and then the reply's end, another call or `</think>`); so code holding these
+tags goes through whole. Once the reply is over, a call that reading could not close is read again with any
+text after its `</tool_call>`, then with a missing `</parameter>` or `</function>` allowed; `function.arguments`
+is always a JSON object.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ _VALID_NAME = re.compile(r"[^\s\"'{}<>]+")  # not a template's leftover `{{ name
 _JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[{]|[\]}]')
 _PYTHON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|\'[^\'\\]*(?:\\.[^\'\\]*)*\'?|[\[{(]|[\]})]')
 _NOTHING = object()
+# How a call's text is read (see _XmlCall): TAIL while the reply streams, then, once it is over, STRICT and
+# LENIENT for what TAIL left (each tried only where the one before found no call).
+TAIL, STRICT, LENIENT = "tail", "strict", "lenient"
+_AFTER_CALL = (CALL_OPEN, THINK_CLOSE)  # what may follow a `</tool_call>` for TAIL (besides the reply's end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +92,6 @@ def parse_tool_call(body: str, tools: list[dict] | None = None) -> ToolCall | No
             return call
     return None
 
-
-# How a call's text is read (see _XmlCall): TAIL while the reply streams, then, once it is over, STRICT and
-# LENIENT for what TAIL left (each tried only where the one before found no call).
-TAIL, STRICT, LENIENT = "tail", "strict", "lenient"
-_AFTER_CALL = (CALL_OPEN, THINK_CLOSE)  # what may follow a `</tool_call>` for TAIL (besides the reply's end)
 
 
 def _reader(text: str, start: int, tools, mode: str):
@@ -435,6 +437,7 @@ class ReplyParser:
         self.close_from = 0  # in a call: where in `text` the next `</tool_call>` is looked for
         self.close = -1  # in a call: the `</tool_call>` the reader stopped at, waiting for what follows it
         self.content_started = self.reasoning_started = False
+        self.calls = 0  # calls found so far (the server's finish_reason reads it)
 
     def feed(self, piece: str) -> list[Delta]:
         if not self.in_call:
@@ -528,7 +531,7 @@ class ReplyParser:
         call = reader.read(text, close, final)
         if call is not None:
             out.append(Delta(tool_call=call))
-            self.text, self.in_call = text[close + len(CALL_CLOSE):], False
+            self.text, self.in_call, self.calls = text[close + len(CALL_CLOSE):], False, self.calls + 1
         return call is not None
 
     def _emit(self, text: str, out: list) -> None:
