@@ -115,20 +115,58 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
 
 
 def test_cancel_frees_the_row_and_bad_requests_are_refused(model, engine):
+    cancelled = engine.stats.requests["cancelled"]
     q = _submit(engine, [5] * 10, 400, stop_token_ids=frozenset())
     assert q.get(timeout=300).ids  # running
     engine.cancel(q.request)
     tokens, done = _collect(q)
     assert done.reason == "cancelled" and done.completion_tokens < 400 and engine.running == 0
-    with pytest.raises(InputError, match="needs 513 cache slots"):
-        engine.submit(Request(prompt=[5] * 13, on_event=print, max_tokens=500))
-    with pytest.raises(InputError, match="prompt token 1 is 4096"):
-        engine.submit(Request(prompt=[5, 4096], on_event=print, max_tokens=5))
-    with pytest.raises(InputError, match="empty"):
-        engine.submit(Request(prompt=[], on_event=print, max_tokens=5))
-    full = Engine(model, max_batch=1, max_len=64, max_queue=0)  # not started: nothing leaves the queue
+    assert engine.stats.requests["cancelled"] == cancelled + 1
+    bad = [(dict(prompt=[5] * 13, max_tokens=500), "needs 513 cache slots"),
+           (dict(prompt=[5, 4096]), "prompt token 1 is 4096"),
+           (dict(prompt=[]), "empty"),
+           (dict(prompt=[5, 1.5]), "list of token ids"),
+           (dict(seed=-1), "seed: must be >= 0"),
+           (dict(seed=2 ** 63), "seed: must be <= 9223372036854775807"),
+           (dict(min_tokens=6), "min_tokens: must be <= 5"),
+           (dict(ignore_eos=1), "ignore_eos: must be true or false"),
+           (dict(stop_token_ids=frozenset({2, 4096})), "stop_token_ids: 4096 is not a token id"),
+           (dict(stop_strings=("ok", "")), "a stop string is empty"),
+           (dict(sampling=SamplingParams(logit_bias=((4096, 1.0),))), r"logit_bias\[0\]: token id 4096"),
+           (dict(sampling={"temperature": 1.0}), "must be a SamplingParams"),
+           (dict(logprobs=21), "logprobs=21")]
+    for fields, match in bad:
+        with pytest.raises(InputError, match=match):
+            engine.submit(Request(**{"prompt": [5], "on_event": print, "max_tokens": 5, **fields}))
+    with pytest.raises(ValueError, match="tokenizer"):  # the engine's own setup, not the request's
+        Engine(model, max_batch=1, max_len=64).submit(Request(prompt=[5], on_event=print, max_tokens=5,
+                                                              stop_strings=("x",)))
+
+
+def test_queue_accounting_cancel_and_submit_all(model):
+    """A queued request's cancellation takes it out of the queue at once (it no longer counts toward the limit)
+    and is counted; `submit_all` queues all or none: QueueFull when they do not fit now, InputError when they
+    never could, or when one of them is bad (naming it)."""
+    eng = Engine(model, max_batch=1, max_len=64, max_queue=3)  # not started: nothing leaves the queue
+    queues = [queue.Queue() for _ in range(6)]
+    requests = [Request(prompt=[5, i], on_event=q.put, max_tokens=4) for i, q in enumerate(queues)]
+    assert eng.submit_all(requests[:2]) == requests[:2] and eng.queue_length == 2
     with pytest.raises(QueueFull):
-        full.submit(Request(prompt=[5], on_event=print, max_tokens=5))
+        eng.submit_all(requests[2:4])
+    assert eng.queue_length == 2
+    eng.cancel(requests[0])
+    assert eng.queue_length == 1 and eng.stats.requests["cancelled"] == 1
+    assert queues[0].get_nowait() == Finished("cancelled", 2, 0, 0)
+    eng.submit_all(requests[2:4])
+    assert eng.queue_length == 3
+    with pytest.raises(QueueFull):
+        eng.submit(requests[4])
+    with pytest.raises(InputError, match="4 requests at once can never fit this server's queue of 3"):
+        Engine(model, max_batch=1, max_len=64, max_queue=3).submit_all(requests[:4])
+    fresh = Engine(model, max_batch=1, max_len=64, max_queue=3)
+    with pytest.raises(InputError, match="request 1 of 2: max_tokens: must be >= 1"):
+        fresh.submit_all([requests[5], Request(prompt=[5], on_event=print, max_tokens=0)])
+    assert fresh.queue_length == 0
 
 
 def test_steps_are_dispatched_ahead_and_none_is_wasted(engine):
@@ -138,6 +176,82 @@ def test_steps_are_dispatched_ahead_and_none_is_wasted(engine):
     tokens, done = _collect(_submit(engine, [7, 8, 9], 9, stop_token_ids=frozenset()))
     assert done.reason == "length" and len(tokens) == 9
     assert engine.stats.decode_steps - before == 8
+
+
+# ---- logit controls and failures of one request ----------------------------------------------------------------
+def _control_cases(tokenizer):
+    """(prompt, max_tokens, SamplingParams fields, Request fields) for 16 requests, 8 with logit controls and 8
+    without. "Return the sum of" ends at eos after 19 tokens."""
+    rng = np.random.default_rng(9)
+    ends = tokenizer.encode("Return the sum of")
+    random = [rng.integers(5, 400, n).tolist() for n in (30, 5, 70, 12, 140, 3, 50, 21)]
+    controlled = [(random[0], 16, dict(repetition_penalty=1.4), {}),
+                  (random[1], 16, dict(frequency_penalty=0.8), {}),
+                  (random[2], 16, dict(presence_penalty=1.5), {}),
+                  (random[3], 16, dict(logit_bias=((16, 4.0), (290, -100.0))), {}),
+                  (random[4], 16, dict(repetition_penalty=1.2, frequency_penalty=0.4, presence_penalty=0.4,
+                                       logit_bias=((201, 2.0),)), {}),
+                  (ends, 40, {}, dict(min_tokens=25)),
+                  (ends, 30, {}, dict(ignore_eos=True)),
+                  (ends, 40, dict(repetition_penalty=0.8), dict(min_tokens=22))]
+    plain = [(p, 16, {}, {}) for p in random[5:]] + [(ends, 30, {}, {})] * 5
+    return controlled + plain
+
+
+@pytest.mark.parametrize("which", ["engine", "spec_engine"])
+def test_logit_controls_per_row_equal_generate_alone(model, which, request):
+    """16 requests at once, 8 with logit controls (each penalty, a bias, all together, min_tokens, ignore_eos)
+    and 8 without, ending at eos or at their length; one's prompt half restored from the prefix cache (its
+    penalties still read the whole prompt): each gets the tokens `generate` gives it alone with the same
+    settings, plainly and with 2 drafts a step."""
+    eng = request.getfixturevalue(which)
+    cases = _control_cases(eng.tokenizer)
+    # a first request leaves a snapshot of its first 128 tokens; case 4 (140 tokens) starts with them
+    _collect(_submit(eng, cases[4][0][:128] + [7, 8], 2, snapshot_at=(128,)))
+    queues = [_submit(eng, p, n, sampling=SamplingParams(**s), **kw) for p, n, s, kw in cases]
+    for r, ((prompt, n, sampling, kw), q) in enumerate(zip(cases, queues)):
+        tokens, done = _collect(q)
+        alone = qwenjax.generate(model, [prompt], max_new_tokens=n, **sampling, **kw)[0]
+        assert tokens == alone, f"request {r}: {sampling} {kw}"
+        if r == 4:
+            assert done.cached_tokens == 128
+        if "min_tokens" in kw:
+            assert not {0, 2} & set(tokens[:kw["min_tokens"]]) and len(tokens) > kw["min_tokens"]
+        if kw.get("ignore_eos"):
+            assert len(tokens) == n and done.reason == "length"
+        if prompt == cases[5][0] and not sampling and not kw:  # without controls it ends at eos, token 19
+            assert len(tokens) == 19 and done.reason == "stop"
+
+
+def test_a_bias_of_100_forces_its_token(engine):
+    for sampling in (SamplingParams(logit_bias=((77, 100.0),)),
+                     SamplingParams(temperature=1.0, top_p=0.9, logit_bias=((77, 100.0),))):
+        assert _collect(_submit(engine, list(range(100, 120)), 8, sampling=sampling, seed=3))[0] == [77] * 8
+
+
+def test_a_request_that_fails_on_the_host_fails_alone(model, engine):
+    """16 requests submitted together: one whose host-side preparation fails (its settings replaced after it was
+    checked) finishes with "error" alone; one with top_k = 2^31 (past the vocabulary: off, never an int32
+    overflow) samples what top_k = 0 samples; the other 14 give what `generate` gives each alone."""
+    rng = np.random.default_rng(10)
+    prompts = [rng.integers(5, 4000, n).tolist() for n in LENGTHS[:14]]
+    sampled = dict(temperature=1.0, top_p=0.95)
+    errors = engine.stats.requests["error"]
+    with engine._lock:  # the loop admits none of them before all are in
+        queues = [_submit(engine, p, 12, stop_token_ids=frozenset()) for p in prompts]
+        huge = _submit(engine, prompts[0], 12, sampling=SamplingParams(top_k=2 ** 31, **sampled), seed=5,
+                       stop_token_ids=frozenset())
+        bad = _submit(engine, prompts[1], 12)
+        bad.request.sampling = None
+    tokens, done = _collect(bad)
+    assert (tokens, done.reason) == ([], "error") and "AttributeError" in done.error
+    assert engine.stats.requests["error"] == errors + 1
+    for r, (p, q) in enumerate(zip(prompts, queues)):
+        tokens, done = _collect(q)
+        assert done.reason == "length" and tokens == qwenjax.generate(model, [p], max_new_tokens=12,
+                                                                      eos_token_ids=())[0], f"request {r}"
+    top_k_off = _submit(engine, prompts[0], 12, sampling=SamplingParams(**sampled), seed=5, stop_token_ids=frozenset())
+    assert _collect(huge)[0] == _collect(top_k_off)[0]
 
 
 # ---- speculative decoding --------------------------------------------------------------------------------------

@@ -12,11 +12,13 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from qwenjax.inference import speculative
-from qwenjax.inference.sampling import SamplingParams, sample
+from qwenjax.inference.sampling import ADJUSTMENTS, RowSampling, SamplingParams, TokenHistory, sample
+from qwenjax.inference.tokenizer import StreamDecoder
 from qwenjax.inputs import VisionInputs, token_rows, vision_inputs, vision_positions
 from qwenjax.memory import check_fits
 from qwenjax.model.cache import Cache, cache_shardings, init_cache
@@ -62,42 +64,65 @@ def grids_key(grids: tuple | None) -> tuple | None:
     return None if grids is None else tuple(None if g is None else g.tobytes() for g in grids)
 
 
+def _penalized(adjust: RowSampling | None) -> bool:
+    return adjust is not None and "penalties" in adjust.used
+
+
 def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None):
     """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself; a prefill with
-    images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes)."""
+    images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes).
+    `sampling`'s filters are compiled in; its logit controls come as `adjust` (a RowSampling, or None), and with
+    penalties the rows' `TokenHistory` goes along."""
+    vocab_size = m.config.vocab_size
+
     def build():
         model, p_shard = flat_params_model(m)
         if kind == "prefill":
-            def fn(leaves, cache: Cache, ids, mask, rng, vision=None):
+            def fn(leaves, cache: Cache, ids, mask, rng, adjust, vision=None):
                 logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True,
                                                      **vision_kwargs(vision, grids))
-                return sample(logits, jax.random.fold_in(rng, 0), sampling), cache
+                history = TokenHistory.of_prompts(ids, mask, vocab_size) if _penalized(adjust) else None
+                tokens = sample(logits, jax.random.fold_in(rng, 0), sampling, adjust, history, 0)
+                return tokens, cache, None if history is None else history.add(tokens)
         else:
-            def fn(leaves, cache: Cache, tokens, rng, step):
+            def fn(leaves, cache: Cache, tokens, rng, step, adjust, history):
                 logits, cache = model(leaves).extend(tokens[:, None], cache)
-                return sample(logits, jax.random.fold_in(rng, step), sampling), cache
+                new = sample(logits, jax.random.fold_in(rng, step), sampling, adjust, history, step)
+                return new, cache, None if history is None else history.add(new)
 
-        return jax.jit(fn, in_shardings=(p_shard, *[None] * (4 if kind == "step" or grids is None else 5)),
-                       donate_argnums=1)
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * (6 if kind == "step" else 5 if grids is None else 6)),
+                       donate_argnums=(1, 6) if kind == "step" else 1)
 
     return m.compiled(("generate", kind, sampling, grids_key(grids)), build)
 
 
 def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids: tuple | None = None):
     """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list; a
-    prefill with images or videos compiled once per set of `grids`, as `_compiled`'s."""
+    prefill with images or videos compiled once per set of `grids`, as `_compiled`'s. The logit controls as
+    `_compiled`'s; each row's generated tokens (`produced`, for min_tokens) and history stay on the device, as
+    rows gain 1 .. k+1 tokens a pass."""
+    vocab_size = m.config.vocab_size
+
     def build():
         model, p_shard = flat_params_model(m)
         if kind == "prefill":
-            def fn(leaves, cache, ids, mask, rng, vocab, vision=None):
-                return speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
-                                           **vision_kwargs(vision, grids))
+            def fn(leaves, cache, ids, mask, rng, vocab, adjust, vision=None):
+                history = TokenHistory.of_prompts(ids, mask, vocab_size) if _penalized(adjust) else None
+                first, *out = speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
+                                                  adjust=adjust, history=history, produced=0,
+                                                  **vision_kwargs(vision, grids))
+                return (first, *out, None if history is None else history.add(first),
+                        jnp.ones(ids.shape[0], jnp.int32))
         else:
-            def fn(leaves, cache, pending, drafts, dists, rng, i, vocab):
-                return speculative.step(model(leaves), cache, pending, drafts, dists, jax.random.fold_in(rng, i),
-                                        sampling, vocab=vocab)
-        return jax.jit(fn, in_shardings=(p_shard, *[None] * (7 if kind == "step" else 5 if grids is None else 6)),
-                       donate_argnums=1)
+            def fn(leaves, cache, pending, drafts, dists, rng, i, vocab, adjust, history, produced):
+                emitted, count, *out = speculative.step(model(leaves), cache, pending, drafts, dists,
+                                                        jax.random.fold_in(rng, i), sampling, vocab=vocab,
+                                                        adjust=adjust, history=history, produced=produced)
+                kept = jnp.arange(k + 1)[None] < count[:, None]
+                return (emitted, count, *out, None if history is None else history.add(emitted, kept),
+                        produced + count)
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * (10 if kind == "step" else 6 if grids is None else 7)),
+                       donate_argnums=(1, 9) if kind == "step" else 1)
 
     return m.compiled(("speculative", kind, sampling, k, grids_key(grids)), build)
 
@@ -144,15 +169,22 @@ def new_cache(m, batch_size: int, max_len: int, *, mtp: bool = False) -> Cache:
 
 
 def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-           eos_token_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
-           max_cache_len: int | None = None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-           video_grid_thw=None, num_speculative_tokens: int = 0,
+           top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, presence_penalty: float = 0.0,
+           frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+           logit_bias: Sequence[tuple[int, float]] = (), min_tokens: int = 0, ignore_eos: bool = False,
+           seed: int = 0, eos_token_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+           tokenizer=None, max_cache_len: int | None = None, pixel_values=None, image_grid_thw=None,
+           pixel_values_videos=None, video_grid_thw=None, num_speculative_tokens: int = 0,
            speculative_stats: speculative.SpeculativeStats | None = None,
            draft_vocab: Sequence[int] | None = None) -> Iterator[list[int | None]]:
     """Like `generate`, but yields after every step a list with each row's new token (None once it stopped)."""
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              repetition_penalty=repetition_penalty, logit_bias=logit_bias)
+    sampling.check_vocab(m.config.vocab_size)
     check_range(check(max_new_tokens, int, "max_new_tokens"), "max_new_tokens", minimum=1)
+    check_range(check(min_tokens, int, "min_tokens"), "min_tokens", minimum=0, maximum=max_new_tokens)
+    check(ignore_eos, bool, "ignore_eos")
     k = check_range(check(num_speculative_tokens, int, "num_speculative_tokens"), "num_speculative_tokens",
                     minimum=0)
     if k and not m.config.mtp_num_hidden_layers:
@@ -188,7 +220,12 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         raise ValueError(f"prompt row {r} has {lengths[r]} tokens; with max_new_tokens={max_new_tokens}"
                          f"{f' and {k} speculative tokens' if k else ''} it needs {lengths[r] + need} cache slots, "
                          f"but the cache holds {capacity} (raise max_cache_len or shorten the prompt)")
-    eos = eos_ids(m, eos_token_ids)
+    eos = frozenset() if ignore_eos else eos_ids(m, eos_token_ids)
+    stops = StopChecks(tokenizer, stop_strings, min_tokens, batch)
+    adjust = RowSampling.of([sampling] * batch, vocab_size=m.config.vocab_size, min_tokens=[min_tokens] * batch,
+                            stop_ids=[eos] * batch)
+    adjust = adjust if adjust.used & set(ADJUSTMENTS) else None
+    sampling = sampling.filters_only()  # the controls travel in `adjust`: one compiled program for every value
 
     width = PROMPT_BUCKET * math.ceil(longest / PROMPT_BUCKET)
     ids = np.zeros((batch, width), np.int32)
@@ -203,29 +240,28 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         positions, deltas = vision_positions(m.config, ids, mask, vision)
         prefill_args = ((positions, deltas, vision.pixel_values, vision.pixel_values_videos),)
     if k:
-        yield from _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings,
-                                       tokenizer, speculative_stats, grids, prefill_args, draft_vocab)
+        yield from _stream_speculative(m, ids, mask, capacity, k, sampling, adjust, seed, max_new_tokens, eos,
+                                       stops, speculative_stats, grids, prefill_args, draft_vocab)
         return
 
     rng = jax.random.key(seed)
     prefill = _compiled(m, "prefill", sampling, grids)
     step = _compiled(m, "step", sampling)
     done = np.zeros(batch, bool)
-    generated: list[list[int]] = [[] for _ in range(batch)]
     params = jax.tree.leaves(m.params)
     with activation_sharding(m.mesh, m.rules):
-        tokens, cache = prefill(params, new_cache(m, batch, capacity), ids, mask, rng, *prefill_args)
+        tokens, cache, history = prefill(params, new_cache(m, batch, capacity), ids, mask, rng, adjust,
+                                         *prefill_args)
         for i in range(max_new_tokens):
             if i + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
-                next_tokens, cache = step(params, cache, tokens, rng, np.int32(i + 1))
+                next_tokens, cache, history = step(params, cache, tokens, rng, np.int32(i + 1), adjust, history)
             out: list[int | None] = []
             for r, t in enumerate(np.asarray(tokens).tolist()):
                 if done[r]:
                     out.append(None)
                     continue
-                generated[r].append(t)
                 out.append(t)
-                if t in eos or (stop_strings and hits_stop(tokenizer, generated[r], stop_strings)):
+                if t in eos or stops.hit(r, t):
                     done[r] = True
             yield out
             if done.all() or i + 1 == max_new_tokens:
@@ -233,26 +269,26 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
             tokens = next_tokens
 
 
-def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_tokens, eos, stop_strings, tokenizer,
-                        stats, grids, prefill_args, draft_vocab) -> Iterator[list[int | None]]:
+def _stream_speculative(m, ids, mask, capacity, k, sampling, adjust, seed, max_new_tokens, eos, stops, stats,
+                        grids, prefill_args, draft_vocab) -> Iterator[list[int | None]]:
     """`stream`'s loop with MTP drafts: each verify pass gives every row 1 .. k+1 tokens, queued and yielded one
     per row per round, as plain decoding yields them. `grids` and `prefill_args`: the prompt's images and videos,
-    as the plain prefill takes them; `draft_vocab`: checked token ids or None."""
+    as the plain prefill takes them; `draft_vocab`: checked token ids or None; `stops`: the rows' StopChecks."""
     batch = ids.shape[0]
     rng = jax.random.key(seed)
     prefill = _compiled_speculative(m, "prefill", sampling, k, grids)
     step = _compiled_speculative(m, "step", sampling, k)
     params = jax.tree.leaves(m.params)
     done = np.zeros(batch, bool)
-    generated: list[list[int]] = [[] for _ in range(batch)]
     with activation_sharding(m.mesh, m.rules):
         vocab = None if draft_vocab is None else compiled_draft_vocab(m)(params, draft_vocab)
-        pending, drafts, dists, cache = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng,
-                                                vocab, *prefill_args)
+        pending, drafts, dists, cache, history, lengths = prefill(
+            params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng, vocab, adjust, *prefill_args)
         passes = 1
         # dispatch each verify pass before reading the previous one's tokens, as plain decoding does: its inputs
         # are all on the device, and the host's bookkeeping then overlaps the pass
-        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab)
+        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab, adjust, history,
+                         lengths)
         queues = [[t] for t in np.asarray(pending).tolist()]
         produced = 0
         while True:
@@ -263,17 +299,17 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
                         out.append(None)
                         continue
                     t = queues[r].pop(0)
-                    generated[r].append(t)
                     out.append(t)
-                    if t in eos or (stop_strings and hits_stop(tokenizer, generated[r], stop_strings)):
+                    if t in eos or stops.hit(r, t):
                         done[r] = True
                 produced += 1
                 yield out
                 if done.all() or produced == max_new_tokens:
                     return
-            emitted, count, pending, drafts, dists, cache = in_flight
+            emitted, count, pending, drafts, dists, cache, history, lengths = in_flight
             passes += 1
-            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab)
+            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab, adjust, history,
+                             lengths)
             emitted, count = np.asarray(emitted), np.asarray(count)
             for r in range(batch):
                 if done[r]:
@@ -285,9 +321,41 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, seed, max_new_token
                     stats.accepted += int(count[r]) - 1
 
 
-def hits_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:
-    tail = tokenizer.decode(ids[-32:], skip_special_tokens=False)  # a stop string ends in the latest tokens
-    return any(s in tail for s in stop_strings)
+class StopStrings:
+    """Whether a row's text, fed token by token, has come to hold one of `stop_strings`, at a cost per token linear
+    in the text held back: each token decodes a short window of tokens (`StreamDecoder`), and the search covers only
+    what can hold a match ending in the token's new characters (the longest stop string's length less one, and
+    them). `check=False` reads a token without matching (vLLM's min_tokens: a match must end past it)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.strings = tuple(stop_strings)
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=False)
+        self.keep = max(map(len, self.strings)) - 1
+        self.tail = ""  # the last `keep` characters of the text
+
+    def add(self, token: int, check: bool = True) -> bool:
+        new = self.decoder.push(token)
+        if not new:  # nothing new, or the first bytes of a character
+            return False
+        text = self.tail + new
+        hit = check and any(text.find(s, max(0, len(self.tail) - len(s) + 1)) >= 0 for s in self.strings)
+        self.tail = text[max(0, len(text) - self.keep):] if self.keep else ""
+        return hit
+
+
+class StopChecks:
+    """`generate`'s stop strings for each of `batch` rows: `hit(r, token)` feeds row r's next token, True when its
+    text holds a stop string that ends past its first `min_tokens` tokens (vLLM's rule)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], min_tokens: int, batch: int):
+        self.rows = [StopStrings(tokenizer, stop_strings) for _ in range(batch)] if stop_strings else None
+        self.min_tokens, self.counts = min_tokens, [0] * batch
+
+    def hit(self, r: int, token: int) -> bool:
+        if self.rows is None:
+            return False
+        self.counts[r] += 1
+        return self.rows[r].add(token, check=self.counts[r] > self.min_tokens)
 
 
 def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]]:
@@ -299,8 +367,12 @@ def generate(m, input_ids, attention_mask=None, **kwargs: Any) -> list[list[int]
         array, or a list of rows of different lengths.
       max_new_tokens: at most this many new tokens per row.
       temperature, top_k, top_p, min_p: sampling (temperature 0 is greedy); `seed` makes it reproducible.
+      presence_penalty, frequency_penalty ([-2, 2]), repetition_penalty (> 0), logit_bias ((token id, bias in
+        [-100, 100]) pairs): vLLM's logit controls (`qwenjax.inference.sampling`), greedy or sampled.
       eos_token_ids: a row stops after any of these (default: generation_config.json's `eos_token_id`, else
-        the config's); the stopping token is included, as transformers does.
+        the config's); the stopping token is included, as transformers does. `ignore_eos`: none stops a row.
+      min_tokens: no eos token and no stop string ends a row before it has this many tokens (the eos tokens are
+        masked out until then, as vLLM does).
       stop_strings: a row also stops once its text contains one of these (a str is one stop string; needs
         `tokenizer`).
       max_cache_len: cache capacity per row (default: longest prompt + max_new_tokens, rounded up to 256).

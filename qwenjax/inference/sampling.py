@@ -1,14 +1,20 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), min-p — jittable, seeded.
+"""Next-token sampling: logit controls, then greedy or temperature, top-k, top-p (nucleus), min-p — jittable, seeded.
 
-Filters apply in transformers' order (temperature, top-k, top-p, min-p), each on fp32 logits, and a filter always
-keeps the most likely token.
+Each step, on fp32 logits, in vLLM's order (vllm/v1/sample/sampler.py):
+1. logit_bias (added) and min_tokens (a row's stop ids at -inf until it has generated min_tokens tokens);
+2. repetition_penalty (tokens seen in the prompt or the output: positive logits divided by it, negative ones
+   multiplied), frequency_penalty (minus its count in the output times f), presence_penalty (minus p for a token
+   in the output) — vLLM's `apply_penalties`;
+3. greedy takes the argmax of those; sampling divides by the temperature, then filters in transformers' order
+   (top-k, top-p, min-p; a filter always keeps the most likely token).
+Reported log-probabilities are the model's raw ones (`token_logprobs`), as vLLM's default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +23,21 @@ import numpy as np
 from qwenjax.validate import InputError, check_fields
 
 _NEG = -jnp.inf
+MAX_LOGIT_BIAS = 300      # entries per request, as OpenAI's API
+INT32_MAX = 2 ** 31 - 1   # pads token-id columns: an index past any vocabulary, dropped by the scatters
+ADJUSTMENTS = ("penalties", "logit_bias", "min_tokens")  # RowSampling.used tags of the logit controls
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy (argmax)
-    top_k: int = 0            # 0: off
+    top_k: int = 0            # 0: off; the vocabulary or more: off
     top_p: float = 1.0        # 1: off
     min_p: float = 0.0        # 0: off
+    presence_penalty: float = 0.0    # [-2, 2]; 0: off
+    frequency_penalty: float = 0.0   # [-2, 2]; 0: off
+    repetition_penalty: float = 1.0  # > 0; 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), at most 300, ids distinct
 
     def __post_init__(self):
         check_fields(self, "sampling argument")  # 1.7 is not a top_k, "0.5" not a temperature
@@ -36,33 +49,196 @@ class SamplingParams:
             raise InputError(f"top_p={self.top_p}: must be in (0, 1] (1 turns it off)")
         if not 0 <= self.min_p <= 1:
             raise InputError(f"min_p={self.min_p}: must be in [0, 1] (0 turns it off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InputError(f"{name}={getattr(self, name)}: must be in [-2, 2] (0 turns it off)")
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 turns it off)")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InputError(f"logit_bias has {len(self.logit_bias)} entries: at most {MAX_LOGIT_BIAS}")
+        seen: dict[int, int] = {}
+        for i, (token, bias) in enumerate(self.logit_bias):
+            if not 0 <= token <= INT32_MAX:
+                raise InputError(f"logit_bias[{i}]: token id {token} is not a token id")
+            if not -100 <= bias <= 100:
+                raise InputError(f"logit_bias[{i}]: the bias {bias} of token {token} must be in [-100, 100]")
+            if seen.setdefault(token, i) != i:
+                raise InputError(f"logit_bias[{i}]: token {token} is biased twice (also logit_bias[{seen[token]}])")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """InputError unless every logit_bias token is below `vocab_size`."""
+        bad = next((i for i, (t, _) in enumerate(self.logit_bias) if t >= vocab_size), None)
+        if bad is not None:
+            raise InputError(f"logit_bias[{bad}]: token id {self.logit_bias[bad][0]} is not a token id "
+                             f"(vocab_size={vocab_size})")
+
+    def filters_only(self) -> SamplingParams:
+        """These settings without the logit controls (which `RowSampling` columns carry)."""
+        return dataclasses.replace(self, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
+                                   logit_bias=())
+
+
+def _bucket(n: int) -> int:
+    """A compiled width for n ids: 0, 4, 16, 64, ... (few shapes, little padding)."""
+    size = 4 if n else 0
+    while size < n:
+        size *= 4
+    return size
+
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["temperature", "top_k", "top_p", "min_p"], meta_fields=["used"])
+                   data_fields=["temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                "repetition_penalty", "bias_ids", "bias", "min_tokens", "min_tokens_ids"],
+                   meta_fields=["used"])
 @dataclasses.dataclass(frozen=True)
 class RowSampling:
-    """Each row's own sampling settings, as arrays [B] (a server's batch mixes requests). `used` (static: the
-    compile key) names what any row uses, of "sample", "top_k", "top_p", "min_p": a greedy-only batch compiles to
-    an argmax, and a filter no row uses is skipped."""
+    """Each row's own sampling settings, as arrays (a server's batch mixes requests). `used` (static: the compile
+    key) names what any row uses, of "sample", "top_k", "top_p", "min_p" (a greedy-only batch compiles to an
+    argmax, and a filter no row uses is skipped) and the logit controls "penalties", "logit_bias", "min_tokens"
+    (a batch without them compiles as if they did not exist)."""
     temperature: jax.Array  # [B] float32, 0: greedy
     top_k: jax.Array        # [B] int32, 0: off
     top_p: jax.Array        # [B] float32, 1: off
     min_p: jax.Array        # [B] float32, 0: off
+    presence_penalty: jax.Array    # [B] float32
+    frequency_penalty: jax.Array   # [B] float32
+    repetition_penalty: jax.Array  # [B] float32
+    bias_ids: jax.Array     # [B, L] int32, INT32_MAX: no entry
+    bias: jax.Array         # [B, L] float32
+    min_tokens: jax.Array   # [B] int32: a row's min_tokens_ids stay at -inf until it generated this many tokens
+    min_tokens_ids: jax.Array  # [B, S] int32 (its eos and stop ids), INT32_MAX: no entry
     used: frozenset[str]
 
     @classmethod
-    def of(cls, rows: Sequence[SamplingParams]) -> RowSampling:
-        """Host arrays for `rows` (each already checked by SamplingParams)."""
-        used = {name for p in rows for name, on in (("sample", not p.greedy), ("top_k", p.top_k > 0),
-                                                    ("top_p", p.top_p < 1), ("min_p", p.min_p > 0)) if on}
+    def of(cls, rows: Sequence[SamplingParams], *, vocab_size: int | None = None,
+           min_tokens: Sequence[int] | None = None,
+           stop_ids: Sequence[Collection[int]] | None = None) -> RowSampling:
+        """Host arrays for `rows` (each already checked by SamplingParams, and `check_vocab`), with each row's
+        `min_tokens` and the `stop_ids` it masks until then. A top_k of `vocab_size` or more keeps every token:
+        off (so any integer is safe here, never past int32)."""
+        limit = INT32_MAX if vocab_size is None else vocab_size
+        top_k = [p.top_k if p.top_k < limit else 0 for p in rows]
+        used = {name for p, k in zip(rows, top_k) for name, on in (
+            ("sample", not p.greedy), ("top_k", k > 0), ("top_p", p.top_p < 1), ("min_p", p.min_p > 0)) if on}
+        used = used if "sample" in used else set()
+        min_tokens = [0] * len(rows) if min_tokens is None else list(min_tokens)
+        stop_ids = [()] * len(rows) if stop_ids is None else [sorted(s) for s in stop_ids]
+        masked = [ids if m > 0 else [] for m, ids in zip(min_tokens, stop_ids)]
+        used |= {tag for tag, on in (("penalties", any(p.penalized for p in rows)),
+                                     ("logit_bias", any(p.logit_bias for p in rows)),
+                                     ("min_tokens", any(masked))) if on}
         column = lambda field, dtype: np.array([getattr(p, field) for p in rows], dtype)
-        return cls(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
-                   column("min_p", np.float32), used=frozenset(used) if "sample" in used else frozenset())
+        bias_ids, bias = _pad([[t for t, _ in p.logit_bias] for p in rows], np.int32, INT32_MAX), \
+            _pad([[b for _, b in p.logit_bias] for p in rows], np.float32, 0)
+        return cls(column("temperature", np.float32), np.array(top_k, np.int32), column("top_p", np.float32),
+                   column("min_p", np.float32), column("presence_penalty", np.float32),
+                   column("frequency_penalty", np.float32), column("repetition_penalty", np.float32), bias_ids,
+                   bias, np.array([m if ids else 0 for m, ids in zip(min_tokens, masked)], np.int32),
+                   _pad(masked, np.int32, INT32_MAX), used=frozenset(used))
+
+    @classmethod
+    def stack(cls, parts: Sequence[RowSampling]) -> RowSampling:
+        """The rows of `parts` (host RowSamplings) in one, id columns padded to the widest."""
+        def cat(field, fill):
+            arrays = [getattr(p, field) for p in parts]
+            if arrays[0].ndim == 1:
+                return np.concatenate(arrays)
+            width = max(a.shape[1] for a in arrays)
+            return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+                                   for a in arrays])
+
+        fills = dict(bias_ids=INT32_MAX, min_tokens_ids=INT32_MAX)
+        return cls(**{f.name: cat(f.name, fills.get(f.name, 0)) for f in dataclasses.fields(cls) if f.name != "used"},
+                   used=frozenset().union(*(p.used for p in parts)))
+
+
+def _pad(rows: Sequence[Sequence], dtype, fill) -> np.ndarray:
+    """[B, bucket(longest)] from rows of different lengths."""
+    out = np.full((len(rows), _bucket(max(map(len, rows), default=0))), fill, dtype)
+    for r, values in enumerate(rows):
+        out[r, :len(values)] = values
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenHistory:
+    """What the penalties read, per row: how often each token was generated, and which tokens the prompt holds
+    (the whole prompt, however much of it a prefix cache restored)."""
+    counts: jax.Array  # [B, V] int32
+    prompt: jax.Array  # [B, V] bool
+
+    @classmethod
+    def of_prompts(cls, ids: jax.Array, mask: jax.Array, vocab_size: int) -> TokenHistory:
+        """Rows of prompt `ids` [B, T] where `mask`, nothing generated yet."""
+        b = ids.shape[0]
+        prompt = jnp.zeros((b, vocab_size), bool).at[jnp.arange(b)[:, None], jnp.where(mask, ids, INT32_MAX)].set(
+            True, mode="drop")
+        return cls(jnp.zeros((b, vocab_size), jnp.int32), prompt)
+
+    def add(self, tokens: jax.Array, where: jax.Array | None = None, rows: jax.Array | None = None) -> TokenHistory:
+        """With generated `tokens` [N] or [N, J] counted, those `where` (of the same shape), in rows `rows` [N]
+        (default the first N; an index past the last row is dropped)."""
+        rows = jnp.arange(tokens.shape[0]) if rows is None else rows
+        rows = rows.reshape(-1, *[1] * (tokens.ndim - 1))
+        one = jnp.ones(tokens.shape, jnp.int32) if where is None else where.astype(jnp.int32)
+        return dataclasses.replace(self, counts=self.counts.at[rows, tokens].add(one, mode="drop"))
+
+    def take(self, rows: jax.Array) -> TokenHistory:
+        """Rows `rows` [N] (an index past the last row reads the last: padding, whose tokens are dropped)."""
+        return TokenHistory(self.counts[rows], self.prompt[rows])
+
+
+def _penalize(x, count, in_prompt, repetition, frequency, presence):
+    """vLLM's apply_penalties, elementwise (fp32). Every caller runs these same operations on its [B, V] or
+    [B, J, V] logits, so that XLA fuses them alike (it contracts a product and a subtraction into one FMA) and a
+    verify pass's positions equal plain decoding's bit for bit."""
+    present = count > 0
+    penalties = jnp.where(in_prompt | present, repetition, 1.0)
+    x = x * jnp.where(x > 0, 1.0 / penalties, penalties)
+    return x - frequency * count.astype(jnp.float32) - presence * present.astype(jnp.float32)
+
+
+def adjust_logits(logits: jax.Array, rows: RowSampling, history: TokenHistory | None = None, produced=None,
+                  drafts: jax.Array | None = None) -> jax.Array:
+    """fp32 `logits` [B, V], or [B, J, V] (J consecutive positions of each row, as a verify pass scores), with
+    each row's logit bias, min_tokens mask and penalties (steps 1 and 2 of the module's order).
+
+    `history`: each row's prompt and generated tokens (with penalties). `produced` [B] or a scalar: the tokens
+    each row generated before (the first position's) token, for min_tokens. With J positions, `drafts` [B, J-1]
+    are the tokens at positions 0 .. J-2: position j counts drafts[:, :j] as generated too."""
+    x = logits.astype(jnp.float32)
+    b, vocab = x.shape[0], x.shape[-1]
+    at_positions = (lambda a: a) if x.ndim == 2 else (lambda a: a[:, None])  # [B, ...] over the J positions
+    row = jnp.arange(b)[:, None]
+    if "logit_bias" in rows.used:
+        x = x + at_positions(jnp.zeros((b, vocab), jnp.float32).at[row, rows.bias_ids].add(rows.bias, mode="drop"))
+    if "min_tokens" in rows.used:
+        banned = jnp.zeros((b, vocab), bool).at[row, rows.min_tokens_ids].set(True, mode="drop")
+        position = jnp.broadcast_to(jnp.asarray(produced, jnp.int32), (b,))
+        if x.ndim == 3:
+            position = position[:, None] + jnp.arange(x.shape[1])
+        below = position < at_positions(rows.min_tokens)
+        x = jnp.where(at_positions(banned) & below[..., None], _NEG, x)
+    if "penalties" not in rows.used:
+        return x
+    counts, in_prompt = at_positions(history.counts), at_positions(history.prompt)
+    if x.ndim == 3 and drafts is not None:
+        # position j counts drafts[:, :j] too: [B, J, V] counts, computed where they are read (XLA fuses them)
+        positions, vocab_ids = jnp.arange(x.shape[1])[None, :, None], jnp.arange(vocab)[None, None]
+        for i in range(drafts.shape[1]):
+            counts = counts + ((drafts[:, i, None, None] == vocab_ids) & (i < positions)).astype(jnp.int32)
+    column = lambda a: a.reshape(-1, *[1] * (x.ndim - 1))  # [B] over positions and vocabulary
+    return _penalize(x, counts, in_prompt, *(column(getattr(rows, f)) for f in (
+        "repetition_penalty", "frequency_penalty", "presence_penalty")))
 
 
 def with_checkpoint_defaults(generation_config: dict, **given) -> dict:
@@ -126,15 +302,25 @@ def argmax(logits: jax.Array) -> jax.Array:
     return jnp.minimum(first, vocab - 1)  # a row of NaNs has no maximum: an id, never one past the vocabulary
 
 
-def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """Next token ids [B] (int32) from logits [B, V]."""
+def _adjusted(logits, rows: RowSampling | None, history, produced):
+    return logits if rows is None or not rows.used & set(ADJUSTMENTS) else adjust_logits(logits, rows, history,
+                                                                                         produced)
+
+
+def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, adjust: RowSampling | None = None,
+           history: TokenHistory | None = None, produced=None) -> jax.Array:
+    """Next token ids [B] (int32) from logits [B, V]; `adjust`: the rows' logit controls (`adjust_logits`)."""
+    logits = _adjusted(logits, adjust, history, produced)
     if params.greedy:
         return argmax(logits)
     return jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
 
 
-def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling) -> jax.Array:
-    """Next token ids [B] (int32) from logits [B, V], row r with its own settings and key keys[r]."""
+def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, history: TokenHistory | None = None,
+                produced=None) -> jax.Array:
+    """Next token ids [B] (int32) from logits [B, V], row r with its own settings and key keys[r] (`history`
+    and `produced`: as `adjust_logits` takes them)."""
+    logits = _adjusted(logits, params, history, produced)
     greedy = argmax(logits)
     if "sample" not in params.used:
         return greedy

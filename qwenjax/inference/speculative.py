@@ -17,6 +17,11 @@ Sampling: rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft d 
 min(1, p(d)/q(d)); at the first rejection the token is drawn from max(p - q, 0) normalised, and after k kept
 drafts from p. Each token then has the distribution plain sampling gives, p being the main model's filtered
 distribution (temperature, top-k, top-p, min-p) and q the head's, filtered alike.
+
+Logit controls (logit bias, min_tokens, penalties: `sampling.adjust_logits`) apply to the main model's logits
+only, at each verified position as plain decoding would apply them there: position j counts the drafts before it
+as generated. The drafts are proposals and need none: greedy keeps a draft only where it is the adjusted argmax,
+and rejection sampling is exact for any draft distribution q.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qwenjax.inference.sampling import RowSampling, SamplingParams, argmax, filter_logits, token_logprobs
+from qwenjax.inference.sampling import (ADJUSTMENTS, RowSampling, SamplingParams, TokenHistory, adjust_logits, argmax,
+                                        filter_logits, token_logprobs)
 from qwenjax.inputs import VisionInputs
 from qwenjax.model.cache import Cache, accept_steps
 from qwenjax.ops.matmul import matmul_wt
@@ -84,6 +90,12 @@ def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
 
 def _uniform(key: jax.Array, b: int, k: int) -> jax.Array:
     return jax.vmap(lambda kk: jax.random.uniform(kk, (k,)))(key) if key.ndim else jax.random.uniform(key, (b, k))
+
+
+def _controls(sampling: SamplingParams | RowSampling, adjust: RowSampling | None) -> RowSampling | None:
+    """The rows' logit controls: `adjust`, else a RowSampling's own; None when no row uses any."""
+    adjust = sampling if adjust is None and isinstance(sampling, RowSampling) else adjust
+    return adjust if adjust is not None and adjust.used & set(ADJUSTMENTS) else None
 
 
 def _sample(logits: jax.Array, key: jax.Array, sampling: SamplingParams | RowSampling) -> jax.Array:
@@ -155,10 +167,13 @@ def draft(mod, cache: Cache, embeds: jax.Array, hidden: jax.Array, start: jax.Ar
 def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, k: int,
             sampling: SamplingParams | RowSampling, *, fresh: bool = True, next_ids: jax.Array | None = None,
             vision: VisionInputs | None = None, positions: jax.Array | None = None,
-            rope_deltas: jax.Array | None = None, vocab: DraftVocab | None = None, top: int | None = None):
+            rope_deltas: jax.Array | None = None, vocab: DraftVocab | None = None, top: int | None = None,
+            adjust: RowSampling | None = None, history: TokenHistory | None = None, produced=None):
     """The prompt into the main model and the MTP head: (first token [B], drafts [B, k], their distributions,
     the cache), with `top` also the first token's `token_logprobs`. `vision`, `positions`, `rope_deltas`: a
     prompt's images or videos, as `extend` takes them; `vocab`: the tokens the head may draft (default all).
+    `adjust`, `history`, `produced`: the rows' logit controls, as `sampling.adjust_logits` takes them (`adjust`
+    defaults to a RowSampling `sampling`'s own).
 
     A server prefills a long prompt in chunks: `fresh=False` appends `ids` to each row (the head's rows then
     start one earlier, at the row's last token, whose hidden state the cache kept), and `next_ids` [B] (the
@@ -167,7 +182,10 @@ def prefill(mod, cache: Cache, ids: jax.Array, mask: jax.Array, key: jax.Array, 
     start, before = cache.lengths, cache.mtp_hidden
     logits, cache, hidden, embeds = mod.extend(ids, cache, attention_mask=mask, fresh=fresh, return_hidden=True,
                                                vision=vision, positions=positions, rope_deltas=rope_deltas)
-    first = None if next_ids is not None else _sample(logits, _fold_in(key, 0), sampling)
+    controls = _controls(sampling, adjust)
+    first = None if next_ids is not None else _sample(
+        logits if controls is None else adjust_logits(logits, controls, history, produced), _fold_in(key, 0),
+        sampling)
     n = mask.sum(-1, dtype=jnp.int32)
     # row p reads token p+1's embedding: the prompt's (a vision feature at an image or video pad), and for the
     # last token of the chunk the next prompt token or the one just sampled; it sits at token p's position
@@ -196,7 +214,8 @@ ROLLBACKS = ("states", "recompute")
 
 def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Array | None, key: jax.Array,
          sampling: SamplingParams | RowSampling, rollback: str = "states", vocab: DraftVocab | None = None,
-         top: int | None = None, limit: jax.Array | None = None, stop_ids: jax.Array | None = None):
+         top: int | None = None, limit: jax.Array | None = None, stop_ids: jax.Array | None = None,
+         adjust: RowSampling | None = None, history: TokenHistory | None = None, produced=None):
     """One verify pass: (emitted [B, k+1] of which each row's first `count` are its new tokens, count [B] (kept
     drafts + 1), the next pending token [B], the next drafts and distributions, the cache); with `top`, also
     `token_logprobs`' (log-probability, `top` alternatives) of every emitted token, [B, k+1, ...].
@@ -209,13 +228,17 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
     BENCHMARKS.md measures both; generation uses "states". `vocab`: the tokens the head may draft (default all).
     `limit` [B] (>= 1) and `stop_ids` [B, S] (-1: none): a row keeps at most `limit` tokens and none past a kept
     draft in its `stop_ids` (a server's max_tokens and eos), so its cache holds only what it sends.
+    `adjust`, `history`, `produced`: the rows' logit controls, as `prefill`'s (`history` and `produced` as they
+    stand before the pending token's successor: each verified position adds the drafts before it).
     """
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback={rollback!r}: choose one of {ROLLBACKS}")
     b, k = drafts.shape
     start = cache.lengths
     verified = jnp.concatenate([pending[:, None], drafts], axis=1)
-    logits, hidden, steps = mod.verify(verified, cache, every_state=rollback == "states")  # [B, k+1, V]
+    raw, hidden, steps = mod.verify(verified, cache, every_state=rollback == "states")  # [B, k+1, V]
+    controls = _controls(sampling, adjust)
+    logits = raw if controls is None else adjust_logits(raw, controls, history, produced, drafts=drafts)
     target = argmax(logits)
     kept = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
     last = jnp.take_along_axis(target, kept[:, None], axis=1)[:, 0]
@@ -256,4 +279,4 @@ def step(mod, cache: Cache, pending: jax.Array, drafts: jax.Array, dists: jax.Ar
         return out
     flat = lambda x: x.reshape(b * (k + 1), *x.shape[2:])
     return out + (jax.tree.map(lambda x: x.reshape(b, k + 1, *x.shape[1:]),
-                               token_logprobs(flat(logits), flat(emitted), top)),)
+                               token_logprobs(flat(raw), flat(emitted), top)),)
