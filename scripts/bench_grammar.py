@@ -133,8 +133,8 @@ def qwen_sized_tokenizer(tiktoken_path: str, regular: int = QWEN35_REGULAR, seed
 
 def _stats(xs: list[float]) -> str:
     xs = sorted(xs)
-    return f"median {statistics.median(xs) * 1e6:8.1f} us  p90 {xs[int(0.9 * len(xs))] * 1e6:8.1f}  " \
-           f"max {xs[-1] * 1e6:8.1f}"
+    return f"median {statistics.median(xs) * 1e6:8.1f} us  mean {statistics.fmean(xs) * 1e6:8.1f}  " \
+           f"p90 {xs[int(0.9 * len(xs))] * 1e6:8.1f}  max {xs[-1] * 1e6:8.1f}"
 
 
 def bench(tokenizer_json: str, vocab_size: int, batches: list[int], repeats: int) -> None:

@@ -80,8 +80,7 @@ def as_text(data: bytes) -> str | None:
     except UnicodeDecodeError as e:
         if e.end != len(data) or e.reason != "unexpected end of data":
             return None
-    for tail in (b"\x80", b"\xa0", b"\x90", b"\x8f", b"\x80\x80", b"\xa0\x80", b"\x90\x80", b"\x80\x80\x80",
-                 b"\x90\x80\x80", b"\x8f\x80\x80"):
+    for tail in (bytes([second]) + b"\x80" * more for more in range(3) for second in (0x80, 0xA0, 0x90, 0x8F)):
         try:
             return (data + tail).decode("utf-8")
         except UnicodeDecodeError:
@@ -119,13 +118,19 @@ def test_apply_token_bitmask_matches_numpy_reference(vocab, width, dtype):
 
 
 # ------------------------------------------------------------------------------------ masks against JSON's rules
+JSON_STRING = regex.compile(r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"')
+JSON_NUMBER = regex.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+JSON_LITERAL = regex.compile(r"true|false|null")
+
+
 class JsonPrefix:
     """An independent oracle: does text stay a prefix of one JSON object (RFC 8259), written with the whitespace
-    the grammar allows between tokens (a space, or a line break and up to 32 spaces or tabs) and none around it?"""
+    the grammar allows between tokens (a space, or a line break and up to 32 spaces or tabs) and none around it?
+    Strings, numbers and literals are matched by RFC 8259's regexes (partial matches while they grow)."""
 
     def __init__(self):
         self.stack, self.mode, self.ws = [], "root", ""
-        self.sub = None  # ("str", is_key, escape), ("num", state), ("lit", rest)
+        self.sub = None  # the string, number or literal being read: ("str" | "num" | "lit", its text, is a key)
 
     def copy(self):
         other = JsonPrefix()
@@ -144,51 +149,20 @@ class JsonPrefix:
 
     def _char(self, c: str) -> bool:
         if self.sub:
-            kind = self.sub[0]
-            if kind == "str":
-                _, key, esc = self.sub
-                if esc == 1:
-                    if c not in '"\\/bfnrtu':
-                        return False
-                    self.sub = ("str", key, 2 if c == "u" else 0)
-                elif esc >= 2:
-                    if c not in "0123456789abcdefABCDEF":
-                        return False
-                    self.sub = ("str", key, 0 if esc == 5 else esc + 1)
-                elif c == "\\":
-                    self.sub = ("str", key, 1)
-                elif c == '"':
+            kind, word, key = self.sub
+            pattern = {"str": JSON_STRING, "num": JSON_NUMBER, "lit": JSON_LITERAL}[kind]
+            if pattern.fullmatch(word + c, partial=True):
+                self.sub = (kind, word + c, key)
+                if kind != "num" and pattern.fullmatch(word + c):  # a closing quote, a literal's last letter
                     self.sub = None
                     if key:
                         self.mode = "colon"
                     else:
                         self._after_value()
-                elif ord(c) < 0x20:
-                    return False
                 return True
-            if kind == "lit":
-                if c != self.sub[1][0]:
-                    return False
-                self.sub = ("lit", self.sub[1][1:]) if len(self.sub[1]) > 1 else None
-                if self.sub is None:
-                    self._after_value()
-                return True
-            state = self.sub[1]  # a number: sign, zero, int, dot, frac, e, esign, exp
-            step = {("sign", "0"): "zero", ("dot", "DIGIT"): "frac", ("frac", "DIGIT"): "frac", ("e", "DIGIT"): "exp",
-                    ("esign", "DIGIT"): "exp", ("exp", "DIGIT"): "exp", ("int", "DIGIT"): "int", ("zero", "."): "dot",
-                    ("int", "."): "dot", ("e", "+"): "esign", ("e", "-"): "esign"}
-            d = "DIGIT" if c.isascii() and c.isdigit() else c
-            nxt = step.get((state, d)) or step.get((state, c))
-            if state == "sign" and c in "123456789":
-                nxt = "int"
-            if state in ("zero", "int", "frac") and c in "eE":
-                nxt = "e"
-            if nxt:
-                self.sub = ("num", nxt)
-                return True
-            if state not in ("zero", "int", "frac", "exp"):
+            if kind != "num" or not pattern.fullmatch(word):
                 return False
-            self.sub = None
+            self.sub = None  # the number ended: `c` comes after it
             self._after_value()
         if c in " \t\n\r":
             if self.mode in ("root", "done"):
@@ -206,14 +180,8 @@ class JsonPrefix:
             elif c == "[":
                 self.stack.append("[")
                 self.mode = "value_or_close"
-            elif c == '"':
-                self.sub = ("str", False, 0)
-            elif c == "-":
-                self.sub = ("num", "sign")
-            elif c.isascii() and c.isdigit():
-                self.sub = ("num", "zero" if c == "0" else "int")
-            elif c in "tfn":
-                self.sub = ("lit", {"t": "rue", "f": "alse", "n": "ull"}[c])
+            elif c in '"-0123456789tfn':
+                self.sub = ("str" if c == '"' else "lit" if c in "tfn" else "num", c, False)
             elif c == "]" and mode == "value_or_close":
                 self.stack.pop()
                 self._after_value()
@@ -221,7 +189,7 @@ class JsonPrefix:
                 return False
         elif mode in ("key_or_close", "key"):
             if c == '"':
-                self.sub = ("str", True, 0)
+                self.sub = ("str", c, True)
             elif c == "}" and mode == "key_or_close":
                 self.stack.pop()
                 self._after_value()
@@ -325,22 +293,21 @@ def tool_call_language(parallel: bool, thinking: bool) -> regex.Pattern:
     return regex.compile(think + calls)
 
 
+CITY = "<tool_call>\n<function=get_weather>\n<parameter=city>\n"
+EXPRESSION = "<tool_call>\n<function=calculator>\n<parameter=expression>\n"
+THINK_END = SPECIAL_CHAR[4095]  # the `</think>` token
+
+
 @pytest.mark.parametrize("parallel, thinking, prefix", [
     (True, False, ""), (True, False, "<tool_call>\n<"), (True, False, "<tool_call>\n<function=get_weather>\n"),
-    (True, False, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis <b"),
-    (True, False, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</"),
-    (True, False, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis <parameter"),
-    (True, False, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis </function"),
-    (True, False, "<tool_call>\n<function=calculator>\n<parameter=expression>\n1<tool_call"),
-    (True, False, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"),
-    (True, False, "<tool_call>\n<function=get_weather>\n<parameter=city>\nA\n</parameter>\n<parameter=days>\n1"),
-    (True, False, "<tool_call>\n<function=calculator>\n<parameter=expression>\n1 + 2 * 3 - "),
-    (True, False, "<tool_call>\n<function=calculator>\n<parameter=expression>\n1\n</parameter>\n</function>\n"
-                  "</tool_call>"),
-    (False, False, "<tool_call>\n<function=calculator>\n<parameter=expression>\n1\n</parameter>\n</function>\n"
-                   "</tool_call>"),
+    (True, False, CITY + "Paris <b"), (True, False, CITY + "Paris\n</"), (True, False, CITY + "Paris <parameter"),
+    (True, False, CITY + "Paris </function"), (True, False, EXPRESSION + "1<tool_call"),
+    (True, False, CITY + "Paris\n</parameter>\n"), (True, False, CITY + "A\n</parameter>\n<parameter=days>\n1"),
+    (True, False, EXPRESSION + "1 + 2 * 3 - "),
+    (True, False, EXPRESSION + "1\n</parameter>\n</function>\n</tool_call>"),
+    (False, False, EXPRESSION + "1\n</parameter>\n</function>\n</tool_call>"),
     (True, True, ""), (True, True, "Let me see <"), (True, True, "Let me see </think"),
-    (True, True, "I will call it.\U0010ffff\n"),
+    (True, True, "I will call it." + THINK_END + "\n"),
 ])
 def test_tool_call_mask_matches_format(backend, tok, token_bytes, parallel, thinking, prefix):
     """Qwen3.5's tool calls for `tool_choice: "required"`: a token is allowed iff the text stays a prefix of the
@@ -348,13 +315,13 @@ def test_tool_call_mask_matches_format(backend, tok, token_bytes, parallel, thin
     is complete."""
     spec = GrammarSpec.from_tools(TOOLS, "required", parallel_tool_calls=parallel)
     m = backend.matcher(spec, after_thinking=thinking)
-    ids = [t for piece in prefix.split("\U0010ffff") for t in tok.encode(piece) + [4095]][:-1]
+    ids = [t for piece in prefix.split(THINK_END) for t in tok.encode(piece) + [4095]][:-1]
     for t in ids:
         assert m.accept(t), (prefix, tok.decode([t], False))
     words = backend.allocate_bitmask(1)
     m.fill_bitmask(words, 0)
     mask = allowed(words[0])
-    language, text = tool_call_language(parallel, thinking), prefix.replace("\U0010ffff", SPECIAL_CHAR[4095])
+    language, text = tool_call_language(parallel, thinking), prefix
     oracle = set(EOS) if language.fullmatch(text) else set()
     for t, data in enumerate(token_bytes):
         piece = SPECIAL_CHAR[t] if data is None else as_text(text.encode() + data)
@@ -597,23 +564,24 @@ def decode(tok):
     step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).extend(t[:, None], c))
     pick = jax.jit(lambda logits, words, constrained: argmax(apply_token_bitmask(logits, words, constrained)))
 
-    def run(spec: GrammarSpec, question: str, max_new_tokens: int) -> tuple[str, list[int]]:
+    def run(spec: GrammarSpec, question: str, max_new_tokens: int) -> tuple[str, int]:
+        """The reply's text (eos dropped) and at how many steps the mask changed the model's own choice."""
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], enable_thinking=False))
         ids, mask = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
         ids[0, :len(prompt)], mask[0, :len(prompt)] = prompt, 1
         logits, cache = prefill(m.params, init_cache(m.config, 1, capacity, m.dtype), ids, mask)
-        matcher, words, out = backend.matcher(spec), backend.allocate_bitmask(1), []
-        unconstrained = int(argmax(logits)[0])
+        matcher, words, out, changed = backend.matcher(spec), backend.allocate_bitmask(1), [], 0
         for _ in range(max_new_tokens):
             matcher.fill_bitmask(words, 0)
             token = int(pick(logits, words, np.ones(1, bool))[0])
+            changed += token != int(argmax(logits)[0])
             assert matcher.accept(token)
             out.append(token)
             if token in EOS:
                 break
             logits, cache = step(m.params, cache, np.array([token], np.int32))
         assert out[-1] in EOS and matcher.terminated, tok.decode(out, False)
-        return tok.decode(out[:-1], skip_special_tokens=False), [unconstrained, out[0]]
+        return tok.decode(out[:-1], skip_special_tokens=False), changed
 
     return run
 
@@ -626,14 +594,16 @@ SCHEMA = {"type": "object", "properties": {
 
 
 def test_decode_json_object_and_schema(decode):
-    text, (free, first) = decode(GrammarSpec.from_response_format({"type": "json_object"}),
-                                 "Describe the os.path module as a JSON object.", 100)
-    assert isinstance(json.loads(text), dict) and free != first  # the model alone would not start with `{`
+    """Each reply parses and validates, though the model left alone would have written something else."""
+    text, changed = decode(GrammarSpec.from_response_format({"type": "json_object"}),
+                           "Describe the os.path module as a JSON object.", 100)
+    assert isinstance(json.loads(text), dict) and changed
     spec = GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "doc", "strict": True,
                                                                                    "schema": SCHEMA}})
     for question in ("Describe os.path.join.", "Describe the class list."):
-        text, _ = decode(spec, question, 400)
+        text, changed = decode(spec, question, 400)
         jsonschema.validate(json.loads(text), SCHEMA)
+        assert changed
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
@@ -642,8 +612,9 @@ def test_decode_tool_call(decode, choice):
     server's reply parser into a tool of TOOLS (the named one) with arguments of their schema's types."""
     tools = json.loads(json.dumps(TOOLS))
     tools[0]["function"]["parameters"]["properties"]["city"]["maxLength"] = 30  # this model rambles in free text
-    text, _ = decode(GrammarSpec.from_tools(tools, choice, parallel_tool_calls=False),
-                     "What is the weather in Paris?", 200)
+    text, changed = decode(GrammarSpec.from_tools(tools, choice, parallel_tool_calls=False),
+                           "What is the weather in Paris?", 200)
+    assert changed
     assert text.startswith("<tool_call>") and text.endswith("</tool_call>")
     call = parse_tool_call(text[len("<tool_call>"):-len("</tool_call>")], tools)
     function = {t["function"]["name"]: t["function"] for t in tools}[call.name]
