@@ -452,6 +452,7 @@ def cmd_serve(args) -> int:
     from qwenjax.inference.tokenizer import Tokenizer
     from qwenjax.serve.api import create_app
     from qwenjax.serve.engine import Engine
+    from qwenjax.serve.media import DEFAULT_MAX_IMAGE_PIXELS
 
     path = args.model or DEFAULT_MODEL_DIR
     if not os.path.isdir(path):
@@ -475,7 +476,9 @@ def cmd_serve(args) -> int:
 
         processor = load_processor(path)
     app = create_app(engine, tokenizer, name, processor=processor,
-                     allowed_local_media_path=args.allowed_local_media_path)
+                     allowed_local_media_path=args.allowed_local_media_path,
+                     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else
+                     args.max_image_pixels or None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
@@ -565,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
     v.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="image_url parts may name files under DIR (default: base64 data URLs only)")
+    v.add_argument("--max-image-pixels", type=flag(int, minimum=0), default=None, metavar="N",
+                   help="the most pixels an image or video frame may have, checked from its header before it is "
+                        "decoded (default 16777216, Qwen3.5's largest image unscaled; 0: Pillow's own bound only)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.add_argument("--speculative", type=flag(int, minimum=0), default=0, metavar="K",
                    help="draft K tokens per row and step with the checkpoint's MTP head, verified in one pass (same "

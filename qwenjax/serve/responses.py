@@ -18,28 +18,87 @@ from qwenjax.serve.errors import error_response
 from qwenjax.serve.reply_parser import ReplyParser, collect
 
 
-class TextChoice:
-    """A completion's text as it grows: stop strings cut off (and what may begin one held back while streaming)."""
+class StopScan:
+    """Finds stop strings in a text that grows, each new character costing O(1) amortized per stop string
+    (Knuth-Morris-Pratt): a reply is scanned once, however long the stop strings and however it is streamed."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.tokenizer, self.decoder, self.stops = tokenizer, StreamDecoder(tokenizer), stops
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.fail = [_failure(s) for s in stops]
+        self.state = [0] * len(stops)  # per stop: the length of its longest prefix the text ends with
+        self.scanned = 0
+
+    def feed(self, text: str) -> int | None:
+        """Scans `text`'s characters past those already scanned; returns where the first stop string to be
+        completed begins (the earliest-ending match; of those ending together, the longest), else None."""
+        best = None  # (end, -length, start)
+        for j, (s, fail) in enumerate(zip(self.stops, self.fail)):
+            k = self.state[j]
+            for at in range(self.scanned, len(text)):
+                ch = text[at]
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):
+                    best = min(best or (at, 0, 0), (at, -len(s), at + 1 - len(s)))
+                    k = fail[k - 1]
+                    break
+            self.state[j] = k
+        self.scanned = len(text)
+        return None if best is None else best[2]
+
+    @property
+    def partial(self) -> int:
+        """The most characters at the text's end that may begin a stop string (held back while streaming)."""
+        return max(self.state, default=0)
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's table: fail[i], the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+class TextChoice:
+    """A completion's text as it grows: stop strings cut off (and what may begin one held back while streaming).
+    With `echo` (the prompt's text, its tokens' (id, log-probability, alternatives), the first's None, and where
+    each token begins in the text), the prompt comes first in the text and its tokens first in the logprobs."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], echo: tuple[str, list, list[int]] | None = None):
+        self.tokenizer, self.decoder, self.scan = tokenizer, StreamDecoder(tokenizer), StopScan(stops)
         self.text, self.sent, self.stopped = "", 0, False
-        self.logprobs: list[tuple[int, float, list]] = []  # (token, log-probability, alternatives) per token
+        self.logprobs: list[tuple[int, float | None, list | None]] = []  # (token, log-probability, alternatives)
+        self.offsets: list[int] = []  # where each token's text begins in the reply's text
         self.logprobs_sent = 0
+        self.prefix = ""
+        self.tokens = 0  # tokens generated so far
+        self.extra: dict = {}  # fields of the choice's final entry besides OpenAI's (vLLM's prompt_logprobs)
+        if echo is not None:
+            self.prefix, entries, offsets = echo
+            self.logprobs, self.offsets = list(entries), list(offsets)
 
     def push(self, ids: list[int], logprobs=None) -> None:
+        self.tokens += len(ids)
+        if self.stopped:
+            return
         for t in ids:
+            self.offsets.append(len(self.prefix) + len(self.text))
             self.text += self.decoder.push(t)
         for t, (lp, top) in zip(ids, logprobs or ()):
             self.logprobs.append((t, lp, top))
-        for s in self.stops:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text, self.stopped = self.text[:at], True
+        at = self.scan.feed(self.text)
+        if at is not None:
+            self.text, self.stopped = self.text[:at], True
 
     def new_text(self, final: bool) -> str:
-        hold = 0 if final or self.stopped else max(
-            (k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        hold = 0 if final or self.stopped else self.scan.partial
         piece = self.text[self.sent:len(self.text) - hold]
         self.sent += len(piece)
         return piece
@@ -49,24 +108,29 @@ class TextChoice:
         return {"text": piece} if piece else None
 
     def message(self) -> dict:
-        return {"text": self.text}
+        return {"text": self.prefix + self.text}
 
-    def take_logprobs(self) -> list[tuple[int, float, list]]:
-        """The log-probabilities not yet sent."""
-        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
-        return new
+    def take_logprobs(self) -> list[tuple[int, float, list, int]]:
+        """The log-probabilities not yet sent, each with its token's text offset."""
+        start, self.logprobs_sent = self.logprobs_sent, len(self.logprobs)
+        return [(*e, at) for e, at in zip(self.logprobs[start:], self.offsets[start:])]
 
     def logprobs_json(self, entries) -> dict:
-        """OpenAI's completions form: tokens, token_logprobs, top_logprobs."""
+        """OpenAI's completions form: tokens, token_logprobs, top_logprobs, text_offset."""
         token = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
-        return {"tokens": [token(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{token(i): a for i, a in top} for _, _, top in entries]}
+        return {"tokens": [token(t) for t, *_ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+                "top_logprobs": [None if top is None else {token(i): a for i, a in top} for _, _, top, _ in entries],
+                "text_offset": [at for *_, at in entries]}
 
 
 class ChatChoice(TextChoice):
-    def __init__(self, tokenizer, stops, opened_thinking: bool, tools):
+    """A chat reply as it grows: reasoning, content and tool calls split (`parallel_tool_calls=False`: the first
+    call only)."""
+
+    def __init__(self, tokenizer, stops, opened_thinking: bool, tools, parallel_tool_calls: bool = True):
         super().__init__(tokenizer, stops)
         self.parser = ReplyParser(opened_thinking, tools, parse_tools=bool(tools))
+        self.one_call = not parallel_tool_calls
         self.deltas: list = []
         self.role_sent = False
         self.calls_sent = 0
@@ -74,6 +138,9 @@ class ChatChoice(TextChoice):
     def delta(self, final: bool) -> list[dict]:
         piece = self.new_text(final)
         new = self.parser.feed(piece) + (self.parser.finish() if final else [])
+        if self.one_call:
+            calls = sum(d.tool_call is not None for d in self.deltas)
+            new = [d for d in new if d.tool_call is None or (calls := calls + 1) == 1]
         self.deltas += new
         out = []
         if not self.role_sent:
@@ -95,7 +162,7 @@ class ChatChoice(TextChoice):
             text = self.tokenizer.decode([t], skip_special_tokens=False)
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-        return {"content": [{**one(t, lp), "top_logprobs": [one(i, a) for i, a in top]} for t, lp, top in entries]}
+        return {"content": [{**one(t, lp), "top_logprobs": [one(i, a) for i, a in top]} for t, lp, top, _ in entries]}
 
     def message(self) -> dict:
         reasoning, content, calls = collect(self.deltas)
@@ -162,20 +229,31 @@ async def respond(http: HTTPRequest, body, inbox: Inbox, choices, kind: str, mod
         return {"length": "length", "cancelled": "abort", "error": "error"}[f.reason]
 
     def usage() -> dict:
-        prompt = sum(f.prompt_tokens for f in finished[::max(body.n, 1)])
+        prompt = sum(f.prompt_tokens for f in finished[::body.choices])
         completion = sum(f.completion_tokens for f in finished)
-        cached = sum(f.cached_tokens for f in finished[::max(body.n, 1)])
+        cached = sum(f.cached_tokens for f in finished[::body.choices])
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def usage_so_far() -> dict:  # stream_options.continuous_usage_stats: every chunk
+        prompt = sum(len(q.prompt) for q in inbox.requests[::body.choices])
+        completion = sum(c.tokens for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous_usage = bool(options and options.continuous_usage_stats)
 
     def chunk(choice_list, with_usage=None) -> str:
         obj = {"id": rid, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "created": created,
                "model": model_name, "choices": choice_list}
+        if with_usage is None and continuous_usage and choice_list:
+            with_usage = usage_so_far()
         if with_usage is not None:
             obj["usage"] = with_usage
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    if not body.stream:
+    if not body.streamed:
         async def watch():  # a client gone while it waits: its rows are freed at the engine's next turn
             while not await http.is_disconnected():
                 await asyncio.sleep(1.0)
@@ -201,11 +279,10 @@ async def respond(http: HTTPRequest, body, inbox: Inbox, choices, kind: str, mod
                 entry["message"] = c.message()
             else:
                 entry["text"] = c.message()["text"]
-            out.append(entry)
+            out.append({**entry, **c.extra})
         return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": out,
                 "usage": usage()}
 
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
 
     def logprobs_of(i: int) -> dict | None:
         """Choice i's log-probabilities not yet sent, in the chunk about to go (None unless asked)."""
