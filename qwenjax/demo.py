@@ -4,8 +4,8 @@ It holds what a downloaded Qwen3.5 directory holds — config.json, model.safete
 tokenizer_config.json, chat_template.jinja, generation_config.json — so every step of the user path (load,
 tokenize, chat template, generate, stream) runs end to end before any trained weights are at hand. The weights
 are random: the text it generates is noise. The tokenizer is byte-level (one token per byte) plus Qwen's chat
-special tokens; the chat template follows Qwen3.5's format (`<|im_start|>role … <|im_end|>`, `<think>` blocks,
-`enable_thinking`).
+special tokens; the chat template is Qwen3.5's (`<|im_start|>role … <|im_end|>`, `<think>` blocks,
+`enable_thinking`, tools, tool calls and tool results).
 """
 
 from __future__ import annotations
@@ -27,21 +27,114 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "as
 # The trained default of `qwenjax generate --image` (scripts/train_vision_model.py): it sees drawn shapes.
 DEFAULT_VISION_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-vision")
 
+# Qwen3.5's chat template (Qwen/Qwen3.5-35B-A3B's chat_template.jinja renders every conversation as this does): the
+# tools' JSON and calling instructions in the system turn, an assistant's tool calls as <tool_call> blocks (values
+# written with str(), mappings and lists as JSON), tool results grouped into one user turn of <tool_response>
+# blocks, pictures as vision tags. Only the errors' wording differs.
 _TEMPLATE = """\
-{%- if messages and messages[0].role == 'system' %}
-{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-{%- if message.role == 'system' %}
-{%- if not loop.first %}{{ raise_exception('The system message must come first.') }}{%- endif %}
-{%- elif message.role == 'user' %}
-{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
-{%- elif message.role == 'assistant' %}
-@ASSISTANT_TURN@
-{%- elif message.role == 'tool' %}
-{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count, is_system_content=false) %}
+{%- if content is string %}
+{{- content }}
+{%- elif content is iterable and content is not mapping %}
+{%- for item in content %}
+{%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+{%- if is_system_content %}{{- raise_exception('A system message cannot hold images.') }}{%- endif %}
+{%- if do_vision_count %}{%- set image_count.value = image_count.value + 1 %}{%- endif %}
+{%- if add_vision_id %}{{- 'Picture ' ~ image_count.value ~ ': ' }}{%- endif %}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+{%- elif 'video' in item or item.type == 'video' %}
+{%- if is_system_content %}{{- raise_exception('A system message cannot hold videos.') }}{%- endif %}
+{%- if do_vision_count %}{%- set video_count.value = video_count.value + 1 %}{%- endif %}
+{%- if add_vision_id %}{{- 'Video ' ~ video_count.value ~ ': ' }}{%- endif %}
+{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+{%- elif 'text' in item %}
+{{- item.text }}
 {%- else %}
-{{ raise_exception('Unknown role: ' + message.role) }}
+{{- raise_exception('A content part must be text, an image or a video.') }}
+{%- endif %}
+{%- endfor %}
+{%- elif content is none or content is undefined %}
+{{- '' }}
+{%- else %}
+{{- raise_exception('A message content must be a string or a list of parts.') }}
+{%- endif %}
+{%- endmacro %}
+{%- if not messages %}{{- raise_exception('No messages.') }}{%- endif %}
+{%- if tools and tools is iterable and tools is not mapping %}
+{{- '<|im_start|>system\\n# Tools\\n\\nYou have access to the following functions:\\n\\n<tools>' }}
+{%- for tool in tools %}
+{{- '\\n' }}
+{{- tool|tojson }}
+{%- endfor %}
+{{- '\\n</tools>\\n\\nIf you choose to call a function ONLY reply in the following format with NO suffix:\\n\\n' }}
+{{- '<tool_call>\\n<function=example_function_name>\\n<parameter=example_parameter_1>\\nvalue_1\\n</parameter>\\n' }}
+{{- '<parameter=example_parameter_2>\\nThis is the value for the second parameter\\nthat can span\\n' }}
+{{- 'multiple lines\\n</parameter>\\n</function>\\n</tool_call>\\n\\n<IMPORTANT>\\nReminder:\\n' }}
+{{- '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested ' }}
+{{- 'within <tool_call></tool_call> XML tags\\n- Required parameters MUST be specified\\n' }}
+{{- '- You may provide optional reasoning for your function call in natural language BEFORE the function call, ' }}
+{{- 'but NOT after\\n- If there is no function call available, answer the question like normal with your current ' }}
+{{- 'knowledge and do not tell the user about function calls\\n</IMPORTANT>' }}
+{%- if messages[0].role == 'system' %}
+{%- set content = render_content(messages[0].content, false, true)|trim %}
+{%- if content %}{{- '\\n\\n' + content }}{%- endif %}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + render_content(messages[0].content, false, true)|trim + '<|im_end|>\\n' }}
+{%- endif %}
+{#- The last question: the assistant turns after it (tool calls and their results) keep their thinking. #}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+{%- if ns.multi_step_tool and message.role == 'user' %}
+{%- set content = render_content(message.content, false)|trim %}
+{%- if not (content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}
+{%- set ns.multi_step_tool = false %}
+{%- set ns.last_query_index = messages|length - 1 - loop.index0 %}
+{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if ns.multi_step_tool %}{{- raise_exception('No user message: there is no question to answer.') }}{%- endif %}
+{%- for message in messages %}
+{%- set content = render_content(message.content, true)|trim %}
+{%- if message.role == 'system' %}
+{%- if not loop.first %}{{- raise_exception('The system message must come first.') }}{%- endif %}
+{%- elif message.role == 'user' %}
+{{- '<|im_start|>user\\n' + content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{%- set reasoning_content = '' %}
+{%- if message.reasoning_content is string %}
+{%- set reasoning_content = message.reasoning_content %}
+{%- elif '</think>' in content %}
+{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{%- set reasoning_content = reasoning_content|trim %}
+@ASSISTANT_TURN@
+{%- if message.tool_calls and message.tool_calls is iterable and message.tool_calls is not mapping %}
+{%- for tool_call in message.tool_calls %}
+{%- set tool_call = tool_call.function if tool_call.function is defined else tool_call %}
+{{- '\\n' if not loop.first else '\\n\\n' if content|trim else '' }}
+{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+{%- if tool_call.arguments is defined %}
+{%- for name, value in tool_call.arguments|items %}
+{{- '<parameter=' + name + '>\\n' }}
+{{- value|tojson if value is mapping or (value is sequence and value is not string) else value|string }}
+{{- '\\n</parameter>\\n' }}
+{%- endfor %}
+{%- endif %}
+{{- '</function>\\n</tool_call>' }}
+{%- endfor %}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.previtem and loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- else %}
+{{- raise_exception('Unknown role: ' + message.role) }}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -53,22 +146,24 @@ _TEMPLATE = """\
 {%- endif %}
 {%- endif %}
 """
-# An assistant turn: its answer, any thinking dropped (as Qwen's templates drop it from earlier turns) ...
+# An assistant turn's opening and answer (`content`, its thinking split off into `reasoning_content`): Qwen3.5's,
+# which keeps the thinking of the turns after the last question (a tool-calling exchange) and drops the others' ...
 _ANSWER_TURN = """\
-{%- set content = message.content %}
-{%- if '</think>' in content %}
-{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
-{%- endif %}
-{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"""
-# ... or after an empty thinking block, as Qwen3.5 writes the turns after the last question: a model trained on
-# these continues a generation prompt the same way with thinking on or off.
+{%- if loop.index0 > ns.last_query_index %}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content }}
+{%- else %}
+{{- '<|im_start|>assistant\\n' + content }}
+{%- endif %}"""
+# ... or every turn after an empty thinking block, as the bundled vision model was trained (scripts/
+# train_vision_model.py): a generation prompt with thinking on or off continues the same way.
 _EMPTY_THINKING_TURN = """\
-{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content.split('</think>')[-1].lstrip('\\n') }}
-{{- '<|im_end|>\\n' }}"""
+{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + content }}"""
 
 
 def chat_template(assistant_turn: str) -> str:
-    """The demo chat template with `assistant_turn` (Jinja that renders `message`) for the assistant's turns."""
+    """The demo chat template (Qwen3.5's) with `assistant_turn` for the assistant's turns: Jinja that writes the
+    turn's opening and its answer `content`, given `reasoning_content`, `loop` and `ns.last_query_index`; the
+    template then writes the turn's tool calls and its end."""
     return _TEMPLATE.replace("@ASSISTANT_TURN@", assistant_turn)
 
 
