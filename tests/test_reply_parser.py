@@ -233,6 +233,8 @@ MALFORMED = [  # what the strict reading cannot close is read leniently once the
                  [("bash", {"cmd": "ls"})], id="missing_function_end"),
     pytest.param("<tool_call>\n<function=bash>\n<parameter=cmd>\nls\n</parameter>\n</function>\n</tool_call>\n"
                  "Done.", [("bash", {"cmd": "ls"})], id="text_after_the_call"),
+    pytest.param(xml("get_weather", ("city", "42"), ("extra", "[1, 2]"), ("days", "2")),
+                 [("get_weather", {"city": "42", "extra": [1, 2], "days": 2})], id="undeclared_parameter"),
 ]
 
 

@@ -172,9 +172,10 @@ class _XmlCall:
     hold `</parameter></function></tool_call>` and go on). What was read is not read again: `read` stops where
     a `</tool_call>` begins, which no tag can straddle, so a `</parameter>` rejected there is rejected for good.
 
-    STRICT: any text may follow `</tool_call>`. LENIENT, for calls that lack a closing tag: a value may end
-    without its `</parameter>` (at the next declared parameter's tag on its own line, or at `</function>`
-    ending the call) unless a paired `</parameter>` sits right there, and `</function>` may be missing."""
+    STRICT: any text may follow `</tool_call>`. LENIENT, for calls that lack a closing tag or add a parameter:
+    a value may end without its `</parameter>` (at the next declared parameter's tag on its own line, or at
+    `</function>` ending the call) unless a paired `</parameter>` sits right there, `</function>` may be
+    missing, and a parameter the function does not declare may follow a `</parameter>`."""
 
     def __init__(self, header: re.Match, tools, mode: str):
         self.name, self.mode, self.lenient = header.group(1).strip(), mode, mode == LENIENT
@@ -243,7 +244,7 @@ class _XmlCall:
                 if event.group(1) == "function":
                     self.functions += 1
                 elif self.lenient and not self.depth and self._unclosed(text, at) and \
-                        self._continues(text, at, stop, end, final):  # the value's </parameter> is missing
+                        self._continues(text, at, stop, end, final, closed=False):  # its </parameter> is missing
                     return at, at
                 else:
                     self.depth += 1
@@ -257,9 +258,11 @@ class _XmlCall:
             at -= 1
         return not text.endswith(PARAMETER_CLOSE, self.value_start, at)
 
-    def _continues(self, text: str, pos: int, stop: int, end: int, final: bool) -> bool | None:
+    def _continues(self, text: str, pos: int, stop: int, end: int, final: bool, closed: bool = True) -> bool | None:
         """Whether the call's structure goes on at `pos`: the call's end, or a parameter the function declares
-        (any name where the tools do not declare it) that was not given yet; None: wait for more text."""
+        (any name where the tools do not declare it) that was not given yet; None: wait for more text. LENIENT,
+        after the value's `</parameter>` (`closed`), takes a name the function does not declare too (a model's
+        extra parameter)."""
         ends = self._ends(text, pos, stop, end, final)
         if ends is not False:
             return ends
@@ -268,7 +271,7 @@ class _XmlCall:
         opened = _PARAMETER.match(text, pos, stop)
         name = opened.group(1).strip() if opened else ""
         return bool(name) and name != self.key and name not in self.values and (
-            self.known is None or name in self.known)
+            self.known is None or name in self.known or self.lenient and closed)
 
     def _ends(self, text: str, pos: int, stop: int, end: int, final: bool) -> bool | None:
         """Whether `</function>` at `pos`, then `</tool_call>` at `stop`, end the call; None: wait for more."""
