@@ -444,6 +444,10 @@ class ReplyParser:
 
     def feed(self, piece: str) -> list[Delta]:
         if not self.in_call:
+            if not self.text and not self.lead and "<" not in piece:  # nothing held back, no tag can begin
+                out: list[Delta] = []
+                self._emit(piece, out)
+                return out
             self.text += piece
             return self._advance(final=False)
         window = self.tail + piece
