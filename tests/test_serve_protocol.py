@@ -101,10 +101,11 @@ def test_readme_field_table_is_the_codes():
     ("/v1/completions", {"prompt": "The", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "The", "echo": True, "stream": True}, "echo"),
     ("/v1/completions", {"prompt": "The", "stream_options": {"include_usage": True}}, "stream_options"),
-] + [(path, {**body, name: value}, name) for name, value in (
-    ("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("repetition_penalty", 1.2), ("logit_bias", {"5": 3}),
-    ("min_tokens", 4), ("ignore_eos", True)) if FIELDS[name].status == "refused"
-    for path, body in (("/v1/completions", {"prompt": "The"}),)])
+    ("/v1/completions", {"prompt": "The", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "The", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "The", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "The", "repetition_penalty": 0}, "repetition_penalty"),
+])
 def test_fields_it_would_ignore_are_refused_by_name(server, path, body, param):
     status, answer = _post(server, path, body)
     assert status == 400 and _is_openai_error(answer, 400), answer
@@ -128,6 +129,32 @@ def test_no_op_fields_change_nothing_and_developer_is_system(server):
     _, as_system = _post(server, "/tokenize", {"messages": chat["messages"]})
     _, as_developer = _post(server, "/tokenize", {"messages": developer["messages"]})
     assert as_system["tokens"] == as_developer["tokens"]
+
+
+def test_sampling_controls_are_generates(server, reference):
+    """Each control over HTTP gives the tokens `qwenjax.generate` gives with it (greedy), and does something."""
+    import qwenjax
+
+    m, tok = reference
+    prompt = "The module provides functions for the module and the module"
+    ids = tok.encode(prompt)
+    plain = qwenjax.generate(m, ids, max_new_tokens=12)[0]
+    for http, kwargs in [
+        ({"presence_penalty": 1.5, "frequency_penalty": 1.0}, dict(presence_penalty=1.5, frequency_penalty=1.0)),
+        ({"repetition_penalty": 1.8}, dict(repetition_penalty=1.8)),
+        ({"logit_bias": {str(plain[1]): -100, "7": 4.0}}, dict(logit_bias=((plain[1], -100.0), (7, 4.0)))),
+        ({"min_tokens": 12, "ignore_eos": True}, dict(min_tokens=12, ignore_eos=True)),
+    ]:
+        want = qwenjax.generate(m, ids, max_new_tokens=12, **kwargs)[0]
+        status, answer = _post(server, "/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0,
+                                                           **http})
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == tok.decode(want), http
+        assert answer["usage"]["completion_tokens"] == len(want)
+        assert want != plain or "min_tokens" in http, http
+    _, answer = _post(server, "/v1/completions", {"prompt": ids, "max_tokens": 5, "temperature": 0,
+                                                  "logit_bias": {"7": 100}})
+    assert answer["choices"][0]["text"] == tok.decode([7] * 5)
 
 
 def test_models_by_id(server):

@@ -154,10 +154,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
     def sampling_of(body) -> tuple[SamplingParams, int]:
         top_k = body.top_k if body.top_k is None or body.top_k >= 0 else 0
         top_k = None if top_k is None else min(top_k, engine.m.config.vocab_size)  # past the vocabulary: all
+        penalties = {name: getattr(body, name) for name in ("presence_penalty", "frequency_penalty",
+                                                            "repetition_penalty") if getattr(body, name) is not None}
         try:
             params = SamplingParams(**with_checkpoint_defaults(
                 engine.m.generation_config, temperature=body.temperature, top_k=top_k, top_p=body.top_p,
-                min_p=body.min_p))
+                min_p=body.min_p), **penalties, logit_bias=body.bias(engine.m.config.vocab_size))
         except InputError as e:
             raise APIError(400, str(e)) from None
         seed = body.seed if body.seed is not None else uuid.uuid4().int & MAX_SEED
@@ -190,10 +192,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
                     prompt=prompt, on_event=lambda ev, index=index: inbox.post((index, ev)),
                     max_tokens=max_tokens or engine.room - len(prompt), sampling=params, seed=(seed + i) & MAX_SEED,
                     stop_strings=body.stops(), snapshot_at=snapshot_at, pictures=arrays,
-                    logprobs=body.top_alternatives))
+                    logprobs=body.top_alternatives, min_tokens=body.min_tokens or 0,
+                    ignore_eos=bool(body.ignore_eos)))
         try:
-            for request in requests:
-                inbox.requests.append(engine.submit(request))
+            inbox.requests.extend(engine.submit_all(requests))
         except (QueueFull, InputError) as e:
             inbox.cancel()
             if isinstance(e, QueueFull):

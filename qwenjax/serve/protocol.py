@@ -29,10 +29,6 @@ class FieldUse:
     allowed: tuple | None = (None,)  # a refused field's values that change nothing (taken); None: a rule says
 
 
-def _not_yet(endpoints: str, note: str, neutral, origin: str = "OpenAI") -> FieldUse:
-    return FieldUse(endpoints, "refused", f"not yet: {note}", origin, (None, neutral))
-
-
 FIELDS: dict[str, FieldUse] = {
     # OpenAI's fields, in the order of its API reference
     "messages": FieldUse(CHAT, "implemented", "roles system, developer (as system), user, assistant (with "
@@ -43,10 +39,10 @@ FIELDS: dict[str, FieldUse] = {
     "best_of": FieldUse(COMPLETIONS, "refused", "no server-side ranking: taken only equal to n", allowed=None),
     "echo": FieldUse(COMPLETIONS, "implemented", "the prompt before the completion, with its tokens' logprobs when "
                      "`logprobs` is set (the first token's null); not with stream"),
-    "frequency_penalty": _not_yet(BOTH, "[-2, 2], vLLM's definition", 0),
+    "frequency_penalty": FieldUse(BOTH, "implemented", "[-2, 2], vLLM's definition (count in the reply)"),
     "function_call": FieldUse(CHAT, "refused", "deprecated by OpenAI: use tool_choice"),
     "functions": FieldUse(CHAT, "refused", "deprecated by OpenAI: use tools"),
-    "logit_bias": _not_yet(BOTH, "token id -> bias in [-100, 100], at most 300 entries", {}),
+    "logit_bias": FieldUse(BOTH, "implemented", "token id -> bias in [-100, 100] added to the logit, at most 300"),
     "logprobs": FieldUse(BOTH, "implemented", "chat: true/false (with top_logprobs); completions: 0-20 "
                          "alternatives"),
     "top_logprobs": FieldUse(CHAT, "implemented", "0-20 alternatives per token; needs logprobs: true"),
@@ -59,7 +55,7 @@ FIELDS: dict[str, FieldUse] = {
     "n": FieldUse(BOTH, "implemented", "1-16 choices, seeds seed, seed+1, ..."),
     "parallel_tool_calls": FieldUse(CHAT, "implemented", "false: at most the first tool call is returned"),
     "prediction": FieldUse(CHAT, "no-op", "predicted output only speeds OpenAI's decoding; the output is the same"),
-    "presence_penalty": _not_yet(BOTH, "[-2, 2], vLLM's definition", 0),
+    "presence_penalty": FieldUse(BOTH, "implemented", "[-2, 2], vLLM's definition (in the reply or not)"),
     "prompt_cache_key": FieldUse(CHAT, "no-op", "the prefix cache finds shared prefixes by their tokens"),
     "prompt_cache_options": FieldUse(CHAT, "no-op", "the prefix cache's policy is the server's (--prefix-cache-mb)"),
     "prompt_cache_retention": FieldUse(CHAT, "no-op", "the prefix cache's policy is the server's"),
@@ -89,9 +85,12 @@ FIELDS: dict[str, FieldUse] = {
     # vLLM's extensions
     "top_k": FieldUse(BOTH, "implemented", "-1 or 0: off; default from generation_config.json", "vLLM"),
     "min_p": FieldUse(BOTH, "implemented", "[0, 1]; default from generation_config.json", "vLLM"),
-    "repetition_penalty": _not_yet(BOTH, "> 0 (1: off), vLLM's definition (prompt and output tokens)", 1, "vLLM"),
-    "min_tokens": _not_yet(BOTH, "no eos, stop id or stop string ends the reply before this many tokens", 0, "vLLM"),
-    "ignore_eos": _not_yet(BOTH, "the model's eos tokens do not end the reply", False, "vLLM"),
+    "repetition_penalty": FieldUse(BOTH, "implemented", "> 0 (1: off), vLLM's definition (prompt and reply tokens)",
+                                   "vLLM"),
+    "min_tokens": FieldUse(BOTH, "implemented", "no eos and no stop string ends the reply before this many tokens "
+                           "(eos masked out)", "vLLM"),
+    "ignore_eos": FieldUse(BOTH, "implemented", "the model's eos tokens do not end the reply: it runs to max_tokens",
+                           "vLLM"),
     "chat_template_kwargs": FieldUse(CHAT, "implemented", "variables for the chat template (enable_thinking, ...)",
                                      "vLLM"),
     "prompt_logprobs": FieldUse(COMPLETIONS, "implemented", "each prompt token's logprob and this many "
@@ -130,7 +129,7 @@ class _Common(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
     min_tokens: StrictInt | None = Field(None, ge=0)
     ignore_eos: StrictBool | None = None
     user: StrictStr | None = None
@@ -149,6 +148,17 @@ class _Common(_Body):
         if any(not s for s in stops):
             _refuse("stop", "a stop string is empty")
         return stops
+
+    def bias(self, vocab: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs, checked against the model's vocabulary."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab:
+                _refuse("logit_bias", f"{key!r} is not a token id (vocab_size={vocab})")
+            if not -100 <= value <= 100:
+                _refuse("logit_bias", f"the bias {value} of token {key} must be in [-100, 100]")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
 
     def check(self) -> None:
         """Rules across fields and values a type cannot say (APIError 400 naming the field)."""
