@@ -68,63 +68,72 @@ def _penalized(adjust: RowSampling | None) -> bool:
     return adjust is not None and "penalties" in adjust.used
 
 
-def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None):
+def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None, controls: bool = False):
     """The jitted prefill or decode step of model `m` (compiled once per shape by jit itself; a prefill with
     images or videos once per set of `grids`, (image_grid_thw, video_grid_thw), which fix the vision shapes).
-    `sampling`'s filters are compiled in; its logit controls come as `adjust` (a RowSampling, or None), and with
-    penalties the rows' `TokenHistory` goes along."""
+    `sampling`'s filters are compiled in. With `controls`, the programs also take the logit controls `adjust` (a
+    RowSampling; the prefill before its pictures, the step with the rows' `TokenHistory`, None without penalties)
+    and give the history back; without, they are the programs generation ran before there were controls."""
     vocab_size = m.config.vocab_size
 
     def build():
         model, p_shard = flat_params_model(m)
         if kind == "prefill":
-            def fn(leaves, cache: Cache, ids, mask, rng, adjust, vision=None):
+            def fn(leaves, cache: Cache, ids, mask, rng, *rest):  # rest: [adjust], [vision]
+                adjust, vision = rest[0] if controls else None, rest[-1] if grids is not None else None
                 logits, cache = model(leaves).extend(ids, cache, attention_mask=mask, fresh=True,
                                                      **vision_kwargs(vision, grids))
                 history = TokenHistory.of_prompts(ids, mask, vocab_size) if _penalized(adjust) else None
                 tokens = sample(logits, jax.random.fold_in(rng, 0), sampling, adjust, history, 0)
-                return tokens, cache, None if history is None else history.add(tokens)
+                return (tokens, cache) + ((None if history is None else history.add(tokens),) if controls else ())
+            args = 4 + controls + (grids is not None)
         else:
-            def fn(leaves, cache: Cache, tokens, rng, step, adjust, history):
+            def fn(leaves, cache: Cache, tokens, rng, step, *rest):  # rest: [adjust, history]
+                adjust, history = rest if controls else (None, None)
                 logits, cache = model(leaves).extend(tokens[:, None], cache)
                 new = sample(logits, jax.random.fold_in(rng, step), sampling, adjust, history, step)
-                return new, cache, None if history is None else history.add(new)
+                return (new, cache) + ((None if history is None else history.add(new),) if controls else ())
+            args = 4 + 2 * controls
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * args),
+                       donate_argnums=(1, 6) if kind == "step" and controls else 1)
 
-        return jax.jit(fn, in_shardings=(p_shard, *[None] * (6 if kind == "step" else 5 if grids is None else 6)),
-                       donate_argnums=(1, 6) if kind == "step" else 1)
-
-    return m.compiled(("generate", kind, sampling, grids_key(grids)), build)
+    return m.compiled(("generate", kind, sampling, grids_key(grids), controls), build)
 
 
-def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids: tuple | None = None):
+def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids: tuple | None = None,
+                          controls: bool = False):
     """The jitted speculative prefill or step (`qwenjax.inference.speculative`), parameters as a flat list; a
-    prefill with images or videos compiled once per set of `grids`, as `_compiled`'s. The logit controls as
-    `_compiled`'s; each row's generated tokens (`produced`, for min_tokens) and history stay on the device, as
-    rows gain 1 .. k+1 tokens a pass."""
+    prefill with images or videos compiled once per set of `grids`, as `_compiled`'s. With `controls` as
+    `_compiled`'s, each row's history and generated-token count (for min_tokens) also stay on the device, as rows
+    gain 1 .. k+1 tokens a pass."""
     vocab_size = m.config.vocab_size
 
     def build():
         model, p_shard = flat_params_model(m)
         if kind == "prefill":
-            def fn(leaves, cache, ids, mask, rng, vocab, adjust, vision=None):
+            def fn(leaves, cache, ids, mask, rng, vocab, *rest):  # rest: [adjust], [vision]
+                adjust, vision = rest[0] if controls else None, rest[-1] if grids is not None else None
                 history = TokenHistory.of_prompts(ids, mask, vocab_size) if _penalized(adjust) else None
-                first, *out = speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
-                                                  adjust=adjust, history=history, produced=0,
-                                                  **vision_kwargs(vision, grids))
-                return (first, *out, None if history is None else history.add(first),
-                        jnp.ones(ids.shape[0], jnp.int32))
+                out = speculative.prefill(model(leaves), cache, ids, mask, rng, k, sampling, vocab=vocab,
+                                          adjust=adjust, history=history, produced=0, **vision_kwargs(vision, grids))
+                return out + ((None if history is None else history.add(out[0]), jnp.ones(ids.shape[0], jnp.int32))
+                              if controls else ())
+            args = 5 + controls + (grids is not None)
         else:
-            def fn(leaves, cache, pending, drafts, dists, rng, i, vocab, adjust, history, produced):
-                emitted, count, *out = speculative.step(model(leaves), cache, pending, drafts, dists,
-                                                        jax.random.fold_in(rng, i), sampling, vocab=vocab,
-                                                        adjust=adjust, history=history, produced=produced)
+            def fn(leaves, cache, pending, drafts, dists, rng, i, vocab, *rest):  # rest: [adjust, history, lengths]
+                adjust, history, lengths = rest if controls else (None, None, None)
+                out = speculative.step(model(leaves), cache, pending, drafts, dists, jax.random.fold_in(rng, i),
+                                       sampling, vocab=vocab, adjust=adjust, history=history, produced=lengths)
+                if not controls:
+                    return out
+                emitted, count = out[:2]
                 kept = jnp.arange(k + 1)[None] < count[:, None]
-                return (emitted, count, *out, None if history is None else history.add(emitted, kept),
-                        produced + count)
-        return jax.jit(fn, in_shardings=(p_shard, *[None] * (10 if kind == "step" else 6 if grids is None else 7)),
-                       donate_argnums=(1, 9) if kind == "step" else 1)
+                return out + (None if history is None else history.add(emitted, kept), lengths + count)
+            args = 7 + 3 * controls
+        return jax.jit(fn, in_shardings=(p_shard, *[None] * args),
+                       donate_argnums=(1, 9) if kind == "step" and controls else 1)
 
-    return m.compiled(("speculative", kind, sampling, k, grids_key(grids)), build)
+    return m.compiled(("speculative", kind, sampling, k, grids_key(grids), controls), build)
 
 
 def compiled_draft_vocab(m):
@@ -245,16 +254,18 @@ def stream(m, input_ids, attention_mask=None, *, max_new_tokens: int = 128, temp
         return
 
     rng = jax.random.key(seed)
-    prefill = _compiled(m, "prefill", sampling, grids)
-    step = _compiled(m, "step", sampling)
+    controls = adjust is not None
+    prefill = _compiled(m, "prefill", sampling, grids, controls)
+    step = _compiled(m, "step", sampling, controls=controls)
     done = np.zeros(batch, bool)
     params = jax.tree.leaves(m.params)
     with activation_sharding(m.mesh, m.rules):
-        tokens, cache, history = prefill(params, new_cache(m, batch, capacity), ids, mask, rng, adjust,
-                                         *prefill_args)
+        tokens, cache, *history = prefill(params, new_cache(m, batch, capacity), ids, mask, rng,
+                                          *[adjust] * controls, *prefill_args)
         for i in range(max_new_tokens):
             if i + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
-                next_tokens, cache, history = step(params, cache, tokens, rng, np.int32(i + 1), adjust, history)
+                next_tokens, cache, *history = step(params, cache, tokens, rng, np.int32(i + 1),
+                                                    *([adjust, *history] if controls else []))
             out: list[int | None] = []
             for r, t in enumerate(np.asarray(tokens).tolist()):
                 if done[r]:
@@ -276,19 +287,21 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, adjust, seed, max_n
     as the plain prefill takes them; `draft_vocab`: checked token ids or None; `stops`: the rows' StopChecks."""
     batch = ids.shape[0]
     rng = jax.random.key(seed)
-    prefill = _compiled_speculative(m, "prefill", sampling, k, grids)
-    step = _compiled_speculative(m, "step", sampling, k)
+    controls = adjust is not None
+    prefill = _compiled_speculative(m, "prefill", sampling, k, grids, controls)
+    step = _compiled_speculative(m, "step", sampling, k, controls=controls)
     params = jax.tree.leaves(m.params)
     done = np.zeros(batch, bool)
     with activation_sharding(m.mesh, m.rules):
         vocab = None if draft_vocab is None else compiled_draft_vocab(m)(params, draft_vocab)
-        pending, drafts, dists, cache, history, lengths = prefill(
-            params, new_cache(m, batch, capacity, mtp=True), ids, mask, rng, vocab, adjust, *prefill_args)
+        # with controls, `state` is (history, each row's generated-token count), carried from pass to pass
+        pending, drafts, dists, cache, *state = prefill(params, new_cache(m, batch, capacity, mtp=True), ids, mask,
+                                                        rng, vocab, *[adjust] * controls, *prefill_args)
         passes = 1
         # dispatch each verify pass before reading the previous one's tokens, as plain decoding does: its inputs
         # are all on the device, and the host's bookkeeping then overlaps the pass
-        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab, adjust, history,
-                         lengths)
+        in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab,
+                         *([adjust, *state] if controls else []))
         queues = [[t] for t in np.asarray(pending).tolist()]
         produced = 0
         while True:
@@ -306,10 +319,10 @@ def _stream_speculative(m, ids, mask, capacity, k, sampling, adjust, seed, max_n
                 yield out
                 if done.all() or produced == max_new_tokens:
                     return
-            emitted, count, pending, drafts, dists, cache, history, lengths = in_flight
+            emitted, count, pending, drafts, dists, cache, *state = in_flight
             passes += 1
-            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab, adjust, history,
-                             lengths)
+            in_flight = step(params, cache, pending, drafts, dists, rng, np.int32(passes), vocab,
+                             *([adjust, *state] if controls else []))
             emitted, count = np.asarray(emitted), np.asarray(count)
             for r in range(batch):
                 if done[r]:

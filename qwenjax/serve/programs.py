@@ -13,6 +13,7 @@ programs it ran before they existed, and the history travels only with penalties
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -205,12 +206,10 @@ class Programs:
         return cache_lib.reset_row(cache, jnp.arange(self.max_batch)), drafts, last
 
 
-_NEUTRAL = RowSampling.of([SamplingParams()])
-
-
+@functools.lru_cache(maxsize=None)
 def neutral(rows: int) -> RowSampling:
-    """Greedy settings without controls for `rows` rows (free rows and padding)."""
-    return RowSampling.stack([_NEUTRAL] * rows)
+    """Greedy settings without controls for `rows` rows (free rows and padding; host arrays, only ever read)."""
+    return RowSampling.of([SamplingParams()] * rows)
 
 
 def seed_words(seeds: Sequence[int]) -> np.ndarray:
