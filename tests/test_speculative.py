@@ -133,6 +133,26 @@ def test_speculative_greedy_equals_plain_greedy(mtp_model, monkeypatch, k):
 
 
 @pytest.mark.parametrize("mtp_model", ["dense"], indirect=True)  # MoE adds nothing here
+@pytest.mark.parametrize("controls", [
+    dict(repetition_penalty=1.5, frequency_penalty=0.7, presence_penalty=0.5, logit_bias=[(5, 2.0)], min_tokens=6),
+    dict(repetition_penalty=0.6, frequency_penalty=-0.8)])  # < 1, < 0: repeating is encouraged
+def test_speculative_greedy_with_logit_controls_equals_plain_greedy(mtp_model, monkeypatch, controls):
+    """Penalties, a bias and min_tokens, k = 3: a verified position counts the drafts before it as generated, so
+    the output is plain greedy's with the same controls; with the checkpoint's head, and with drafts right two
+    times in three (rows keep different numbers of them)."""
+    m, k = mtp_model, 3
+    prompts = _prompts(m.config.vocab_size)
+    plain = qwenjax.generate(m, prompts, max_new_tokens=14, **controls)
+    assert plain != qwenjax.generate(m, prompts, max_new_tokens=14)
+    assert qwenjax.generate(m, prompts, max_new_tokens=14, num_speculative_tokens=k, **controls) == plain
+    _oracle_drafts(monkeypatch, prompts, plain, m.config.vocab_size)
+    stats = SpeculativeStats()
+    assert qwenjax.generate(m.replace(), prompts, max_new_tokens=14, num_speculative_tokens=k,
+                            speculative_stats=stats, **controls) == plain
+    assert 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("mtp_model", ["dense"], indirect=True)  # MoE adds nothing here
 def test_recomputing_the_kept_tokens_equals_keeping_every_state(mtp_model):
     """speculative.step's two rollbacks from the same cache and drafts (3 rows keeping 3, 1 and 0 of 3 drafts):
     the same tokens, counts and next drafts, and the same cache: GDN windows and states, lengths, and the main
