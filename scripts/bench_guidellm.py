@@ -1,7 +1,7 @@
 """guidellm's fixed-length benchmark against `qwenjax serve`: TTFT, ITL and output tokens/s at concurrency 1, 4, 16.
 
     python scripts/bench_guidellm.py --guidellm /path/to/venv/bin/guidellm            # the bundled model
-    python scripts/bench_guidellm.py --rounds 16 --out guidellm.json                  # longer, for BENCHMARKS.md
+    python scripts/bench_guidellm.py --rounds 16 --out guidellm.json                  # longer, for BENCHMARKS
 
 guidellm (https://github.com/vllm-project/guidellm, 0.8.x; install it in its own venv: it pulls many packages)
 sends synthetic prompts of exactly --prompt-tokens tokens (its own tokenizer: transformers' AutoTokenizer on the
@@ -9,8 +9,9 @@ model directory) to /v1/completions, streamed, with `max_tokens` N and `ignore_e
 exactly N tokens. Its profile `concurrent` keeps S streams busy, for each S in --streams, until S x --rounds
 requests have completed. Before it, one discarded guidellm run at the largest S (other seed: other prompts, so no
 prefix-cache hits carry over) compiles what the server's own warm-up left out. Afterwards the script checks every
-request's length, prints the table and, with --baseline, the same prompts through sequential `qwenjax.generate`
-calls (greedy, eos ignored, N new tokens each) in this process, for the ratio the issue asks about.
+request's length, prints the table and, with --baseline, runs every prompt guidellm sent through sequential
+`qwenjax.generate` calls in this process (greedy, eos ignored, N new tokens each), for the ratio the issue asks
+about; it also counts the served replies whose text is generate's (all of them in float32).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -50,14 +52,29 @@ def guidellm_command(guidellm: str, port: int, args, streams: list[int], counts:
     return cmd
 
 
-def run_guidellm(cmd: list[str], log_path: str) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc), 0 elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def run_guidellm(cmd: list[str], log_path: str) -> float:
+    """Runs guidellm; returns the CPU seconds it and its workers took (on 2 cores the client competes with the
+    server, so the summary shows both)."""
     print("$ " + " ".join(f"'{c}'" if any(ch in c for ch in "[], ") else c for c in cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc:
         with open(log_path) as log:
             tail = log.read()[-4000:]
         raise RuntimeError(f"guidellm exited with {rc} (log {log_path}):\n{tail}")
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def check_lengths(report: dict, streams: list[int], counts: list[int], n: int) -> list[str]:
@@ -149,7 +166,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--port", type=int, default=0, help="0: a free one")
-    p.add_argument("--out", default="bench_guidellm.json", help="guidellm's JSON report of the measured run")
+    p.add_argument("--out", default=None, help="guidellm's JSON report of the measured run (default: in the logs "
+                   "folder the script prints)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="sequential qwenjax.generate over every prompt guidellm sent, after the server stops")
     args = p.parse_args()
@@ -171,6 +189,7 @@ def main() -> int:
              "--log-level", "warning"]
     print("$ " + " ".join(serve), flush=True)
     logs = tempfile.mkdtemp(prefix="bench_guidellm_")
+    args.out = args.out or os.path.join(logs, "guidellm.json")
     server_log = open(os.path.join(logs, "server.log"), "w")
     server = subprocess.Popen(serve, stdout=server_log, stderr=subprocess.STDOUT)
     try:
@@ -181,8 +200,10 @@ def main() -> int:
             top = max(streams)
             run_guidellm(guidellm_command(args.guidellm, port, args, [top], [top * args.warmup_rounds], WARMUP_SEED,
                                           os.path.join(logs, "warmup.json")), os.path.join(logs, "warmup.log"))
-        run_guidellm(guidellm_command(args.guidellm, port, args, streams, counts, None, args.out),
-                     os.path.join(logs, "guidellm.log"))
+        server_cpu, t0 = cpu_seconds(server.pid), time.monotonic()
+        client_cpu = run_guidellm(guidellm_command(args.guidellm, port, args, streams, counts, None, args.out),
+                                  os.path.join(logs, "guidellm.log"))
+        wall, server_cpu = time.monotonic() - t0, cpu_seconds(server.pid) - server_cpu
     finally:
         server.terminate()
         try:
@@ -216,6 +237,8 @@ def main() -> int:
         print(f"baseline: {len(prompts)} sequential qwenjax.generate calls (the prompts guidellm sent), "
               f"{args.output_tokens} tokens each, in {seconds:.1f} s = {base_rate:.0f} tokens/s; {same} of "
               f"{len(prompts)} served replies are their text exactly (greedy; batching can flip near-ties in bf16)")
+    print(f"measured guidellm run: {wall:.0f} s wall (its start-up included), CPU: guidellm {client_cpu:.0f} s, "
+          f"server {server_cpu:.0f} s")
     print("| concurrency | requests | output tokens/s | vs sequential generate | TTFT p50 / p90 (ms) | "
           "ITL p50 / p90 (ms) |")
     print("|---|---|---|---|---|---|")
