@@ -85,8 +85,11 @@ def check_lengths(report: dict, streams: list[int], counts: list[int], n: int) -
     problems = []
     for b, s, c in zip(report["benchmarks"], streams, counts, strict=True):
         totals = b["metrics"]["request_totals"]
-        if (totals["successful"], totals["errored"], totals["incomplete"]) != (c, 0, 0):
+        if totals["errored"] or totals["incomplete"]:
             problems.append(f"c={s}: {totals} (expected {c} successful, none errored or incomplete)")
+        elif totals["successful"] != c:  # seen once on a loaded machine: guidellm closed the level with one in flight
+            problems.append(f"c={s}: guidellm's report holds {totals['successful']} of the {c} requests, none errored "
+                            "or incomplete: it left the rest out (rerun)")
         for r in b["requests"]["successful"]:
             body = json.loads(r["request_args"])["body"]
             sent = (body.get("max_tokens"), body.get("ignore_eos"))
