@@ -202,9 +202,10 @@ def _penalize(x, count, in_prompt, repetition, frequency, presence):
     [B, J, V] logits, so that XLA fuses them alike (it contracts a product and a subtraction into one FMA) and a
     verify pass's positions equal plain decoding's bit for bit."""
     present = count > 0
-    penalties = jnp.where(in_prompt | present, repetition, 1.0)
-    x = x * jnp.where(x > 0, 1.0 / penalties, penalties)
-    return x - frequency * count.astype(jnp.float32) - presence * present.astype(jnp.float32)
+    # vLLM's scaling where(x > 0, 1 / penalties, penalties), penalties = where(seen, repetition, 1): the same
+    # values, with one division a row instead of one a logit
+    scaling = jnp.where(in_prompt | present, jnp.where(x > 0, 1.0 / repetition, repetition), 1.0)
+    return x * scaling - frequency * count.astype(jnp.float32) - presence * present.astype(jnp.float32)
 
 
 def adjust_logits(logits: jax.Array, rows: RowSampling, history: TokenHistory | None = None, produced=None,
