@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from qwenjax.serve.protocol import FIELDS, field_table
-from qwenjax.serve.responses import ChatChoice, StopScan
+from qwenjax.serve.responses import ChatChoice, StopScan, TextChoice
 from test_serve_api import _metrics, _post, _serving, _stream
 
 openai = pytest.importorskip("openai")
@@ -364,3 +364,15 @@ def test_parallel_tool_calls_false_keeps_the_first_call(reference):
         calls = choice.message()["tool_calls"]
         assert [json.loads(c["function"]["arguments"])["x"] for c in calls] == [1, 2][:count]
 
+
+
+def test_stop_strings_count_only_past_min_tokens(reference):
+    """vLLM's rule, as the engine keeps it (qwenjax.inference.generate.StopStrings): a stop string ending within
+    the first min_tokens tokens' text does not end the reply or cut its text."""
+    _, tok = reference
+    ids = tok.encode("The module. The module. The end")
+    for min_tokens, want in ((0, "The"), (len(tok.encode("The module. The")), "The module. The")):
+        choice = TextChoice(tok, (" module",), min_tokens=min_tokens)
+        for t in ids:
+            choice.push([t])
+        assert choice.stopped and choice.message()["text"] == want, (min_tokens, choice.message())

@@ -232,7 +232,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
         submit(inbox, [prompt], body, body.max_completion_tokens or body.max_tokens, snapshot_at, arrays)
         opened = text.rstrip().endswith(THINK_OPEN)
         choices = await off_loop(lambda: [ChatChoice(tokenizer, body.stops(), opened, tools,
-                                                     body.parallel_tool_calls is not False) for _ in inbox.requests])
+                                                     body.parallel_tool_calls is not False, body.min_tokens or 0)
+                                          for _ in inbox.requests])
         return await respond(http, body, inbox, choices, "chat.completion", model_name)
 
     return app
@@ -269,7 +270,7 @@ def _completion_choices(tokenizer, body: CompletionBody, prompts: list, encoded:
                 k = body.logprobs or 0
                 echo = (text, [(ids[0], None, None)] + [(t, lp, top[:k]) for t, (lp, _, top) in zip(ids[1:], entries)],
                         starts)
-            choice = TextChoice(tokenizer, body.stops(), echo)
+            choice = TextChoice(tokenizer, body.stops(), echo, body.min_tokens or 0)
             if body.prompt_logprobs is not None:
                 choice.extra["prompt_logprobs"] = _prompt_logprobs(tokenizer, ids, entries, body.prompt_logprobs)
             choices.append(choice)

@@ -28,9 +28,10 @@ class StopScan:
         self.state = [0] * len(stops)  # per stop: the length of its longest prefix the text ends with
         self.scanned = 0
 
-    def feed(self, text: str) -> int | None:
+    def feed(self, text: str, after: int = 0) -> int | None:
         """Scans `text`'s characters past those already scanned; returns where the first stop string to be
-        completed begins (the earliest-ending match; of those ending together, the longest), else None."""
+        completed begins (the earliest-ending match; of those ending together, the longest), else None. A match
+        ending at or before character `after` does not count (vLLM's min_tokens: none within the first tokens)."""
         best = None  # (end, -length, start)
         for j, (s, fail) in enumerate(zip(self.stops, self.fail)):
             k = self.state[j]
@@ -41,9 +42,10 @@ class StopScan:
                 if s[k] == ch:
                     k += 1
                 if k == len(s):
-                    best = min(best or (at, 0, 0), (at, -len(s), at + 1 - len(s)))
                     k = fail[k - 1]
-                    break
+                    if at + 1 > after:
+                        best = min(best or (at, 0, 0), (at, -len(s), at + 1 - len(s)))
+                        break
             self.state[j] = k
         self.scanned = len(text)
         return None if best is None else best[2]
@@ -71,8 +73,10 @@ class TextChoice:
     With `echo` (the prompt's text, its tokens' (id, log-probability, alternatives), the first's None, and where
     each token begins in the text), the prompt comes first in the text and its tokens first in the logprobs."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], echo: tuple[str, list, list[int]] | None = None):
+    def __init__(self, tokenizer, stops: tuple[str, ...], echo: tuple[str, list, list[int]] | None = None,
+                 min_tokens: int = 0):
         self.tokenizer, self.decoder, self.scan = tokenizer, StreamDecoder(tokenizer), StopScan(stops)
+        self.min_tokens, self.guard = min_tokens, 0  # stop strings count past the min_tokens-th token's text
         self.text, self.sent, self.stopped = "", 0, False
         self.logprobs: list[tuple[int, float | None, list | None]] = []  # (token, log-probability, alternatives)
         self.offsets: list[int] = []  # where each token's text begins in the reply's text
@@ -85,15 +89,18 @@ class TextChoice:
             self.logprobs, self.offsets = list(entries), list(offsets)
 
     def push(self, ids: list[int], logprobs=None) -> None:
-        self.tokens += len(ids)
         if self.stopped:
+            self.tokens += len(ids)
             return
         for t in ids:
             self.offsets.append(len(self.prefix) + len(self.text))
             self.text += self.decoder.push(t)
+            self.tokens += 1
+            if self.tokens <= self.min_tokens:
+                self.guard = len(self.text)
         for t, (lp, top) in zip(ids, logprobs or ()):
             self.logprobs.append((t, lp, top))
-        at = self.scan.feed(self.text)
+        at = self.scan.feed(self.text, self.guard)
         if at is not None:
             self.text, self.stopped = self.text[:at], True
 
@@ -127,8 +134,9 @@ class ChatChoice(TextChoice):
     """A chat reply as it grows: reasoning, content and tool calls split (`parallel_tool_calls=False`: the first
     call only)."""
 
-    def __init__(self, tokenizer, stops, opened_thinking: bool, tools, parallel_tool_calls: bool = True):
-        super().__init__(tokenizer, stops)
+    def __init__(self, tokenizer, stops, opened_thinking: bool, tools, parallel_tool_calls: bool = True,
+                 min_tokens: int = 0):
+        super().__init__(tokenizer, stops, min_tokens=min_tokens)
         self.parser = ReplyParser(opened_thinking, tools, parse_tools=bool(tools))
         self.one_call = not parallel_tool_calls
         self.deltas: list = []
