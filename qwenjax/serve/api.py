@@ -343,6 +343,9 @@ def _message(i: int, message: dict, pictures: Pictures | None) -> dict:
     processor takes, each read and processed here), tool-call arguments as objects, `developer` as `system`."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise APIError(400, f"messages[{i}] needs a string 'role'", f"messages[{i}].role")
+    if message["role"] not in ("system", "developer", "user", "assistant", "tool"):
+        raise APIError(400, f"messages[{i}].role: {message['role']!r} is not a role (system, developer, user, "
+                            "assistant, tool)", f"messages[{i}].role")
     out = dict(message)
     if out["role"] == "developer":  # OpenAI's newer name for the system message, as vLLM takes it
         out["role"] = "system"
