@@ -181,11 +181,11 @@ def _colour_data(root, n_per_colour, seed, sizes=((16, 16), (24, 16), (16, 24)))
 
 
 def _answer(m, processor, image):
-    """Greedy answer to "Colour?" in the training data's format (the demo template adds a thinking block to a
-    generation prompt, which the training conversations never had)."""
+    """Greedy answer to "Colour?" in the training data's format: the template writes the last assistant turn
+    after an empty thinking block, as Qwen3.5's does (and as its generation prompt with thinking off ends)."""
     from qwenjax.inference.processor import IMAGE_PLACEHOLDER
 
-    prompt = f"<|im_start|>user\n{IMAGE_PLACEHOLDER}Colour?<|im_end|>\n<|im_start|>assistant\n"
+    prompt = f"<|im_start|>user\n{IMAGE_PLACEHOLDER}Colour?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     batch = processor(text=prompt, images=[str(image)])
     out = qwenjax.generate(m, batch["input_ids"], pixel_values=batch["pixel_values"],
                            image_grid_thw=batch["image_grid_thw"], max_new_tokens=8, temperature=0.0,
