@@ -10,16 +10,26 @@ A field is resolved once, when a model is built: the argument, else its environm
 its own, where the Mosaic GPU kernels run). The resolved setting lives in the model's graph
 definition (a static attribute of the modules that dispatch), so it is part of every compile-cache key, and the
 ops receive it as a static argument: nothing reads the environment while tracing.
+
+`compiler_options(platform)` is the other half of batch invariance on the CPU: the XLA options under which a
+compiled program's per-row numbers do not depend on how many rows it runs (pass them to the `jax.jit` of every
+program whose results a request's tokens come from: `generate`'s, the serving engine's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 from typing import Callable, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from pallas_kernels.matmul import cpu
 from qwenjax.ops import gated_delta_rule, grouped_matmul, matmul, moe
+from qwenjax.ops.platform import platform_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +48,7 @@ _FIELDS = {
     "expert_parallel": _Field("QWENJAX_EXPERT_PARALLEL", moe.EXPERT_PARALLEL, moe.auto_expert_parallel,
                               "expert parallelism"),
     "cpu_matvec": _Field("QWENJAX_CPU_MATVEC", tuple(matmul.IMPLEMENTATIONS), matmul.auto,
-                         "CPU matvec implementation"),
+                         "CPU matmul implementation"),
 }
 
 
@@ -52,8 +62,8 @@ class Kernels:
       (auto: pallas_tpu on TPU, pallas_gpu on NVIDIA Hopper);
     - expert_parallel: "allgather" | "ragged_all_to_all" | "ragged_all_to_all_emulated"
       (auto: ragged_all_to_all on TPU and GPU);
-    - cpu_matvec: "kernel" | "xla": the C++ kernel for products of 1-4 rows on the CPU
-      (auto: kernel on CPU when it builds, xla elsewhere).
+    - cpu_matvec: "kernel" | "xla": the C++ kernel for every x · Wᵀ on the CPU, any number of rows, each row's
+      products independent of the rows beside it (auto: kernel on CPU when it builds, xla elsewhere).
     """
 
     gated_delta_rule: str | None = None
@@ -105,3 +115,39 @@ def resolve_kernels(kernels: Kernels | Mapping[str, str] | None, platform: str) 
     elif not isinstance(kernels, Kernels):
         raise TypeError(f"kernels must be a qwenjax.Kernels (or a dict of its fields), got {type(kernels).__name__}")
     return kernels.resolve(platform)
+
+
+# XLA:CPU (jaxlib 0.10-0.11) hands reductions and elementwise fusions to YNNPACK library kernels, which sum in an
+# order chosen by the shape (row 0 of a sum over 256 columns changes from 16 rows up: every RMSNorm of a 256-wide
+# model) and drop bf16 roundings (a max over bf16 logits read their fp32 values). Measured on the bundled model: a
+# prompt's hidden states after a prefill differed alone and beside 15 other prompts, and with a 16- or a 64-token
+# GDN chunk; without these fusions, bit for bit the same (tests/test_batch_invariance.py).
+_NO_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+log = logging.getLogger(__name__)
+
+
+def compiler_options(platform: str) -> dict[str, str]:
+    """XLA compiler options (`jax.jit(..., compiler_options=...)`) under which a program's numbers for one row do
+    not depend on the rows beside it, on `platform` (a `qwenjax.ops.platform` name): on the CPU, no library
+    fusions; elsewhere none. Empty, with a warning once, where this XLA knows no such option."""
+    return _cpu_options() if platform == "cpu" else {}
+
+
+@functools.cache
+def _cpu_options() -> dict[str, str]:
+    try:
+        x = jax.device_put(jnp.zeros(2), jax.devices("cpu")[0])
+        jax.jit(lambda a: a + 1, compiler_options=_NO_LIBRARY_FUSIONS).lower(x).compile()
+    except Exception as e:  # noqa: BLE001 - an XLA without the option: compile as it does, and say so
+        log.warning("qwenjax: XLA refused %s (%s): on this CPU a request's numbers may depend on its batch",
+                    _NO_LIBRARY_FUSIONS, e)
+        return {}
+    return dict(_NO_LIBRARY_FUSIONS)
+
+
+def program_options(m) -> dict[str, str]:
+    """`compiler_options` for the programs a model `m` (a `qwenjax.Qwen35`) runs requests through: those of the
+    platform of its devices (`generate`'s and the serving engine's `jax.jit(..., compiler_options=...)`)."""
+    mesh = getattr(m, "mesh", None)
+    return compiler_options(platform_of(None if mesh is None else mesh.devices.flat[0]))

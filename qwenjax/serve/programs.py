@@ -24,6 +24,7 @@ from qwenjax.inference import speculative
 from qwenjax.inference.generate import flat_params_model, grids_key, vision_kwargs
 from qwenjax.inference.sampling import RowSampling, SamplingParams, TokenHistory, sample_rows, token_logprobs
 from qwenjax.model import cache as cache_lib
+from qwenjax.ops.kernels import program_options
 
 MIN_CHUNK = 64     # prefill_chunk is a multiple of it; attention horizons are 64 · 4^i slots
 SMALL_CHUNK = 16   # prefill calls are 16 · 4^i tokens and prefill_chunk: few compiled shapes, little padding
@@ -110,7 +111,8 @@ class Programs:
                         (ids, dists), last.at[:rows].set(pick(final, tokens)),
                         None if history is None else history.add(emitted, kept))
 
-            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 11), donate_argnums=(1, 2, 3, 11))
+            return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * 11), donate_argnums=(1, 2, 3, 11),
+                           compiler_options=program_options(self.m))
 
         return self.m.compiled(("serve_step", self.max_batch, self.max_len, self.k, rows, horizon, used, top), build)
 
@@ -153,19 +155,20 @@ class Programs:
                 return new, logprobs, cache_lib.scatter_rows(cache, sub, index), drafts, last, history
 
             return jax.jit(fn, in_shardings=(self._param_shardings, *[None] * (13 if grids is None else 14)),
-                           donate_argnums=(1, 2, 3, 13))
+                           donate_argnums=(1, 2, 3, 13), compiler_options=program_options(self.m))
 
         return self.m.compiled(("serve_prefill", self.max_batch, self.max_len, self.k, rows, size, horizon, reset,
                                 used, grids_key(grids), top, final), build)
 
     def take(self, size: int):
         return self.m.compiled(("serve_take_row", size),
-                               lambda: jax.jit(lambda cache, row, start: cache_lib.take_row(cache, row, start, size)))
+                               lambda: jax.jit(lambda cache, row, start: cache_lib.take_row(cache, row, start, size),
+                                               compiler_options=program_options(self.m)))
 
     def put(self, last: bool):
         return self.m.compiled(("serve_put_row", last), lambda: jax.jit(
             lambda cache, row, snap, start, end: cache_lib.put_row(cache, row, snap, start, end, state=last),
-            donate_argnums=0))
+            donate_argnums=0, compiler_options=program_options(self.m)))
 
     def new_history(self) -> TokenHistory:
         """Every row's history, empty ([max_batch, vocab]; made when the first request with penalties comes)."""
@@ -178,7 +181,8 @@ class Programs:
         def start(history, row, prompt):
             return TokenHistory(history.counts.at[row].set(0), history.prompt.at[row].set(prompt))
 
-        return self.m.compiled(("serve_start_history",), lambda: jax.jit(start, donate_argnums=0))(
+        return self.m.compiled(("serve_start_history",), lambda: jax.jit(
+            start, donate_argnums=0, compiler_options=program_options(self.m)))(
             history, np.int32(row), prompt)
 
     def warmup(self, leaves, cache, drafts, last, vocab):
