@@ -1,5 +1,6 @@
-"""The CPU matrix-vector kernel (pallas_kernels/matmul/cpu_matvec.cc, bf16 and fp32 weights) against float64 and
-XLA, beyond the battery of tests/test_kernels.py: where it is dispatched to, its build, and a bf16 decode."""
+"""The CPU matmul kernel (pallas_kernels/matmul/cpu_matvec.cc, bf16 and fp32) against float64, XLA and its exact
+arithmetic (`matmul_canonical`), beyond the battery of tests/test_kernels.py: where it is dispatched to, its build,
+and a bf16 decode. Its batch invariance through the model: tests/test_batch_invariance.py."""
 
 import functools
 import logging
@@ -12,6 +13,7 @@ import pytest
 
 import qwenjax
 from pallas_kernels.matmul import cpu as cpu_matvec
+from pallas_kernels.matmul.reference import matmul_canonical
 from pallas_kernels.matmul.xla import matmul_xla
 from qwenjax.ops.matmul import matmul_wt
 
@@ -37,14 +39,15 @@ def test_builds_where_a_compiler_exists():
     cpu_matvec.require()  # raises with the compiler's error
 
 
-# In-features cover the kernel's 16-wide steps, its 4x unrolled loop and a scalar tail; out-features cover chunks
-# shared between threads and a last partial chunk.
+# In-features cover the kernel's blocks (32 bf16 / 16 fp32 elements), a partial last block and an odd length;
+# out-features tiles of 4 weight rows and a partial one, tasks shared between threads and a last partial task;
+# rows tiles of 4 x rows, a partial one, and tasks of 64 rows.
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 67])
 @pytest.mark.parametrize("out_features,in_features", [(37, 1001), (64, 1024), (300, 2050), (2051, 16)])
 def test_matches_float64(rows, out_features, in_features, dtype):
     x, w = _inputs(rows, out_features, in_features, dtype=dtype)
-    y = np.asarray(jax.jit(cpu_matvec.matvec)(x, w))
+    y = np.asarray(jax.jit(cpu_matvec.matmul_kernel)(x, w))
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     ref = x64 @ w64.T
     # fp32 accumulation: the error of any summation order is bounded by n * eps * sum |x_i w_i|.
@@ -55,27 +58,39 @@ def test_matches_float64(rows, out_features, in_features, dtype):
     assert np.abs(y - ref).max() <= 2 * np.abs(xla - ref).max() + 1e-6 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 5, 7), (3, 9, 33), (5, 37, 1001), (17, 70, 64),
+                                                            (70, 13, 100), (4, 6, 1)])
+def test_bits_are_the_canonical_order(rows, out_features, in_features, dtype):
+    """Every output is the header's sequence of fp32 operations, bit for bit, computed independently in numpy (the
+    same on every CPU: VDPBF16PS where there is AVX512-BF16, FMAs on AVX2, AVX-512F or none)."""
+    x, w = _inputs(rows, out_features, in_features, seed=rows, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matvec.matmul_kernel)(x, w)), matmul_canonical(x, w))
+
+
 def test_leading_dimensions_and_matmul_wt_dispatch():
     x, w = _inputs(1, 96, 80)
     x3 = x.reshape(1, 1, 80)
     hlo = jax.jit(kernel_matmul).lower(x3, w).as_text()
     assert BF16 in hlo
     np.testing.assert_array_equal(np.asarray(kernel_matmul(x3, w)).reshape(1, 96),
-                                  np.asarray(cpu_matvec.matvec(x, w)))
+                                  np.asarray(cpu_matvec.matmul_kernel(x, w)))
     assert BF16 not in jax.jit(functools.partial(matmul_wt, implementation="xla")).lower(x3, w).as_text()
-    x5, _ = _inputs(5, 96, 80)
-    assert BF16 not in jax.jit(kernel_matmul).lower(x5, w).as_text()  # 5 rows: XLA's GEMM
+    x5, _ = _inputs(40, 96, 80)
+    assert BF16 in jax.jit(kernel_matmul).lower(x5.reshape(2, 20, 80), w).as_text()  # any number of rows
     x2, w32 = _inputs(2, 96, 80, dtype=jnp.float32)
     assert F32 in jax.jit(kernel_matmul).lower(x2, w32).as_text()
-    assert F32 not in jax.jit(kernel_matmul).lower(x2[:1], w32).as_text()  # one fp32 row: XLA's dot is as fast
+    assert F32 in jax.jit(kernel_matmul).lower(x2[:1], w32).as_text()  # one fp32 row too: one summation order
     assert BF16 not in jax.jit(kernel_matmul).lower(x2.astype(jnp.bfloat16), w32).as_text()  # mixed: XLA
+    assert F32 not in jax.jit(kernel_matmul).lower(x2[:0], w32).as_text()  # no rows: XLA's empty product
+    assert kernel_matmul(x2[:0], w32).shape == (0, 96)
 
 
 def test_gradient_is_the_xla_gradient():
     x, w = _inputs(2, 48, 72, seed=1)
     c = jax.random.normal(jax.random.key(2), (2, 48), jnp.float32)
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * c)
-    got = jax.jit(jax.grad(loss(cpu_matvec.matvec), argnums=(0, 1)))(x, w)
+    got = jax.jit(jax.grad(loss(cpu_matvec.matmul_kernel), argnums=(0, 1)))(x, w)
     want = jax.jit(jax.grad(loss(matmul_xla), argnums=(0, 1)))(x, w)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype

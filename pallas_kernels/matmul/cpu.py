@@ -1,12 +1,16 @@
-"""`x · Wᵀ` on the CPU: products of 1-4 rows through a small C++ kernel (cpu_matvec.cc) called as an XLA FFI
-target, the rest through XLA (`xla.py`).
+"""`x · Wᵀ` on the CPU through a small C++ kernel (cpu_matvec.cc) called as an XLA FFI target, for any number of
+rows: every linear layer and the LM head, in decode steps and prefills alike.
 
-Decoding at batch 1-4 reads every weight once per step. XLA:CPU's bf16 dot reads them at 1-9 GB/s, so a bf16
-decode step ran at a third of the memory bandwidth; the kernel streams them at the bandwidth. With fp32 weights
-XLA's dot is as fast for one row but half as fast for 2-4, so the kernel serves fp32 from two rows up. It is compiled
-once per machine at first use with the host's C++ compiler (`$CXX`, else g++/c++) into the cache directory
-(`$QWENJAX_CACHE`, else ~/.cache/qwenjax) and registered with XLA. Where that fails (no compiler, no headers),
-`available()` is False and says why in a warning; `qwenjax.Kernels(cpu_matvec="auto")` then picks XLA.
+Two reasons. Speed: decoding reads every weight once per step, and XLA:CPU's bf16 dot reads them at 1-9 GB/s; the
+kernel streams them at the memory bandwidth, and with AVX512-BF16 it also outruns XLA's dot on many rows.
+Batch invariance: each output element is one fixed sequence of fp32 operations on its x row and weight row
+(`reference.matmul_canonical` spells it out), so a row's products do not depend on how many rows share the call,
+on their padding or on the threads. XLA's dot does not promise that (its one-row fp32 dot sums in another order
+than two rows), and a decode batch that ran the kernel at 1-4 rows and XLA's dot beyond changed greedy tokens.
+
+It is compiled once per machine at first use with the host's C++ compiler (`$CXX`, else g++/c++) into the cache
+directory (`$QWENJAX_CACHE`, else ~/.cache/qwenjax) and registered with XLA. Where that fails (no compiler, no
+headers), `available()` is False and says why in a warning; `qwenjax.Kernels(cpu_matvec="auto")` then picks XLA.
 
 Gradients are the XLA dot's (custom VJP), so the kernel can sit inside a differentiated model.
 """
@@ -29,15 +33,15 @@ import jax.numpy as jnp
 
 from pallas_kernels.matmul.xla import matmul_xla
 
-__all__ = ["matmul_cpu", "matvec", "available", "require", "applies", "compiler", "MAX_ROWS", "TARGETS"]
+__all__ = ["matmul_cpu", "matmul_kernel", "matvec", "available", "require", "applies", "compiler", "TARGETS"]
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 4  # the kernel's x rows; more rows take XLA's GEMM, which is efficient there
-TARGETS = {jnp.dtype(jnp.bfloat16): ("qwenjax_bf16_matvec", "QwenjaxBf16Matvec"),
-           jnp.dtype(jnp.float32): ("qwenjax_f32_matvec", "QwenjaxF32Matvec")}  # weight dtype -> (target, symbol)
+TARGETS = {jnp.dtype(jnp.bfloat16): ("qwenjax_bf16_matmul", "QwenjaxBf16Matmul"),
+           jnp.dtype(jnp.float32): ("qwenjax_f32_matmul", "QwenjaxF32Matmul")}  # dtype -> (target, symbol)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matvec.cc")
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+# -ffp-contract=off: no multiply-add is fused but the kernel's explicit ones (its arithmetic is its contract)
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC"]
 
 
 def compiler() -> str | None:
@@ -114,34 +118,34 @@ def require() -> None:
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `matvec(x, w)` serves x [..., in] · w[out, in]ᵀ: 1-4 rows (fp32: 2-4), bf16 or fp32, both the same."""
-    rows = math.prod(x.shape[:-1])
-    # One fp32 row is the exception: XLA's fp32 dot already streams it as fast (BENCHMARKS.md).
-    min_rows = 2 if w.dtype == jnp.float32 else 1
-    return x.dtype == w.dtype and w.dtype in TARGETS and w.ndim == 2 and min_rows <= rows <= MAX_ROWS
+    """Whether `matmul_kernel(x, w)` serves x [..., in] · w[out, in]ᵀ: both bf16 or both fp32, w a matrix, at least
+    one row."""
+    return (x.dtype == w.dtype and w.dtype in TARGETS and w.ndim == 2 and x.ndim >= 1
+            and x.shape[-1] == w.shape[1] and math.prod(x.shape[:-1]) >= 1)
 
 
 def matmul_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] · w[out, in]ᵀ → [..., out] fp32: the kernel where it `applies`, XLA's dot elsewhere."""
-    return matvec(x, w) if applies(x, w) else matmul_xla(x, w)
+    return matmul_kernel(x, w) if applies(x, w) else matmul_xla(x, w)
 
 
 @jax.custom_vjp
-def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] (at most MAX_ROWS rows) · w[out, in]ᵀ, bf16 or fp32 in, fp32 out; see `applies`."""
+def matmul_kernel(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] · w[out, in]ᵀ, both bf16 or both fp32, fp32 out, any number of rows; see `applies`."""
     require()  # registers the FFI target in this process before the call is traced
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    x2 = x.reshape(-1, x.shape[-1])
     out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32)
     y = jax.ffi.ffi_call(TARGETS[jnp.dtype(w.dtype)][0], out, vmap_method="sequential")(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _fwd(x, w):
-    return matvec(x, w), (x, w)
+    return matmul_kernel(x, w), (x, w)
 
 
 def _bwd(res, g):
     return jax.vjp(matmul_xla, *res)[1](g)
 
 
-matvec.defvjp(_fwd, _bwd)
+matmul_kernel.defvjp(_fwd, _bwd)
+matvec = matmul_kernel  # its name when it served 1-4 rows (scripts/bench_cpu_matvec.py)

@@ -23,6 +23,7 @@ from qwenjax.inputs import VisionInputs, token_rows, vision_inputs, vision_posit
 from qwenjax.memory import check_fits
 from qwenjax.model.cache import Cache, cache_shardings, init_cache
 from qwenjax.model.qwen35 import NO_MTP
+from qwenjax.ops.kernels import program_options
 from qwenjax.sharding import activation_sharding, param_shardings
 from qwenjax.validate import InputError, check, check_range
 
@@ -95,7 +96,7 @@ def _compiled(m, kind: str, sampling: SamplingParams, grids: tuple | None = None
                 return (new, cache) + ((None if history is None else history.add(new),) if controls else ())
             args = 4 + 2 * controls
         return jax.jit(fn, in_shardings=(p_shard, *[None] * args),
-                       donate_argnums=(1, 6) if kind == "step" and controls else 1)
+                       donate_argnums=(1, 6) if kind == "step" and controls else 1, compiler_options=program_options(m))
 
     return m.compiled(("generate", kind, sampling, grids_key(grids), controls), build)
 
@@ -131,7 +132,7 @@ def _compiled_speculative(m, kind: str, sampling: SamplingParams, k: int, grids:
                 return out + (None if history is None else history.add(emitted, kept), lengths + count)
             args = 7 + 3 * controls
         return jax.jit(fn, in_shardings=(p_shard, *[None] * args),
-                       donate_argnums=(1, 9) if kind == "step" and controls else 1)
+                       donate_argnums=(1, 9) if kind == "step" and controls else 1, compiler_options=program_options(m))
 
     return m.compiled(("speculative", kind, sampling, k, grids_key(grids), controls), build)
 
@@ -140,7 +141,8 @@ def compiled_draft_vocab(m):
     """The jitted `DraftVocab.of`: a draft vocabulary's ids and their rows of the LM head, gathered once."""
     def build():
         model, p_shard = flat_params_model(m)
-        return jax.jit(lambda leaves, ids: speculative.DraftVocab.of(model(leaves), ids), in_shardings=(p_shard, None))
+        return jax.jit(lambda leaves, ids: speculative.DraftVocab.of(model(leaves), ids), in_shardings=(p_shard, None),
+                       compiler_options=program_options(m))
 
     return m.compiled(("draft_vocab",), build)
 

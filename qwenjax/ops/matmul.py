@@ -1,8 +1,10 @@
 """`x · Wᵀ` (every linear layer, the LM head) as the model calls it: one function that picks an implementation.
 
 - "xla": XLA's dot (fp32 accumulation);
-- "kernel": on the CPU, products of 1-4 rows (decode at batch 1-4) go to a C++ kernel that streams the weights at
-  memory bandwidth (`pallas_kernels/matmul/cpu.py`), the rest to XLA's dot.
+- "kernel": on the CPU, every product of bf16 or fp32 operands, whatever its number of rows, goes to a C++ kernel
+  (`pallas_kernels/matmul/cpu.py`) that streams the weights at memory bandwidth when decoding and sums each output
+  in one fixed order: a row's products are the same bits alone, in a decode batch of any size or in a padded
+  prefill (batch invariance: a served request gets the tokens `generate` gives it alone).
 The choice is the model's `Kernels.cpu_matvec` ("auto": the kernel on CPU when it builds, XLA elsewhere).
 """
 
