@@ -26,7 +26,7 @@ import qwenjax
 from pallas_kernels.matmul import cpu
 from qwenjax.demo import DEFAULT_MODEL_DIR
 from qwenjax.model import cache as cache_lib
-from qwenjax.ops.kernels import compiler_options
+from qwenjax.ops.kernels import compiler_options, program_options
 from qwenjax.ops.matmul import matmul_wt
 
 pytestmark = pytest.mark.skipif(cpu.compiler() is None,
@@ -77,6 +77,14 @@ def test_compiler_options_make_row_sums_independent_of_the_rows():
 @pytest.fixture(scope="module")
 def model():
     return qwenjax.from_pretrained(DEFAULT_MODEL_DIR, dtype="bfloat16")
+
+
+def test_programs_compile_without_library_fusions_unless_products_are_xla(model):
+    """`program_options` (what generate's and the engine's programs compile with): the CPU options for a model
+    whose products are the kernel's (the default); none with Kernels(cpu_matvec="xla"), invariance off."""
+    assert model.kernels.cpu_matvec == "kernel"
+    assert program_options(model) == compiler_options("cpu")
+    assert program_options(model.replace(kernels=qwenjax.Kernels(cpu_matvec="xla"))) == {}
 
 
 def test_prefill_does_not_depend_on_the_batch_or_padding(model):

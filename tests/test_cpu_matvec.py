@@ -97,6 +97,22 @@ def test_gradient_is_the_xla_gradient():
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
 
 
+def test_training_forward_of_many_rows_is_xla_dot():
+    """Under a gradient, products of more than 4 rows run XLA's dot (training needs no batch invariance; XLA's GEMM
+    is faster there): the loss and gradients are those of the XLA path, bit for bit; few rows keep the kernel."""
+    x, w = _inputs(64, 48, 72, seed=3)
+    c = jax.random.normal(jax.random.key(4), (64, 48), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * c[:len(x)])
+    grad = lambda f: jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1)))
+    assert BF16 not in grad(kernel_matmul).lower(x, w).as_text()
+    assert BF16 in grad(kernel_matmul).lower(x[:3], w).as_text()
+    assert BF16 in jax.jit(kernel_matmul).lower(x, w).as_text()  # inference: the kernel, any rows
+    (got, got_grads), (want, want_grads) = grad(kernel_matmul)(x, w), grad(matmul_xla)(x, w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for g, r in zip(got_grads, want_grads):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
+
+
 def test_chosen_by_the_kernels_setting_else_the_environment(monkeypatch):
     assert qwenjax.Kernels().resolve("cpu").cpu_matvec == "kernel"
     assert qwenjax.Kernels().resolve("tpu").cpu_matvec == "xla"

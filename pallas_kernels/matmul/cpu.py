@@ -12,7 +12,9 @@ It is compiled once per machine at first use with the host's C++ compiler (`$CXX
 directory (`$QWENJAX_CACHE`, else ~/.cache/qwenjax) and registered with XLA. Where that fails (no compiler, no
 headers), `available()` is False and says why in a warning; `qwenjax.Kernels(cpu_matvec="auto")` then picks XLA.
 
-Gradients are the XLA dot's (custom VJP), so the kernel can sit inside a differentiated model.
+Gradients are the XLA dot's (custom VJP), so the kernel can sit inside a differentiated model; there the forward
+of a product of more than 4 rows is XLA's dot too (`_fwd`: training needs no batch invariance, and XLA's GEMM is
+faster on many rows).
 """
 
 from __future__ import annotations
@@ -139,8 +141,23 @@ def matmul_kernel(x: jax.Array, w: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+# Differentiated products (training) need no batch invariance, and many rows run faster through XLA's GEMM (the
+# kernel's fixed order sums each output across its 16 lanes; at 1024-4096 rows of the bundled model's shapes it took
+# 1.3-2x XLA's time, and a training step's forward is all such products). So the forward of a gradient keeps the
+# rule products had before the kernel took them all: 1-4 rows (fp32: 2-4, where XLA's one-row dot is as fast)
+# through the kernel, more through XLA's dot. Inference (no gradient: `generate`, the engine) takes the kernel for
+# every product.
+_GRADIENT_MAX_ROWS = 4
+
+
+def _differentiated(x, w):
+    rows = math.prod(x.shape[:-1])
+    fast = 2 <= rows if w.dtype == jnp.float32 else 1 <= rows
+    return matmul_kernel(x, w) if fast and rows <= _GRADIENT_MAX_ROWS else matmul_xla(x, w)
+
+
 def _fwd(x, w):
-    return matmul_kernel(x, w), (x, w)
+    return _differentiated(x, w), (x, w)
 
 
 def _bwd(res, g):

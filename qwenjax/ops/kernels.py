@@ -63,7 +63,8 @@ class Kernels:
     - expert_parallel: "allgather" | "ragged_all_to_all" | "ragged_all_to_all_emulated"
       (auto: ragged_all_to_all on TPU and GPU);
     - cpu_matvec: "kernel" | "xla": the C++ kernel for every x · Wᵀ on the CPU, any number of rows, each row's
-      products independent of the rows beside it (auto: kernel on CPU when it builds, xla elsewhere).
+      products independent of the rows beside it (auto: kernel on CPU when it builds, xla elsewhere). "xla" on
+      the CPU turns batch invariance off (`program_options`): a request's tokens may then depend on its batch.
     """
 
     gated_delta_rule: str | None = None
@@ -147,7 +148,12 @@ def _cpu_options() -> dict[str, str]:
 
 
 def program_options(m) -> dict[str, str]:
-    """`compiler_options` for the programs a model `m` (a `qwenjax.Qwen35`) runs requests through: those of the
-    platform of its devices (`generate`'s and the serving engine's `jax.jit(..., compiler_options=...)`)."""
+    """`compiler_options` for the programs a model `m` (a `qwenjax.Qwen35`) runs requests through (`generate`'s
+    and the serving engine's `jax.jit(..., compiler_options=...)`): those of the platform of its devices, when its
+    products are batch-invariant. `Kernels(cpu_matvec="xla")` (or QWENJAX_CPU_MATVEC=xla) turns batch invariance
+    off on the CPU: XLA's dot sums in a shape-dependent order, so the library fusions go back on too."""
     mesh = getattr(m, "mesh", None)
-    return compiler_options(platform_of(None if mesh is None else mesh.devices.flat[0]))
+    platform = platform_of(None if mesh is None else mesh.devices.flat[0])
+    if platform == "cpu" and getattr(m.kernels, "cpu_matvec", "kernel") != "kernel":
+        return {}
+    return compiler_options(platform)
