@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Annotated
 
 import numpy as np
 import pytest
+from pydantic import Field
 
 from test_serve_api import _serving
 
@@ -24,7 +26,7 @@ TASKS = os.path.join(REPO, "tests", "lm_eval_tasks")
 
 @pytest.fixture(scope="module")
 def server():
-    with _serving("--max-batch", "4", "--max-len", "512") as s:
+    with _serving("--max-batch", "4", "--max-len", "2048") as s:
         yield s[1]
 
 
@@ -83,3 +85,73 @@ def test_lm_eval_local_chat_completions_answers(server, tmp_path):
              f"model=tiny-pydoc,base_url={server}/v1/chat/completions,max_retries=1")
     samples = _samples(str(tmp_path), "qwenjax_pydoc_gen")
     assert len(samples) == 4 and all(s["resps"][0][0].strip() for s in samples), [s["resps"] for s in samples]
+
+
+# ---- LangChain: structured output, by a JSON schema and by a forced function call --------------------------------
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(server, method):
+    """`ChatOpenAI.with_structured_output(Model, method=...)`: json_schema sends a strict response_format,
+    function_calling a tool and tool_choice naming it (parallel_tool_calls false); either way a valid object."""
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Doc(BaseModel):
+        """What a Python docs entry describes."""
+        name: str = Field(max_length=30, description="the object's name")
+        kind: Literal["function", "class", "module"]
+        lines: int = Field(ge=1, le=9999)
+
+    llm = ChatOpenAI(model="tiny-pydoc", base_url=f"{server}/v1", api_key="unused", temperature=0, max_tokens=200,
+                     max_retries=0, extra_body=NO_THINKING)
+    got = llm.with_structured_output(Doc, method=method, strict=True).invoke("Describe os.path.join.")
+    assert isinstance(got, Doc) and 1 <= got.lines <= 9999 and len(got.name) <= 30, got
+
+
+# ---- the OpenAI Agents SDK: an agent with a function tool, over Chat Completions ----------------------------------
+@pytest.mark.parametrize("streamed", [False, True])
+def test_openai_agents_runs_a_tool(server, streamed):
+    """An agent whose first turn must call its tool (tool_choice "required", one call a turn; the SDK resets it to
+    auto after the call): the bundled model calls get_weather with a city, the tool's result goes back, and the
+    agent finishes with a text answer, streamed and not."""
+    import asyncio
+
+    from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
+                        set_tracing_disabled)
+    from agents.items import ToolCallItem, ToolCallOutputItem
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # no trace upload to OpenAI's servers
+    calls = []
+
+    @function_tool
+    def get_weather(city: Annotated[str, Field(max_length=30)]) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"It is sunny in {city}, 21 degrees."
+
+    model = OpenAIChatCompletionsModel(model="tiny-pydoc", openai_client=AsyncOpenAI(
+        base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300))
+    agent = Agent(name="weather", instructions="Answer weather questions with the get_weather tool.",
+                  tools=[get_weather], model=model, model_settings=ModelSettings(
+                      tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=120,
+                      extra_body=NO_THINKING))
+    question = "What is the weather in Paris?"
+
+    async def run():
+        if not streamed:
+            return await Runner.run(agent, question, max_turns=3)
+        result = Runner.run_streamed(agent, question, max_turns=3)
+        events = [event async for event in result.stream_events()]
+        assert any(e.type == "raw_response_event" for e in events)  # token deltas did stream
+        return result
+
+    result = asyncio.run(run())
+    assert len(calls) == 1 and isinstance(calls[0], str) and calls[0], calls
+    kinds = [type(item) for item in result.new_items]
+    assert ToolCallItem in kinds and ToolCallOutputItem in kinds, kinds
+    assert isinstance(result.final_output, str), result.final_output

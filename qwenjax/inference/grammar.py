@@ -55,10 +55,10 @@ from qwenjax.validate import InputError
 KINDS = ("json_object", "json_schema", "tool_call")
 THINK_CLOSE, CALL_OPEN, CALL_CLOSE = "</think>", "<tool_call>", "</tool_call>"
 MAX_SPEC_CHARS = 1 << 20  # far above real schemas and tool lists; llguidance has handled schemas of 4 MB
-# JSON whitespace between tokens: one space, or a line break and an indent of up to 32 (llguidance matches the
-# pattern at most once per position). Its default is any run of whitespace, on which a model can loop forever:
-# the bundled model, constrained, wrote runs of 32 spaces until the bound stopped it.
-_JSON_OPTIONS = {"whitespace_pattern": r"\x20|\n[\x20\x09]{0,32}"}
+# JSON whitespace between tokens: at most one space (llguidance matches the pattern at most once per position), as
+# vLLM's disable_any_whitespace. Its default is any run of whitespace, on which a model can loop forever; even a
+# line break and an indent of up to 32 let the bundled model spend 95 tokens on {"name": ",", "age": 999}.
+_JSON_OPTIONS = {"whitespace_pattern": r"\x20"}
 _BLANK = r"/[\x20\x0A\x0D\x09]{1,8}/"  # between </think> and the answer, and between tool calls
 # Free text (thinking, a string parameter) is written as pieces: a run without '<' (TEXT), then runs from one '<'
 # to the next (LT) unless that starts markup which would end or restart the block around it. An LT always reaches
@@ -480,12 +480,16 @@ class GrammarBackend:
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, [(m._m, r) for m, r in rows], words)
 
 
-def apply_token_bitmask(logits: jax.Array, words: jax.Array, constrained: jax.Array) -> jax.Array:
-    """`logits` [B, V] with the tokens a constrained row's bitmask disallows at -inf (dtype kept: a select,
-    no rounding). `words` [B, W] int32 (bit j of word i: token 32*i + j; ids at or past 32*W are disallowed);
-    `constrained` [B] bool: rows not constrained are returned as they are. Jittable."""
+def apply_token_bitmask(logits: jax.Array, words: jax.Array, constrained: jax.Array | None = None) -> jax.Array:
+    """`logits` [..., V] with the tokens their bitmask disallows at -inf (dtype kept: a select, no rounding).
+    `words` [..., W] int32 (bit j of word i: token 32*i + j; ids at or past 32*W are disallowed), over the same
+    leading axes (a batch, and a verify pass's positions); `constrained` [B] bool (default all): rows not
+    constrained are returned as they are. Jittable."""
     vocab, width = logits.shape[-1], words.shape[-1]
-    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
-    allowed = bits.reshape(words.shape[0], width * 32).astype(bool)
-    allowed = allowed[:, :vocab] if width * 32 >= vocab else jnp.pad(allowed, ((0, 0), (0, vocab - width * 32)))
-    return jnp.where(allowed | ~constrained[:, None], logits, jnp.array(-jnp.inf, logits.dtype))
+    bits = (words[..., None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(*words.shape[:-1], width * 32).astype(bool)
+    allowed = allowed[..., :vocab] if width * 32 >= vocab else jnp.pad(
+        allowed, [(0, 0)] * (allowed.ndim - 1) + [(0, vocab - width * 32)])
+    if constrained is not None:
+        allowed = allowed | ~constrained.reshape(-1, *[1] * (allowed.ndim - 1))
+    return jnp.where(allowed, logits, jnp.array(-jnp.inf, logits.dtype))

@@ -1,6 +1,7 @@
 """Next-token sampling: logit controls, then greedy or temperature, top-k, top-p (nucleus), min-p — jittable, seeded.
 
 Each step, on fp32 logits, in vLLM's order (vllm/v1/sample/sampler.py):
+0. a constrained row's grammar mask (`qwenjax.inference.grammar`: the tokens its grammar refuses at -inf);
 1. logit_bias (added) and min_tokens (a row's stop ids at -inf until it has generated min_tokens tokens);
 2. repetition_penalty (tokens seen in the prompt or the output: positive logits divided by it, negative ones
    multiplied), frequency_penalty (minus its count in the output times f), presence_penalty (minus p for a token
@@ -20,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenjax.inference.grammar import apply_token_bitmask
 from qwenjax.validate import InputError, check_fields
 
 _NEG = -jnp.inf
 MAX_LOGIT_BIAS = 300      # entries per request, as OpenAI's API
 INT32_MAX = 2 ** 31 - 1   # pads token-id columns: an index past any vocabulary, dropped by the scatters
-ADJUSTMENTS = ("penalties", "logit_bias", "min_tokens")  # RowSampling.used tags of the logit controls
+# RowSampling.used tags of the logit controls; "grammar": a constrained row's token mask (`grammar.py`)
+ADJUSTMENTS = ("grammar", "penalties", "logit_bias", "min_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +99,17 @@ def _bucket(n: int) -> int:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "bias_ids", "bias", "min_tokens", "min_tokens_ids"],
+                                "repetition_penalty", "bias_ids", "bias", "min_tokens", "min_tokens_ids", "allowed"],
                    meta_fields=["used"])
 @dataclasses.dataclass(frozen=True)
 class RowSampling:
     """Each row's own sampling settings, as arrays (a server's batch mixes requests). `used` (static: the compile
     key) names what any row uses, of "sample", "top_k", "top_p", "min_p" (a greedy-only batch compiles to an
     argmax, and a filter no row uses is skipped) and the logit controls "penalties", "logit_bias", "min_tokens"
-    (a batch without them compiles as if they did not exist)."""
+    (a batch without them compiles as if they did not exist), and "grammar": `allowed` holds each row's token
+    mask for each of the J positions a program scores (1, or a verify pass's k+1), from `grammar.py`; a row that
+    is not constrained allows every token (all bits set). Without "grammar" it is [B, 0, 0]: the engine sets it
+    per step (`with_allowed`), since a row's mask follows the tokens it sampled."""
     temperature: jax.Array  # [B] float32, 0: greedy
     top_k: jax.Array        # [B] int32, 0: off
     top_p: jax.Array        # [B] float32, 1: off
@@ -115,6 +121,7 @@ class RowSampling:
     bias: jax.Array         # [B, L] float32
     min_tokens: jax.Array   # [B] int32: a row's min_tokens_ids stay at -inf until it generated this many tokens
     min_tokens_ids: jax.Array  # [B, S] int32 (its eos and stop ids), INT32_MAX: no entry
+    allowed: jax.Array      # [B, J, ceil(V/32)] int32 bitmask words (bit j of word i: token 32i + j), or [B, 0, 0]
     used: frozenset[str]
 
     @classmethod
@@ -142,14 +149,18 @@ class RowSampling:
                    column("min_p", np.float32), column("presence_penalty", np.float32),
                    column("frequency_penalty", np.float32), column("repetition_penalty", np.float32), bias_ids,
                    bias, np.array([m if ids else 0 for m, ids in zip(min_tokens, masked)], np.int32),
-                   _pad(masked, np.int32, INT32_MAX), used=frozenset(used))
+                   _pad(masked, np.int32, INT32_MAX), np.zeros((len(rows), 0, 0), np.int32), used=frozenset(used))
+
+    def with_allowed(self, words: np.ndarray) -> RowSampling:
+        """These rows constrained by the token masks `words` [B, J, ceil(V/32)] int32 (`allowed`)."""
+        return dataclasses.replace(self, allowed=words, used=self.used | {"grammar"})
 
     @classmethod
     def stack(cls, parts: Sequence[RowSampling]) -> RowSampling:
         """The rows of `parts` (host RowSamplings) in one, id columns padded to the widest."""
         def cat(field, fill):
             arrays = [getattr(p, field) for p in parts]
-            if arrays[0].ndim == 1:
+            if arrays[0].ndim != 2:  # [B] columns; `allowed`, [B, 0, 0] until the engine sets the batch's
                 return np.concatenate(arrays)
             width = max(a.shape[1] for a in arrays)
             return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
@@ -220,6 +231,8 @@ def adjust_logits(logits: jax.Array, rows: RowSampling, history: TokenHistory | 
     b, vocab = x.shape[0], x.shape[-1]
     at_positions = (lambda a: a) if x.ndim == 2 else (lambda a: a[:, None])  # [B, ...] over the J positions
     row = jnp.arange(b)[:, None]
+    if "grammar" in rows.used:
+        x = apply_token_bitmask(x, rows.allowed[:, 0] if x.ndim == 2 else rows.allowed[:, :x.shape[1]])
     if "logit_bias" in rows.used:
         x = x + at_positions(jnp.zeros((b, vocab), jnp.float32).at[row, rows.bias_ids].add(rows.bias, mode="drop"))
     if "min_tokens" in rows.used:

@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import re
 import time
 import uuid
 
@@ -25,13 +26,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from qwenjax.inference.generate import MAX_SEED
+from qwenjax.inference.grammar import GrammarSpec
 from qwenjax.inference.sampling import SamplingParams, with_checkpoint_defaults
 from qwenjax.inference.tokenizer import THINK_OPEN, StreamDecoder
 from qwenjax.serve.engine import Engine, QueueFull, Request
 from qwenjax.serve.errors import APIError, error_response
 from qwenjax.serve.media import DEFAULT_MAX_IMAGE_PIXELS, Pictures
 from qwenjax.serve.prefix_cache import chat_snapshot_points
-from qwenjax.serve.protocol import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
+from qwenjax.serve.protocol import FIELDS, ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
 from qwenjax.serve.responses import ChatChoice, Inbox, TextChoice, metrics_text, respond
 from qwenjax.serve.scoring import PromptScorer
 from qwenjax.validate import InputError
@@ -171,7 +173,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
                            "model", "model_not_found")
 
     def submit(inbox: Inbox, prompts: list[list[int]], body, max_tokens: int | None, snapshot_at=(),
-               arrays: dict | None = None) -> None:
+               arrays: dict | None = None, grammar: GrammarSpec | None = None, thinking_open: bool = False) -> None:
         """body.choices engine requests per prompt, their events (choice index, event) into `inbox`: all queued,
         or none (a 429 when the queue has no room for them now, a 400 when it never will)."""
         params, seed = sampling_of(body)
@@ -193,14 +195,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
                     max_tokens=max_tokens or engine.room - len(prompt), sampling=params, seed=(seed + i) & MAX_SEED,
                     stop_strings=body.stops(), snapshot_at=snapshot_at, pictures=arrays,
                     logprobs=body.top_alternatives, min_tokens=body.min_tokens or 0,
-                    ignore_eos=bool(body.ignore_eos)))
+                    ignore_eos=bool(body.ignore_eos), grammar=grammar, thinking_open=thinking_open))
         try:
             inbox.requests.extend(engine.submit_all(requests))
         except (QueueFull, InputError) as e:
             inbox.cancel()
             if isinstance(e, QueueFull):
                 raise APIError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error") from None
-            raise APIError(400, str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
+            raise APIError(400, str(e), _field_of(str(e))) from None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
@@ -226,17 +228,34 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, processor=None,
         kwargs = dict(body.chat_template_kwargs or {})
         thinking_flag = kwargs.pop("enable_thinking", True)
         tools = None if body.tool_choice == "none" else body.tools
+        grammar = await off_loop(body.grammar)
         prompt, text, snapshot_at, arrays = await off_loop(_chat_prompt, tokenizer, pictures, body.messages, tools,
                                                            thinking_flag, kwargs)
-        inbox = Inbox(engine)
-        submit(inbox, [prompt], body, body.max_completion_tokens or body.max_tokens, snapshot_at, arrays)
         opened = text.rstrip().endswith(THINK_OPEN)
+        if grammar is not None:  # compiled off the loop (cached: the engine's check then finds it)
+            await off_loop(_compile_grammar, engine, grammar, opened)
+        inbox = Inbox(engine)
+        submit(inbox, [prompt], body, body.max_completion_tokens or body.max_tokens, snapshot_at, arrays, grammar,
+               opened)
         choices = await off_loop(lambda: [ChatChoice(tokenizer, body.stops(), opened, tools,
                                                      body.parallel_tool_calls is not False, body.min_tokens or 0)
                                           for _ in inbox.requests])
         return await respond(http, body, inbox, choices, "chat.completion", model_name)
 
     return app
+
+
+def _compile_grammar(engine: Engine, grammar: GrammarSpec, thinking_open: bool) -> None:
+    try:
+        engine.grammars.compile(grammar, thinking_open)
+    except InputError as e:
+        raise APIError(400, str(e), "tools" if grammar.kind == "tool_call" else "response_format") from None
+
+
+def _field_of(message: str) -> str | None:
+    """The request field an engine's InputError names first (its messages start with it), else None."""
+    first = re.match(r"[a-z_]+", message)
+    return first.group() if first and first.group() in FIELDS else "max_tokens" if "max_tokens" in message else None
 
 
 def _completion_prompts(tokenizer, prompts: list, vocab: int, max_len: int) -> list[tuple[list[int], list | None]]:

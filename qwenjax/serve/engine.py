@@ -42,12 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.inference.generate import StopStrings, compiled_draft_vocab, draft_vocab_ids, eos_ids, new_cache
+from qwenjax.inference.grammar import GrammarBackend, GrammarMatcher
 from qwenjax.inference.sampling import RowSampling
 from qwenjax.inputs import vision_inputs, vision_positions
 from qwenjax.model.qwen35 import NO_MTP
 from qwenjax.serve.programs import MIN_CHUNK, STOP_IDS, Programs, neutral, seed_words
 from qwenjax.serve.prefix_cache import PrefixCache
-from qwenjax.serve.request import TOP_LOGPROBS, Finished, QueueFull, Request, Tokens, check_request
+from qwenjax.serve.request import (Finished, QueueFull, Request, Tokens, check_request, compiled_top,
+                                   logprobs_entry, send)
 from qwenjax.sharding import activation_sharding
 from qwenjax.validate import InputError
 
@@ -63,6 +65,7 @@ class _Row:
     stops: frozenset[int]
     stop_ids: np.ndarray       # [STOP_IDS] int32: the first stop ids, for verify passes (-1: none)
     stop_strings: StopStrings | None
+    grammar: GrammarMatcher | None  # a constrained request's place in its grammar: the tokens it accepted
     generated: list[int] = dataclasses.field(default_factory=list)
     fed: int = 0               # generated tokens the cache holds (or will, once the dispatched steps ran)
     # tokens a verify pass kept past a stop string: the cache holds them, the request never sees them
@@ -144,6 +147,8 @@ class Engine:
         self._drafts = None  # speculative: each row's drafts [max_batch, k] and their distributions [.., vocab]
         self._vocab = None   # speculative: the DraftVocab
         self._history = None  # the rows' TokenHistory, made when the first request with penalties comes
+        self._grammars: GrammarBackend | None = None  # made when the first constrained request comes
+        self._grammars_lock = threading.Lock()
 
     # ---- the public side (any thread) ----------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -151,6 +156,18 @@ class Engine:
         type and range, checked before it reaches the loop that serves everyone."""
         check_request(request, self.m.config, room=self.room, max_len=self.max_len, k=self.k,
                       tokenizer=self.tokenizer)
+        if request.grammar is not None:  # compiled (and cached) now: a schema llguidance refuses is a 400
+            self.grammars.compile(request.grammar, request.thinking_open)
+
+    @property
+    def grammars(self) -> GrammarBackend:
+        """The engine's constrained-decoding backend (the tokenizer as llguidance reads it, compiled grammars)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("constrained decoding needs the engine's tokenizer (Engine(tokenizer=...))")
+                self._grammars = GrammarBackend(self.tokenizer, self.m.config.vocab_size, sorted(self.eos))
+            return self._grammars
 
     def submit(self, request: Request) -> Request:
         """Queues `request` (checked: `check`); QueueFull when `max_queue` requests wait already."""
@@ -188,7 +205,7 @@ class Engine:
                 self.stats.requests["cancelled"] += 1
             self._lock.notify()
         if queued:
-            _send(request, Finished("cancelled", len(request.prompt), 0, 0))
+            send(request, Finished("cancelled", len(request.prompt), 0, 0))
 
     @property
     def room(self) -> int:
@@ -265,7 +282,7 @@ class Engine:
             waiting, self._queue = list(self._queue), collections.deque()
             self.stats.requests["cancelled"] += len(waiting)
         for request in waiting:
-            _send(request, Finished("cancelled", len(request.prompt), 0, 0))
+            send(request, Finished("cancelled", len(request.prompt), 0, 0))
 
     def _turn(self) -> None:
         for r, row in enumerate(self._rows):
@@ -285,12 +302,20 @@ class Engine:
                 [oldest])
         # Dispatch this turn's step (with the rows just prefilled: their first tokens wait in `last`), then read
         # the last step's tokens and the prefill's while it runs. With speculative decoding the host sets each
-        # row's token counters and limits from what came before: it reads everything before the step.
-        if self.k and prefill is not None:
-            self._read_prefill(prefill)
-            prefill = None
-        step = self._decode_step() if any(map(_stepping, self._rows)) else None
-        ready, self._pending = (step, None) if self.k else (self._pending, step)
+        # row's token counters and limits from what came before, and a constrained row's mask follows the tokens
+        # it sampled: then the host reads everything before the step.
+        if self.k or any(row is not None and row.grammar is not None for row in self._rows):
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._read_step(pending)
+            if prefill is not None:
+                self._read_prefill(prefill)
+                prefill = None
+            step = self._decode_step() if any(map(_stepping, self._rows)) else None
+            ready = step
+        else:
+            step = self._decode_step() if any(map(_stepping, self._rows)) else None
+            ready, self._pending = self._pending, step
         if ready is not None:
             self._read_step(ready)
         if prefill is not None:
@@ -305,7 +330,7 @@ class Engine:
             if request.cancelled:
                 with self._lock:
                     self.stats.requests["cancelled"] += 1
-                _send(request, Finished("cancelled", len(request.prompt), 0, 0))
+                send(request, Finished("cancelled", len(request.prompt), 0, 0))
                 continue
             r = self._rows.index(None)
             try:  # what the host prepares for one request fails that request alone
@@ -319,7 +344,7 @@ class Engine:
                 traceback.print_exc()
                 with self._lock:
                     self.stats.requests["error"] += 1
-                _send(request, Finished("error", len(request.prompt), 0, 0, f"{type(e).__name__}: {e}"))
+                send(request, Finished("error", len(request.prompt), 0, 0, f"{type(e).__name__}: {e}"))
                 continue
             node = self.prefix_cache.root if request.pictures else self.prefix_cache.lookup(request.prompt)
             for i, n in enumerate(chain := node.chain()):
@@ -339,8 +364,25 @@ class Engine:
         sampling = RowSampling.of([request.sampling], vocab_size=self.m.config.vocab_size,
                                   min_tokens=[request.min_tokens], stop_ids=[stops])
         matcher = StopStrings(self.tokenizer, request.stop_strings) if request.stop_strings else None
+        grammar = None if request.grammar is None else self.grammars.matcher(request.grammar, request.thinking_open)
         return _Row(request, done=0, cached=0, sampling=sampling, seed=seed_words([request.seed]), stops=stops,
-                    stop_ids=stop_ids, stop_strings=matcher)
+                    stop_ids=stop_ids, stop_strings=matcher, grammar=grammar)
+
+    def _constrained(self, sampling: RowSampling, rows: Sequence[_Row | None], positions: int = 1,
+                     drafts: np.ndarray | None = None) -> RowSampling:
+        """`sampling` of a program's `rows` (None: padding) with each constrained row's token masks for the
+        program's `positions` (1; a verify pass's k+1, over the row's `drafts`, as `fill_draft_bitmasks`); as it
+        is when no row is constrained."""
+        constrained = [(i, row) for i, row in enumerate(rows) if row is not None and row.grammar is not None]
+        if not constrained:
+            return sampling
+        words = self.grammars.allocate_bitmask(len(rows) * positions)
+        if positions == 1:
+            self.grammars.fill_bitmasks(words, [(row.grammar, i) for i, row in constrained])
+        else:
+            for i, row in constrained:
+                row.grammar.fill_draft_bitmasks(words, i * positions, drafts[i])
+        return sampling.with_allowed(words.reshape(len(rows), positions, -1))
 
     def _chunk_end(self, row: _Row) -> int:
         """Where row's next prefill chunk ends: at most prefill_chunk tokens, at the next block boundary (a
@@ -375,10 +417,11 @@ class Engine:
             ending[i] = end == len(row.request.prompt)
         pad = b - len(rs)
         sampling = RowSampling.stack([row.sampling for row in rows] + ([neutral(pad)] if pad else []))
+        sampling = self._constrained(sampling, [row if e else None for row, e in zip(rows, ending)] + [None] * pad)
         reset, final = rows[0].done == 0, ends[0] == len(requests[0].prompt)
         tokens, logprobs, self._cache, self._drafts, self._last, history = self.programs.prefill(
-            b, size, self.programs.horizon(size if reset else ends[0]), reset, sampling.used, top=_top(requests),
-            final=final or not self.k)(
+            b, size, self.programs.horizon(size if reset else ends[0]), reset, sampling.used,
+            top=compiled_top(requests), final=final or not self.k)(
             self._params, self._cache, self._drafts, self._last, self._vocab, index, ids, n, next_id, sampling,
             np.concatenate([row.seed for row in rows] + [np.zeros((pad, 2), np.uint32)]), np.zeros(b, np.uint32),
             ending, self._history_for(sampling))
@@ -400,7 +443,7 @@ class Engine:
         if ended:
             tokens = np.asarray(tokens)
         for i, r, row in ended:
-            self._emit_safely(r, row, [int(tokens[i])], lambda: [_logprobs(logprobs, i, row.request)])
+            self._emit_safely(r, row, [int(tokens[i])], lambda: [logprobs_entry(logprobs, i, row.request)])
 
     def _prefill_pictures(self, rs: list[int]) -> tuple | None:
         """Dispatches a prompt with images or videos, whole, in one call (`rs`: its row): its multimodal
@@ -423,9 +466,9 @@ class Engine:
             self._finish(r, "error", error=f"{type(e).__name__}: {e}")
             return None
         grids = (vision.image_grid_thw, vision.video_grid_thw)
-        sampling = row.sampling
+        sampling = self._constrained(row.sampling, [row])
         token, logprobs, self._cache, self._drafts, self._last, history = self.programs.prefill(
-            1, size, self.programs.horizon(size), True, sampling.used, grids, top=_top([request]))(
+            1, size, self.programs.horizon(size), True, sampling.used, grids, top=compiled_top([request]))(
             self._params, self._cache, self._drafts, self._last, self._vocab, np.array([r], np.int32), ids,
             np.array([n], np.int32), np.zeros(1, np.int32), sampling, row.seed, np.zeros(1, np.uint32),
             np.ones(1, bool), self._history_for(sampling),
@@ -455,7 +498,13 @@ class Engine:
             limit[r] = row.request.max_tokens - len(row.generated)
             row.fed += 1
         sampling = RowSampling.stack(parts)
-        top = _top([self._rows[r].request for r in decoding])
+        stepped = [self._rows[r] if r in decoding else None for r in range(b)]
+        if self.k and any(row is not None and row.grammar is not None for row in stepped):
+            # each row's drafts (what the verify pass checks) from the last step: the host reads them here
+            sampling = self._constrained(sampling, stepped, self.k + 1, np.asarray(self._drafts[0]))
+        else:
+            sampling = self._constrained(sampling, stepped)
+        top = compiled_top([self._rows[r].request for r in decoding])
         *out, self._cache, self._drafts, self._last, history = self.programs.step(b, horizon, sampling.used, top)(
             self._params, self._cache, self._drafts, self._last, self._vocab, active, sampling, seeds, counters,
             limit, stop_ids, self._history_for(sampling))
@@ -477,7 +526,7 @@ class Engine:
             if self.k:  # the verify pass fed the row's last token and the kept drafts; the last new one is not fed
                 row.fed = len(row.generated) + n - 1
             self._emit_safely(r, row, new[r, :n].tolist(),
-                              lambda: [_logprobs(logprobs, (r, j), row.request) for j in range(n)])
+                              lambda: [logprobs_entry(logprobs, (r, j), row.request) for j in range(n)])
 
     def _emit_safely(self, r: int, row: _Row, ids: list[int], logprobs: Callable[[], list]) -> None:
         """`_emit`, where a failure on the host (reading the row's text, its log-probabilities) ends row r alone."""
@@ -489,7 +538,7 @@ class Engine:
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
     def _emit(self, r: int, ids: list[int], logprobs: list | None = None) -> None:
-        """Hands row r's new tokens to its request (each with its `_logprobs` entry), up to and including the first
+        """Hands row r's new tokens to its request (each with its `logprobs_entry`), up to and including the first
         that ends it: a stop id, a stop string (past min_tokens) or its length; then finishes the row."""
         row = self._rows[r]
         request = row.request
@@ -499,6 +548,11 @@ class Engine:
             # every token is read; a stop string counts only when it ends past min_tokens (vLLM's rule)
             stopped = row.stop_strings is not None and row.stop_strings.add(
                 t, check=len(row.generated) > request.min_tokens)
+            if row.grammar is not None:
+                if not row.grammar.accept(t):  # the mask allowed only what the grammar takes: a bug, this row's
+                    raise RuntimeError(f"token {t} at reply position {len(row.generated) - 1} is not one the "
+                                       f"grammar ({request.grammar.kind}) allows")
+                stopped = stopped or row.grammar.terminated  # complete: the reply ends here
             if t in row.stops or stopped:
                 reason = "stop"
             elif len(row.generated) >= request.max_tokens:
@@ -509,7 +563,7 @@ class Engine:
         self.stats.generated_tokens += len(ids)
         self.stats.recent.append((time.monotonic(), len(ids)))
         asked = logprobs is not None and request.logprobs is not None
-        _send(request, Tokens(ids, [e for entry in logprobs[:len(ids)] for e in entry] if asked else None))
+        send(request, Tokens(ids, [e for entry in logprobs[:len(ids)] for e in entry] if asked else None))
         if reason:
             self._finish(r, reason)
 
@@ -523,7 +577,7 @@ class Engine:
                 traceback.print_exc()
         with self._lock:
             self.stats.requests[reason] += 1
-        _send(row.request, Finished(reason, len(row.request.prompt), row.cached, len(row.generated), error))
+        send(row.request, Finished(reason, len(row.request.prompt), row.cached, len(row.generated), error))
 
     def _snapshot(self, r: int, tokens: Sequence[int]) -> None:
         def take(start: int, end: int):
@@ -538,28 +592,3 @@ def _stepping(row: _Row | None) -> bool:
     not yet read), and it has tokens left to sample (with steps in flight, its last may be sampled already).
     A row whose first token turns out to end it was stepped once for nothing, as one ending on eos later is."""
     return row is not None and row.decoding and row.fed < row.request.max_tokens - 1
-
-
-def _top(requests: Sequence[Request]) -> int | None:
-    """The compiled number of alternatives that serves every request's `logprobs` (None: none asks)."""
-    asked = [q.logprobs for q in requests if q.logprobs is not None]
-    return None if not asked else next(k for k in TOP_LOGPROBS if k >= max(asked))
-
-
-def _logprobs(out, at, request: Request):
-    """The entry at `at` (a row, or (row, token)) of a program's logprobs output, as `Tokens.logprobs` holds it
-    (None unless asked)."""
-    if out is None or request.logprobs is None:
-        return None
-    chosen, ids, lps = (np.asarray(x)[at] for x in out)
-    return [(float(chosen), [(int(i), float(lp)) for i, lp in zip(ids[:request.logprobs],
-                                                                   lps[:request.logprobs])])]
-
-
-def _send(request: Request, event: Tokens | Finished) -> None:
-    """Delivers an event; a receiver that fails (a client gone) cancels its request, never the engine."""
-    try:
-        request.on_event(event)
-    except Exception:
-        traceback.print_exc()
-        request.cancelled = True

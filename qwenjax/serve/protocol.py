@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from qwenjax.inference.generate import MAX_SEED
+from qwenjax.inference.grammar import GrammarSpec
 from qwenjax.serve.errors import APIError
+from qwenjax.validate import InputError
 
 CHAT, COMPLETIONS, BOTH = "chat", "completions", "chat, completions"
 
@@ -61,8 +63,8 @@ FIELDS: dict[str, FieldUse] = {
     "prompt_cache_retention": FieldUse(CHAT, "no-op", "the prefix cache's policy is the server's"),
     "reasoning_effort": FieldUse(CHAT, "refused", "Qwen3.5 has thinking on or off: chat_template_kwargs "
                                  "{\"enable_thinking\": false}"),
-    "response_format": FieldUse(CHAT, "refused", "json_object and json_schema need constrained decoding (not yet); "
-                                "{\"type\": \"text\"} is taken", allowed=(None, {"type": "text"})),
+    "response_format": FieldUse(CHAT, "implemented", "text; json_object and json_schema (strict or not: always "
+                                "enforced) by constrained decoding; with thinking on, after the thinking"),
     "safety_identifier": FieldUse(CHAT, "no-op", "stored nowhere"),
     "seed": FieldUse(BOTH, "implemented", "0 .. 2^63-1; the same seed gives the same tokens however the request is "
                      "batched"),
@@ -74,8 +76,9 @@ FIELDS: dict[str, FieldUse] = {
                                "chunk; include_obfuscation: no-op (no obfuscation field is sent)"),
     "suffix": FieldUse(COMPLETIONS, "refused", "no fill-in-the-middle", allowed=(None, "")),
     "temperature": FieldUse(BOTH, "implemented", ">= 0 (0: greedy); default from generation_config.json"),
-    "tool_choice": FieldUse(CHAT, "implemented", "\"auto\" and \"none\" (tools kept out of the prompt); "
-                            "\"required\" and a named function refused until constrained decoding"),
+    "tool_choice": FieldUse(CHAT, "implemented", "\"auto\"; \"none\" (tools kept out of the prompt); "
+                            "\"required\" and a named function by constrained decoding (calls in Qwen3.5's format, "
+                            "each argument typed by its schema)"),
     "tools": FieldUse(CHAT, "implemented", "function tools, rendered by the chat template; calls parsed from the "
                       "reply"),
     "top_p": FieldUse(BOTH, "implemented", "(0, 1]; default from generation_config.json"),
@@ -238,10 +241,6 @@ class ChatBody(_Common):
             _refuse("max_tokens", "must be at least 1")
         if self.top_logprobs is not None and not self.logprobs:
             _refuse("top_logprobs", "top_logprobs needs logprobs: true")
-        choice = self.tool_choice
-        if choice is not None and choice not in ("auto", "none"):
-            _refuse("tool_choice", f"{choice!r}: only \"auto\" and \"none\" (\"required\" and a named function need "
-                                   "constrained decoding, not yet in this server)")
         if self.tools is not None:
             for i, tool in enumerate(self.tools):
                 function = tool.get("function") if isinstance(tool, dict) else None
@@ -251,6 +250,22 @@ class ChatBody(_Common):
                                            "\"parameters\": {...}}}")
         _check_text(self.messages, "messages")
         _check_text(self.tools, "tools")
+
+    def grammar(self) -> GrammarSpec | None:
+        """What the reply is constrained to (None: nothing): `response_format` json_object / json_schema, or
+        `tool_choice` "required" / a named function (a 400 naming the field at fault)."""
+        try:
+            reply = GrammarSpec.from_response_format(self.response_format)
+        except InputError as e:
+            raise APIError(400, str(e), "response_format") from None
+        try:
+            calls = GrammarSpec.from_tools(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+        except InputError as e:
+            raise APIError(400, str(e), "tool_choice" if str(e).startswith("tool_choice") else "tools") from None
+        if reply is not None and calls is not None:
+            _refuse("response_format", f"{self.response_format['type']} and tool_choice "
+                                       f"{self.tool_choice!r} both constrain the reply: give one")
+        return reply or calls
 
 
 def _check_text(value, where: str, depth: int = 0) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+import traceback
+from typing import Callable, Sequence
 
 import numpy as np
 
 from qwenjax.inference.generate import MAX_SEED
+from qwenjax.inference.grammar import GrammarSpec
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.inputs import vision_inputs
 from qwenjax.validate import InputError, check, check_range
@@ -57,6 +59,10 @@ class Request:
     # tokens alone do not say which pictures they hold).
     pictures: dict | None = None
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (0-20)
+    # constrained decoding: every token the grammar allows (`qwenjax.inference.grammar`); the request ends where
+    # the grammar is complete. `thinking_open`: the prompt opened a <think> block, the constraint starts after it.
+    grammar: GrammarSpec | None = None
+    thinking_open: bool = False
     cancelled: bool = False  # set by `Engine.cancel`; the row is freed at the next turn
     arrived: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -107,6 +113,16 @@ def check_request(request: Request, config, *, room: int, max_len: int, k: int, 
         if bad is not None:
             raise InputError(f"stop_token_ids: {bad} is not a token id (vocab_size={vocab})")
     check(request.snapshot_at, tuple[int, ...], "snapshot_at")
+    if request.grammar is not None:
+        if not isinstance(request.grammar, GrammarSpec):
+            raise InputError(f"grammar must be a GrammarSpec, got {type(request.grammar).__name__}")
+        check(request.thinking_open, bool, "thinking_open")
+        # a constrained reply ends where its grammar is complete: nothing may hold eos back there
+        for name, value in (("min_tokens", request.min_tokens), ("ignore_eos", request.ignore_eos)):
+            if value:
+                raise InputError(f"{name}={value} cannot be combined with a constrained reply "
+                                 f"({request.grammar.field}: {request.grammar.kind}), which ends where its grammar "
+                                 "is complete")
     if n + request.max_tokens > room:
         raise InputError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} it needs "
                          f"{n + request.max_tokens + k} cache slots"
@@ -119,3 +135,27 @@ def check_request(request: Request, config, *, room: int, max_len: int, k: int, 
         except (ValueError, TypeError) as e:
             raise InputError(str(e)) from None
 
+
+def compiled_top(requests: Sequence[Request]) -> int | None:
+    """The compiled number of alternatives that serves every request's `logprobs` (None: none asks)."""
+    asked = [q.logprobs for q in requests if q.logprobs is not None]
+    return None if not asked else next(k for k in TOP_LOGPROBS if k >= max(asked))
+
+
+def logprobs_entry(out, at, request: Request):
+    """The entry at `at` (a row, or (row, token)) of a program's logprobs output, as `Tokens.logprobs` holds it
+    (None unless asked)."""
+    if out is None or request.logprobs is None:
+        return None
+    chosen, ids, lps = (np.asarray(x)[at] for x in out)
+    return [(float(chosen), [(int(i), float(lp)) for i, lp in zip(ids[:request.logprobs],
+                                                                   lps[:request.logprobs])])]
+
+
+def send(request: Request, event: Tokens | Finished) -> None:
+    """Delivers an event; a receiver that fails (a client gone) cancels its request, never the engine."""
+    try:
+        request.on_event(event)
+    except Exception:
+        traceback.print_exc()
+        request.cancelled = True
