@@ -4,6 +4,7 @@ plus the device's masking, at batch 1 and 16, walking real documents token by to
     python scripts/bench_grammar.py                                   # the bundled tokenizer (4,096 ids)
     python scripts/bench_grammar.py --tokenizer DIR --vocab-size 248320
     python scripts/bench_grammar.py --qwen-tiktoken qwen.tiktoken     # a Qwen3.5-sized vocabulary, built here
+    python scripts/bench_grammar.py --engine                          # served: per token, constrained vs free
 
 A real Qwen3.5 tokenizer.json cannot be downloaded on our machines. `--qwen-tiktoken` takes Qwen's own byte-level
 BPE ranks (`qwen.tiktoken`, shipped with Qwen-VL-Chat: the 151,643 tokens Qwen2/2.5/3 also use), turns them into
@@ -197,6 +198,51 @@ def bench(tokenizer_json: str, vocab_size: int, batches: list[int], repeats: int
                   f"{(fill_median + apply_median) / batch * 1e6:.1f} us")
 
 
+def bench_engine(batches: list[int], rounds: int, max_tokens: int = 64) -> None:
+    """The cost in the serving engine (the bundled model, bf16, greedy): wall time per generated token of `batch`
+    rows constrained to a JSON schema (their masks filled each step, and their tokens read before the next step
+    is dispatched) against the same rows free, rounds interleaved, medians. Both write max_tokens tokens: the free
+    rows with ignore_eos, the constrained ones a string of at least 2,000 characters."""
+    import queue
+
+    import qwenjax
+    from qwenjax.inference.tokenizer import Tokenizer as QwenTokenizer
+    from qwenjax.serve.engine import Engine, Finished, Request
+
+    m, tok = qwenjax.from_pretrained(DEFAULT_MODEL_DIR), QwenTokenizer(DEFAULT_MODEL_DIR)
+    engine = Engine(m, max_batch=max(batches), max_len=1024, tokenizer=tok).start()
+    spec = GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "long", "schema": {
+        "type": "object", "properties": {"text": {"type": "string", "minLength": 2000}}, "required": ["text"]}}})
+    topics = ["os.path.join", "the json module", "list.sort", "re.match", "the class dict", "math.floor"]
+
+    def run(batch: int, constrained: bool) -> tuple[float, int]:
+        inboxes = [queue.Queue() for _ in range(batch)]
+        t0 = time.perf_counter()
+        for r, inbox in enumerate(inboxes):
+            text = tok.apply_chat_template([{"role": "user", "content": f"Describe {topics[r % len(topics)]} as "
+                                             f"JSON ({r})."}], enable_thinking=False)
+            engine.submit(Request(prompt=tok.encode(text), on_event=inbox.put, max_tokens=max_tokens,
+                                  grammar=spec if constrained else None, ignore_eos=not constrained))
+        tokens = 0
+        for inbox in inboxes:
+            while not isinstance(event := inbox.get(timeout=600), Finished):
+                tokens += len(event.ids)
+        return time.perf_counter() - t0, tokens
+
+    print(f"engine: {DEFAULT_MODEL_DIR} ({m.dtype}), greedy, max_tokens {max_tokens}; {rounds} rounds, interleaved")
+    for batch in batches:
+        run(batch, True), run(batch, False)  # compiles this batch's programs
+        per_token = {True: [], False: []}
+        for _ in range(rounds):
+            for constrained in (False, True):
+                seconds, tokens = run(batch, constrained)
+                per_token[constrained].append(seconds / tokens)
+        free, schema = (statistics.median(per_token[c]) for c in (False, True))
+        print(f"  batch {batch:2d}: free {free * 1e3:6.2f} ms/token, json_schema {schema * 1e3:6.2f} ms/token "
+              f"({schema / free:.2f}x; +{(schema - free) * 1e3:.2f} ms a token)")
+    engine.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", default=DEFAULT_MODEL_DIR,
@@ -207,7 +253,10 @@ def main() -> None:
     p.add_argument("--save-tokenizer", help="where to write the built tokenizer.json (with --qwen-tiktoken)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3, help="passes over each document (the first is reported apart)")
+    p.add_argument("--engine", action="store_true", help="measure in the serving engine instead (bench_engine)")
     args = p.parse_args()
+    if args.engine:
+        return bench_engine(args.batch, args.repeats)
     if args.qwen_tiktoken:
         t0 = time.perf_counter()
         text = qwen_sized_tokenizer(args.qwen_tiktoken)
