@@ -122,7 +122,9 @@ def resolve_kernels(kernels: Kernels | Mapping[str, str] | None, platform: str) 
 # order chosen by the shape (row 0 of a sum over 256 columns changes from 16 rows up: every RMSNorm of a 256-wide
 # model) and drop bf16 roundings (a max over bf16 logits read their fp32 values). Measured on the bundled model: a
 # prompt's hidden states after a prefill differed alone and beside 15 other prompts, and with a 16- or a 64-token
-# GDN chunk; without these fusions, bit for bit the same (tests/test_batch_invariance.py).
+# GDN chunk; without these fusions, bit for bit the same (tests/test_batch_invariance.py). Keeping YNNPACK's dots
+# alone ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", jaxlib 0.10.2) broke the prefill's invariance again (attention's
+# dots). The price: XLA's own attention dots read a bf16 cache converted to fp32 (a copy of the window a step).
 _NO_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 log = logging.getLogger(__name__)
