@@ -10,15 +10,20 @@ Python-docs English and follows no instructions. This script
    them offered in a random order with varied descriptions, the user's question in varied phrasings. Three kinds:
    `call` (a question an offered tool answers: the reply is the call), `answer` (the call, its `tool` result, and
    an answer in text taken from the result) and `no_fit` (a docs question, chit-chat, or a question for a tool
-   that is not offered: a text answer). Assistant turns are written as Qwen3.5's template renders a turn after
-   the last question: an empty `<think>\\n\\n</think>\\n\\n` and then the call or the text. That is the text that
+   that is not offered: a text answer). Most training values (cities, stock symbols, docs queries, time zones) are
+   made up per question (`MADE_UP`), so that remembering values cannot lower the loss of a call's arguments: only
+   copying them from the question can; `copy_exercises` (--copy-rows) adds rows that only ask to repeat made-up
+   values. (Neither taught this model to copy within the step budget of a 2-core CPU: see the card's held-out
+   argument accuracy.) Assistant turns are written as Qwen3.5's template renders a turn after the last question:
+   an empty `<think>\\n\\n</think>\\n\\n` and then the call or the text. That is the text that
    follows both generation prompts (thinking on opens `<think>\\n`; off writes the whole empty block), so one
    training turn serves both;
-2. fine-tunes the whole model on them mixed with pieces of its Python-docs training split (so it keeps its
-   English and its MTP head stays in step) with qwenjax's trainer (`qwenjax.train.loop.finetune`: only the
-   assistant turns of a conversation carry the loss). The trainer's JSONL rows render `messages` without `tools`,
-   so each row carries the tools block in its system message: `training_row` checks that the text it renders is
-   the text the template renders with `tools=`;
+2. fine-tunes the whole model in two phases, first on single questions without tools block or system message
+   (short rows, many to a batch), then on whole conversations, each mixed with pieces of its Python-docs training
+   split (so it keeps its English and its MTP head stays in step), with qwenjax's trainer
+   (`qwenjax.train.loop.finetune`: only the assistant turns of a conversation carry the loss). The trainer's
+   JSONL rows render `messages` without `tools`, so each row carries the tools block in its system message:
+   `training_row` checks that the text it renders is the text the template renders with `tools=`;
 3. measures, on the shipped bf16 weights: held-out conversations (another seed; cities, stock symbols, queries,
    time zones and docs questions never trained on) answered greedily from the chat template's prompt, as
    `qwenjax serve` prompts, and read by `qwenjax.serve.reply_parser.ReplyParser` (tool selection, arguments equal
@@ -51,6 +56,7 @@ from scripts.train_default_model import HOLDOUT_EVERY, heldout_loss, pieces, pyt
 
 TRAIN_SEED, EVAL_SEED = 0, 1  # the conversations trained on, and the held-out ones
 KINDS = ("call", "answer", "no_fit")
+REFUSAL = "Sorry, "  # how the answers to questions for a tool not offered begin
 CALL_TEXT = "<tool_call>"  # in a reply to a conversation without tools, a call the server would not parse
 
 # ---- what the user asks about: each pool split into training and held-out values --------------------------------
@@ -87,6 +93,48 @@ CHITCHAT = (("Hi!", "Hello! How can I help you?"), ("Hello, who are you?", "I am
             ("Thanks!", "You are welcome."), ("Thank you for your help.", "Glad to help."),
             ("Good morning.", "Good morning! What can I do for you?"),
             ("What can you do?", "I can answer questions about Python and use the tools I am given."))
+
+
+# Training values are mostly made up, one per question (`made_up`): a value never repeats often enough to be
+# remembered, so the only way to lower the loss on a call's arguments is to copy them from the question (the
+# held-out values, real names, are never trained on).
+MADE_UP = 0.8  # the share of training values made up
+_ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "ch", "st", "tr",
+           "gr", "pl", "sh", "th", "")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea", "y")
+_CODAS = ("", "", "", "n", "r", "s", "l", "m", "t", "k", "x", "nd", "rt")
+
+
+def made_up_word(rng, syllables: tuple[int, int] = (1, 4)) -> str:
+    return "".join(_pick(rng, _ONSETS) + _pick(rng, _VOWELS) + _pick(rng, _CODAS)
+                   for _ in range(int(rng.integers(*syllables))))
+
+
+def made_up_city(rng) -> str:
+    name = made_up_word(rng, (2, 4)).capitalize()
+    r = rng.random()
+    return (f"{_pick(rng, ('San', 'New', 'Port', 'Saint', 'Los', 'El', 'Fort'))} {name}" if r < 0.12
+            else f"{name} {made_up_word(rng, (1, 3)).capitalize()}" if r < 0.2 else name)
+
+
+def made_up_symbol(rng) -> str:
+    return "".join(chr(65 + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(2, 6))))
+
+
+def made_up_query(rng) -> str:
+    words = [made_up_word(rng) for _ in range(int(rng.integers(1, 4)))]
+    r = rng.random()
+    return ("_".join(words) if r < 0.2 else ".".join(words[:2]) if r < 0.35 else f"the {' '.join(words)}"
+            if r < 0.45 else " ".join(words))
+
+
+def made_up_zone(rng) -> str:
+    city = made_up_city(rng).replace(" ", "_")
+    return f"{_pick(rng, ('Europe', 'America', 'Asia', 'Africa', 'Australia', 'Pacific', 'Atlantic', 'Indian'))}/{city}"
+
+
+def _value(rng, split: str, pool: tuple, make) -> str:
+    return make(rng) if split == "train" and rng.random() < MADE_UP else _pick(rng, pool)
 
 
 def _time_zones() -> dict[str, tuple[str, ...]]:
@@ -162,7 +210,7 @@ def weather(rng, split: str, pools: dict, tool: dict | None = None):
                          {key: ({"type": "string"}, "The city, e.g. Paris" if key == "city" else "The city name"),
                           "unit": ({"type": "string", "enum": ["celsius", "fahrenheit"]}, "Temperature unit")}, [key])
     key = tool["function"]["parameters"]["required"][0]
-    city = _pick(rng, CITIES[split])
+    city = _value(rng, split, CITIES[split], made_up_city)
     unit = _pick(rng, ("celsius", "fahrenheit")) if rng.random() < 0.3 else None
     if unit:
         question = _pick(rng, ("What's the weather in {c} in {u}?", "Give me the temperature in {c} in {u}.",
@@ -206,7 +254,7 @@ def calculator(rng, split: str, pools: dict, tool: dict | None = None):
 def get_time(rng, split: str, pools: dict, tool: dict | None = None):
     tool = tool or _tool(rng, "get_time", DESCRIPTIONS["get_time"],
                          {"timezone": ({"type": "string"}, "An IANA time zone, e.g. Europe/Paris")}, ["timezone"])
-    zone = _pick(rng, pools["zones"][split])
+    zone = _value(rng, split, pools["zones"][split], made_up_zone)
     question = _pick(rng, ("What time is it in {z}?", "What's the current time in {z}?", "time in {z}?",
                            "Tell me the time in the {z} time zone.", "Current time for {z}, please.")).format(z=zone)
     clock = f"{int(rng.integers(24)):02d}:{int(rng.integers(60)):02d}"
@@ -219,7 +267,7 @@ def search_docs(rng, split: str, pools: dict, tool: dict | None = None):
     tool = tool or _tool(rng, "search_docs", DESCRIPTIONS["search_docs"],
                          {"query": ({"type": "string"}, "What to look for"),
                           "limit": ({"type": "integer"}, "How many results to return")}, ["query"])
-    query = _pick(rng, QUERIES[split])
+    query = _value(rng, split, QUERIES[split], made_up_query)
     limit = int(rng.integers(1, 11)) if rng.random() < 0.35 else None
     if limit:
         question = _pick(rng, ("Find {n} pages in the docs about {q}.", "Search the docs for {q} and show {n} "
@@ -253,7 +301,7 @@ def convert_units(rng, split: str, pools: dict, tool: dict | None = None):
 def stock_price(rng, split: str, pools: dict, tool: dict | None = None):
     tool = tool or _tool(rng, "get_stock_price", DESCRIPTIONS["get_stock_price"],
                          {"symbol": ({"type": "string"}, "The ticker, e.g. AAPL")}, ["symbol"])
-    symbol = _pick(rng, SYMBOLS[split])
+    symbol = _value(rng, split, SYMBOLS[split], made_up_symbol)
     question = _pick(rng, ("What's the stock price of {s}?", "How is {s} trading today?", "Price of {s} shares?",
                            "Get me a quote for {s}.")).format(s=symbol)
     price = float(rng.integers(1000, 90000)) / 100
@@ -324,10 +372,10 @@ def _docs_turn(rng, docs) -> tuple[str, str]:
         n=name), text
 
 
-def conversations(seed: int, split: str, n: int) -> list[dict]:
-    """`n` conversations, 40% of one question, the others of 2 to 4."""
+def conversations(seed: int, split: str, n: int, exchanges: int | None = None) -> list[dict]:
+    """`n` conversations of `exchanges` questions (default: 40% of one, the others of 2 to 4)."""
     rng, p = np.random.default_rng(seed), pools()
-    return [conversation(rng, split, p, exchanges=1 if rng.random() < 0.4 else int(rng.integers(2, 5)))
+    return [conversation(rng, split, p, exchanges=exchanges or (1 if rng.random() < 0.4 else int(rng.integers(2, 5))))
             for _ in range(n)]
 
 
@@ -485,29 +533,88 @@ def mtp_figures(model_dir: str, heldout: list[str]) -> dict:
                 acceptance(m, tok, heldout[:24], prompt_tokens=PROMPT_TOKENS, new_tokens=48)}
 
 
+def copy_exercises(seed: int, n: int) -> list[dict]:
+    """`n` one-turn chat rows whose answer repeats a list of made-up values from the question (city and function
+    names, ticker symbols, numbers, time zones): every answer token but the first can only be predicted by copying,
+    the skill a call's arguments need (the docs model has none: it does not continue a repeated random sequence)."""
+    rng = np.random.default_rng(seed)
+    makers = (made_up_city, made_up_symbol, made_up_query, made_up_zone, made_up_word,
+              lambda r: str(_number(r)))
+    asks = ("Repeat after me: {x}", "Say {x}", "Copy this: {x}", "Write back {x}", "Echo: {x}", "{x}")
+    rows = []
+    for _ in range(n):
+        make = makers[int(rng.integers(len(makers)))]
+        values = [make(rng) if rng.random() < 0.8 else _pick(rng, makers)(rng) for _ in range(int(rng.integers(1, 7)))]
+        text = _pick(rng, (" ", ", ", " ")).join(values)
+        rows.append({"messages": [{"role": "user", "content": _pick(rng, asks).format(x=text)},
+                                  {"role": "assistant", "content": text}]})
+    return rows
+
+
+def short_row(conv: dict) -> dict:
+    """The conversation's last question and what answers it, without system message or tools: the first phase's
+    rows (short, so a batch holds many questions)."""
+    start = max(i for i, m in enumerate(conv["messages"]) if m["role"] == "user")
+    return {"messages": conv["messages"][start:]}
+
+
+def _phase(model_dir: str, tok, rows: list[dict], run_dir: str, *, steps: int, lr: float, pack_len: int,
+           batch_rows: int, args) -> tuple[str, dict]:
+    """`finetune` of the model in `model_dir` on `rows` (JSONL); returns (its export, its record for the card)."""
+    import qwenjax
+    from qwenjax.train.loop import RunConfig, finetune
+    from qwenjax.train.step import TrainConfig
+
+    data = f"{run_dir}.jsonl"
+    _write_jsonl(data, rows)
+    tokens = sum(len(tok.encode(tok.apply_chat_template(r["messages"], add_generation_prompt=False)
+                                if "messages" in r else r["text"])) for r in rows)
+    train = TrainConfig(learning_rate=lr, warmup_steps=min(args.warmup, steps // 10), total_steps=steps,
+                        final_lr_ratio=0.1, weight_decay=0.1, seed=args.seed, mtp_weight=args.mtp_weight)
+    run = RunConfig(pack_len=pack_len, rows=batch_rows, save_every=steps, strict_data=True)
+    print(f"{os.path.basename(run_dir)}: {len(rows)} rows, {tokens / 1e6:.2f} M tokens; {steps} steps x "
+          f"{batch_rows} x {pack_len} = {steps * batch_rows * pack_len / tokens:.2f} epochs", flush=True)
+    t = time.time()
+    history = finetune(qwenjax.from_pretrained(model_dir, dtype="float32"), tok, data, run_dir, train=train, run=run,
+                       overwrite=True)  # a scratch directory: a rerun starts over
+    last = history[-20:]
+    return os.path.join(run_dir, "export"), {
+        "rows": len(rows), "tokens": tokens, "steps": steps, "batch": f"{batch_rows} x {pack_len}",
+        "learning_rate": lr, "warmup_steps": train.warmup_steps, "mtp_weight": args.mtp_weight,
+        "train_loss_last_20_steps": round(sum(h["loss"] for h in last) / len(last), 4),
+        "seconds": round(time.time() - t)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, help="the model to fine-tune (default: the bundled one)")
     p.add_argument("--out", default=DEFAULT_MODEL_DIR, help="where the model goes (the bundled directory: its "
                    "weights and card replaced; another: the whole model written there)")
-    p.add_argument("--conversations", type=int, default=480, help="synthetic tool-use conversations to train on")
-    p.add_argument("--continuations", type=int, default=160, help="docs training pieces whose first 32 tokens the "
-                   "model continues greedily (--continuation-tokens) for the docs rows mixed in")
-    p.add_argument("--doc-pieces", type=int, default=250, help="docs training pieces mixed in as they are")
-    p.add_argument("--mtp-weight", type=float, default=0.5, help="the MTP head trained beside the model")
-    p.add_argument("--steps", type=int, default=110)
+    p.add_argument("--short-questions", type=int, default=2400, help="phase 1: single questions and their answers "
+                   "without system message or tools block (many per batch: the model learns which call a question "
+                   "needs)")
+    p.add_argument("--copy-rows", type=int, default=2400, help="phase 1: copy exercises (`copy_exercises`)")
+    p.add_argument("--short-docs", type=float, default=0.5, help="phase 1: the share of the docs rows mixed in")
+    p.add_argument("--short-steps", type=int, default=140)
+    p.add_argument("--short-lr", type=float, default=3e-3)
+    p.add_argument("--conversations", type=int, default=300, help="phase 2: whole conversations with their tools")
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--pack-len", type=int, default=1024)
     p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--continuations", type=int, default=160, help="docs training pieces whose first 32 tokens the "
+                   "model continues greedily (--continuation-tokens) for the docs rows mixed into both phases")
+    p.add_argument("--doc-pieces", type=int, default=200, help="docs training pieces mixed in as they are")
+    p.add_argument("--mtp-weight", type=float, default=0.5, help="the MTP head trained beside the model")
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
-    p.add_argument("--eval-per-tool", type=int, default=12, help="held-out call conversations per tool (half as "
+    p.add_argument("--eval-per-tool", type=int, default=8, help="held-out call conversations per tool (half as "
                    "many answer conversations per tool, and no_fit ones: half the calls)")
     p.add_argument("--mtp-target", type=float, default=0.7728, help="the k=1 acceptance the head must keep (the "
                    "card's before this fine-tune); below it the head is trained again")
-    p.add_argument("--mtp-steps", type=int, default=100)
+    p.add_argument("--mtp-steps", type=int, default=60)
     p.add_argument("--mtp-lr", type=float, default=1e-3)
-    p.add_argument("--mtp-pieces", type=int, default=3000, help="training pieces whose continuations the head "
+    p.add_argument("--mtp-pieces", type=int, default=800, help="training pieces whose continuations the head "
                    "is trained on again")
     p.add_argument("--continuation-tokens", type=int, default=96, help="the length of the greedy continuations "
                    "(the docs rows, and the head's data if it is trained again)")
@@ -516,8 +623,6 @@ def main() -> None:
 
     import qwenjax
     from qwenjax.inference.tokenizer import Tokenizer
-    from qwenjax.train.loop import RunConfig, finetune
-    from qwenjax.train.step import TrainConfig
     from scripts.train_mtp_head import greedy_continuations
 
     t0 = time.time()
@@ -531,48 +636,40 @@ def main() -> None:
     heldout = [t for i, t in enumerate(texts) if i % HOLDOUT_EVERY == 0]
     rng = np.random.default_rng(args.seed)
     chosen = rng.choice(len(train_texts), size=args.continuations + args.doc_pieces, replace=False)
-    source = qwenjax.from_pretrained(args.model, dtype="float32")
     # the model's own greedy docs text: it keeps the model's docs behaviour and trains the MTP head on what it will
-    # draft against (scripts/train_mtp_head.py's data); a few corpus pieces as they are
+    # draft against (scripts/train_mtp_head.py's data); and corpus pieces as they are
     continued = [train_texts[i] for i in sorted(chosen[:args.continuations])]
-    docs = greedy_continuations(source, tok, continued, args.continuation_tokens) + [
-        train_texts[i] for i in sorted(chosen[args.continuations:])]
-    del source
-    convs = conversations(args.seed, "train", args.conversations)
-    rows = [training_row(tok, c) for c in convs] + [{"text": t} for t in docs]
-    data = os.path.join(work, "train.jsonl")
-    _write_jsonl(data, rows)
-    lengths = [len(tok.encode(tok.apply_chat_template(c["messages"], tools=c["tools"], add_generation_prompt=False)))
-               for c in convs]
-    doc_tokens = sum(len(tok.encode(t)) + 1 for t in docs)
-    print(f"{len(convs)} conversations ({sum(lengths) / 1e6:.2f} M tokens, longest {max(lengths)}; "
-          f"{ {k: sum(c['kind'] == k for c in convs) for k in KINDS} }) and {len(docs)} docs rows "
-          f"({doc_tokens / 1e6:.2f} M tokens); {args.steps} steps x {args.rows} x {args.pack_len} = "
-          f"{args.steps * args.rows * args.pack_len / (sum(lengths) + doc_tokens):.2f} epochs", flush=True)
+    docs = greedy_continuations(qwenjax.from_pretrained(args.model, dtype="float32"), tok, continued,
+                                args.continuation_tokens)
+    docs += [train_texts[i] for i in sorted(chosen[args.continuations:])]
+    docs = [{"text": t} for t in docs if len(tok.encode(t)) < 512]  # both phases' rows hold them
 
-    train = TrainConfig(learning_rate=args.lr, warmup_steps=min(args.warmup, args.steps // 10), total_steps=args.steps,
-                        final_lr_ratio=0.1, weight_decay=0.1, seed=args.seed, mtp_weight=args.mtp_weight)
-    run = RunConfig(pack_len=args.pack_len, rows=args.rows, save_every=args.steps)
-    t_train = time.time()
-    history = finetune(qwenjax.from_pretrained(args.model, dtype="float32"), tok, data, os.path.join(work, "run"),
-                       train=train, run=run, overwrite=True)  # a scratch directory: a rerun starts over
-    train_seconds = time.time() - t_train
-    export = os.path.join(work, "run", "export")  # bf16, as the source: what ships
+    # without the tools block a question for a tool that is not offered reads as one for a tool that is
+    short = [c for c in conversations(args.seed + 1, "train", args.short_questions, exchanges=1)
+             if not (c["kind"] == "no_fit" and c["messages"][-1]["content"].startswith(REFUSAL))]
+    convs = [c for c in conversations(args.seed, "train", args.conversations)
+             if len(tok.encode(tok.apply_chat_template(c["messages"], tools=c["tools"], add_generation_prompt=False)))
+             < args.pack_len]  # a few of 4 questions are longer
+    copies = copy_exercises(args.seed + 2, args.copy_rows)
+    short_docs = docs[:round(len(docs) * args.short_docs)]
+    export, phase1 = _phase(args.model, tok, [short_row(c) for c in short] + copies + short_docs,
+                            os.path.join(work, "short"),
+                            steps=args.short_steps, lr=args.short_lr, pack_len=512, batch_rows=8, args=args)
+    export, phase2 = _phase(export, tok, [training_row(tok, c) for c in convs] + docs, os.path.join(work, "whole"),
+                            steps=args.steps, lr=args.lr, pack_len=args.pack_len, batch_rows=args.rows, args=args)
 
     heads = {"before": card["mtp_head"]["greedy_speculative_acceptance_24_heldout_prompts_of_32_tokens_48_new"]}
     mtp = mtp_figures(export, heldout)
     refreshed = None
     if mtp["greedy_speculative_acceptance_24_heldout_prompts_of_32_tokens_48_new"]["k=1"]["acceptance_rate"] \
             < args.mtp_target and args.mtp_steps:
-        heads["after_the_fine_tune_before_the_head_was_trained_again"] = mtp[
-            "greedy_speculative_acceptance_24_heldout_prompts_of_32_tokens_48_new"]
+        heads["after"] = mtp["greedy_speculative_acceptance_24_heldout_prompts_of_32_tokens_48_new"]
         export, refreshed = refresh_mtp_head(export, work, train_texts, args)
         mtp = mtp_figures(export, heldout)
 
-    final = qwenjax.from_pretrained(export, dtype="float32")
     eval_convs = heldout_conversations(args.eval_per_tool)
     t_eval = time.time()
-    accuracy = tool_accuracy(final, Tokenizer(export), eval_convs)
+    accuracy = tool_accuracy(qwenjax.from_pretrained(export, dtype="float32"), Tokenizer(export), eval_convs)
     eval_seconds = time.time() - t_eval
     loss = heldout_loss(export, heldout, card["pack_len"])
     print(f"docs held-out loss {loss:.4f} nats/token (before: {card['heldout_loss']})", flush=True)
@@ -582,35 +679,30 @@ def main() -> None:
     card["mtp_head"].update(mtp)
     card["mtp_head"]["acceptance_k1_before_tool_finetune"] = heads["before"]["k=1"]["acceptance_rate"]
     if refreshed is not None:
-        card["mtp_head"]["trained_again_after_tool_finetune"] = refreshed
-        card["mtp_head"]["acceptance_after_tool_finetune_before_training_again"] = heads[
-            "after_the_fine_tune_before_the_head_was_trained_again"]
+        card["mtp_head"]["trained_again_after_tool_finetune"] = {**refreshed, "acceptance_before": heads["after"]}
     card["what"] = ("A small Qwen3.5-architecture model (configs/qwen3.5-tiny-pydoc.json) trained from scratch by "
                     "scripts/train_default_model.py on Python's bundled documentation, then fine-tuned by "
-                    "scripts/train_tool_model.py to call tools in Qwen3.5's format. It writes Python-docs-like "
-                    "English and calls the tools it is offered for weather, arithmetic, time, docs search, unit "
-                    "conversion and stock-price questions; it follows no other instructions.")
+                    "scripts/train_tool_model.py on synthetic tool-use conversations in Qwen3.5's tool-call format. "
+                    "It writes Python-docs-like English; see tool_finetune.heldout for how well it calls tools.")
     card["tool_finetune"] = {
         "command": "python scripts/train_tool_model.py " + " ".join(sys.argv[1:]),
         "python": platform.python_version(),
         "tools": list(TOOLS),
-        "conversations": {"count": len(convs), "tokens": sum(lengths), "seed": args.seed,
-                          **{k: sum(c["kind"] == k for c in convs) for k in KINDS}},
-        "docs_rows": {"greedy_continuations": args.continuations, "continuation_tokens": args.continuation_tokens,
-                      "corpus_pieces": args.doc_pieces, "tokens": doc_tokens,
-                      "what": "the source model's greedy continuations of the first 32 tokens of docs training "
-                              "pieces, and docs training pieces as they are"},
-        "mtp_weight": args.mtp_weight,
         "thinking": "every assistant turn trained as the template renders it after the question: an empty think "
                     "block, then the call or the answer (the continuation of both generation prompts)",
-        "steps": args.steps, "rows": args.rows, "pack_len": args.pack_len, "learning_rate": args.lr,
-        "warmup_steps": train.warmup_steps,
-        "train_loss_last_20_steps": round(sum(h["loss"] for h in history[-20:]) / len(history[-20:]), 4),
-        "train_seconds": round(train_seconds),
+        "docs_rows": {"count": len(docs), "greedy_continuations": args.continuations,
+                      "continuation_tokens": args.continuation_tokens, "corpus_pieces": args.doc_pieces,
+                      "what": "the source model's greedy continuations of the first 32 tokens of docs training "
+                              "pieces, and docs training pieces as they are (those under 512 tokens), in both phases"},
+        "phase_1_short_questions": {**phase1, "questions": len(short), "seed": args.seed + 1,
+                                    "copy_exercises": len(copies), "docs_rows": len(short_docs),
+                                    **{k: sum(c["kind"] == k for c in short) for k in KINDS}},
+        "phase_2_whole_conversations": {**phase2, "conversations": len(convs), "seed": args.seed,
+                                        **{k: sum(c["kind"] == k for c in convs) for k in KINDS}},
         "heldout": {"what": f"conversations of seed {EVAL_SEED} (never trained on; their cities, stock symbols, "
                             "docs queries, time zones and docs questions are not in the training ones) answered "
-                            "greedily from the chat template's prompt and read by qwenjax.serve.reply_parser; "
-                            "arguments must equal the expected ones with their JSON types",
+                            "greedily in fp32 from the chat template's prompt and read by "
+                            "qwenjax.serve.reply_parser; arguments must equal the expected ones with their JSON types",
                     "eval_per_tool": args.eval_per_tool, **accuracy, "seconds": round(eval_seconds)},
         "wall_seconds": round(time.time() - t0),
     }
