@@ -201,7 +201,7 @@ class MatmulCase(NamedTuple):
 
 
 class TestMatmul(KernelVsOracle):
-    """The CPU kernel serves 1-4 rows (fp32: 2-4); other shapes take XLA's dot inside the same implementation."""
+    """The CPU kernel serves every number of rows (under a gradient XLA's dot past 4 rows: tests/test_cpu_matvec.py)."""
 
     # A machine with no C++ compiler runs XLA's path alone; where one exists the kernel line is always there, and a
     # kernel that fails to build fails it (and tests/test_cpu_matvec.py).

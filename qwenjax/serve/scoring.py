@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.inference.sampling import token_logprobs
+from qwenjax.ops.kernels import program_options
 from qwenjax.pretrained import forward
 from qwenjax.sharding import activation_sharding, param_shardings
 
@@ -58,6 +59,7 @@ class PromptScorer:
                 picked = jnp.take_along_axis(logits, ids[0, 1:, None], axis=-1)
                 return chosen, (logits > picked).sum(-1) + 1, top_ids, top_lps
 
-            return jax.jit(run, in_shardings=(param_shardings(self.m.params, self.m.mesh, self.m.rules), None, None))
+            return jax.jit(run, in_shardings=(param_shardings(self.m.params, self.m.mesh, self.m.rules), None, None),
+                           compiler_options=program_options(self.m))  # the same numbers whatever the padding
 
         return self.m.compiled(("prompt_logprobs", size, top), build)
