@@ -10,11 +10,9 @@ import json
 import os
 import subprocess
 import sys
-from typing import Annotated
 
 import numpy as np
 import pytest
-from pydantic import Field
 
 from test_serve_api import _serving
 
@@ -98,7 +96,7 @@ def test_langchain_with_structured_output(server, method):
     from typing import Literal
 
     from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     class Doc(BaseModel):
         """What a Python docs entry describes."""
@@ -115,9 +113,10 @@ def test_langchain_with_structured_output(server, method):
 # ---- the OpenAI Agents SDK: an agent with a function tool, over Chat Completions ----------------------------------
 @pytest.mark.parametrize("streamed", [False, True])
 def test_openai_agents_runs_a_tool(server, streamed):
-    """An agent whose first turn must call its tool (tool_choice "required", one call a turn; the SDK resets it to
-    auto after the call): the bundled model calls get_weather with a city, the tool's result goes back, and the
-    agent finishes with a text answer, streamed and not."""
+    """An agent with a function tool, the SDK's defaults but for the run ending at the tool's result
+    (`stop_on_first_tool`: this small model, asked again, calls tools it was trained on but not offered): the
+    bundled model, not forced (tool_choice auto), calls get_weather with a city, and the tool's result is the
+    agent's answer, streamed and not."""
     import asyncio
 
     from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
@@ -129,23 +128,22 @@ def test_openai_agents_runs_a_tool(server, streamed):
     calls = []
 
     @function_tool
-    def get_weather(city: Annotated[str, Field(max_length=30)]) -> str:
-        """The weather in a city."""
+    def get_weather(city: str) -> str:
+        """The weather forecast for a city."""
         calls.append(city)
         return f"It is sunny in {city}, 21 degrees."
 
     model = OpenAIChatCompletionsModel(model="tiny-pydoc", openai_client=AsyncOpenAI(
         base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300))
     agent = Agent(name="weather", instructions="Answer weather questions with the get_weather tool.",
-                  tools=[get_weather], model=model, model_settings=ModelSettings(
-                      tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=120,
-                      extra_body=NO_THINKING))
+                  tools=[get_weather], model=model, tool_use_behavior="stop_on_first_tool",
+                  model_settings=ModelSettings(temperature=0, max_tokens=120, extra_body=NO_THINKING))
     question = "What is the weather in Paris?"
 
     async def run():
         if not streamed:
-            return await Runner.run(agent, question, max_turns=3)
-        result = Runner.run_streamed(agent, question, max_turns=3)
+            return await Runner.run(agent, question, max_turns=2)
+        result = Runner.run_streamed(agent, question, max_turns=2)
         events = [event async for event in result.stream_events()]
         assert any(e.type == "raw_response_event" for e in events)  # token deltas did stream
         return result
@@ -154,4 +152,4 @@ def test_openai_agents_runs_a_tool(server, streamed):
     assert len(calls) == 1 and isinstance(calls[0], str) and calls[0], calls
     kinds = [type(item) for item in result.new_items]
     assert ToolCallItem in kinds and ToolCallOutputItem in kinds, kinds
-    assert isinstance(result.final_output, str), result.final_output
+    assert result.final_output == f"It is sunny in {calls[0]}, 21 degrees."
