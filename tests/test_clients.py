@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Annotated
 
 import numpy as np
 import pytest
+from pydantic import Field
 
 from test_serve_api import _serving
 
@@ -96,7 +98,7 @@ def test_langchain_with_structured_output(server, method):
     from typing import Literal
 
     from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel
 
     class Doc(BaseModel):
         """What a Python docs entry describes."""
@@ -113,10 +115,10 @@ def test_langchain_with_structured_output(server, method):
 # ---- the OpenAI Agents SDK: an agent with a function tool, over Chat Completions ----------------------------------
 @pytest.mark.parametrize("streamed", [False, True])
 def test_openai_agents_runs_a_tool(server, streamed):
-    """An agent with a function tool, the SDK's defaults but for the run ending at the tool's result
-    (`stop_on_first_tool`: this small model, asked again, calls tools it was trained on but not offered): the
-    bundled model, not forced (tool_choice auto), calls get_weather with a city, and the tool's result is the
-    agent's answer, streamed and not."""
+    """An agent whose first turn must call its tool (tool_choice "required", one call a turn: the bundled model
+    was not taught to call tools, scripts/train_tool_model.py), with the SDK's defaults but for the run ending at
+    the tool's result (`stop_on_first_tool`): the bundled model calls get_weather with a city, and the tool's
+    result is the agent's answer, streamed and not."""
     import asyncio
 
     from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
@@ -128,7 +130,7 @@ def test_openai_agents_runs_a_tool(server, streamed):
     calls = []
 
     @function_tool
-    def get_weather(city: str) -> str:
+    def get_weather(city: Annotated[str, Field(max_length=30)]) -> str:  # this model rambles in free text
         """The weather forecast for a city."""
         calls.append(city)
         return f"It is sunny in {city}, 21 degrees."
@@ -137,7 +139,8 @@ def test_openai_agents_runs_a_tool(server, streamed):
         base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300))
     agent = Agent(name="weather", instructions="Answer weather questions with the get_weather tool.",
                   tools=[get_weather], model=model, tool_use_behavior="stop_on_first_tool",
-                  model_settings=ModelSettings(temperature=0, max_tokens=120, extra_body=NO_THINKING))
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                               max_tokens=120, extra_body=NO_THINKING))
     question = "What is the weather in Paris?"
 
     async def run():
