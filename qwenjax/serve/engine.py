@@ -304,18 +304,16 @@ class Engine:
         # the last step's tokens and the prefill's while it runs. With speculative decoding the host sets each
         # row's token counters and limits from what came before, and a constrained row's mask follows the tokens
         # it sampled: then the host reads everything before the step.
-        if self.k or any(row is not None and row.grammar is not None for row in self._rows):
+        synchronous = self.k or any(row is not None and row.grammar is not None for row in self._rows)
+        if synchronous:
             if self._pending is not None:
                 pending, self._pending = self._pending, None
                 self._read_step(pending)
             if prefill is not None:
                 self._read_prefill(prefill)
                 prefill = None
-            step = self._decode_step() if any(map(_stepping, self._rows)) else None
-            ready = step
-        else:
-            step = self._decode_step() if any(map(_stepping, self._rows)) else None
-            ready, self._pending = self._pending, step
+        step = self._decode_step() if any(map(_stepping, self._rows)) else None
+        ready, self._pending = (step, None) if synchronous else (self._pending, step)
         if ready is not None:
             self._read_step(ready)
         if prefill is not None:
