@@ -467,8 +467,9 @@ def cmd_serve(args) -> int:
     engine = Engine(m, max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                     max_queue=args.max_queue, prefix_cache_bytes=args.prefix_cache_mb << 20, tokenizer=tokenizer,
                     speculative=args.speculative, draft_vocab=args.draft_vocab)
-    print(f"compiling for {args.max_batch} rows of {args.max_len} tokens ...", file=sys.stderr, flush=True)
-    engine.start()
+    if not args.no_warmup:
+        print(f"compiling for {args.max_batch} rows of {args.max_len} tokens ...", file=sys.stderr, flush=True)
+    engine.start(warmup=not args.no_warmup)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     processor = None
     if m.config.vision is not None:
@@ -564,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests waiting for a row beyond which the server answers 429")
     v.add_argument("--prefix-cache-mb", type=flag(int, minimum=0), default=1024,
                    help="memory for prefix-cache snapshots (GDN states and KV), 0 turns it off")
+    v.add_argument("--no-warmup", action="store_true",
+                   help="answer at once instead of compiling the decode steps and prefill chunks first: each "
+                        "program compiles on first use, so early requests of each new shape wait for it")
     v.add_argument("--shutdown-timeout", type=flag(float, minimum=0), default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
     v.add_argument("--allowed-local-media-path", metavar="DIR",

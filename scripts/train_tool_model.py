@@ -54,7 +54,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwenjax.demo import DEFAULT_MODEL_DIR, install_model_dir  # noqa: E402
 from scripts.train_default_model import HOLDOUT_EVERY, heldout_loss, pieces, python_docs  # noqa: E402
 
-TRAIN_SEED, EVAL_SEED = 0, 1  # the conversations trained on, and the held-out ones
+# the conversations trained on (and TRAIN_SEED + 1, TRAIN_SEED + 2), the held-out ones, and held-out ones with the
+# training pools' values
+TRAIN_SEED, EVAL_SEED, SEEN_SEED = 0, 1, 101
 KINDS = ("call", "answer", "no_fit")
 REFUSAL = "Sorry, "  # how the answers to questions for a tool not offered begin
 CALL_TEXT = "<tool_call>"  # in a reply to a conversation without tools, a call the server would not parse
@@ -98,7 +100,7 @@ CHITCHAT = (("Hi!", "Hello! How can I help you?"), ("Hello, who are you?", "I am
 # Training values are mostly made up, one per question (`made_up`): a value never repeats often enough to be
 # remembered, so the only way to lower the loss on a call's arguments is to copy them from the question (the
 # held-out values, real names, are never trained on).
-MADE_UP = 0.8  # the share of training values made up
+MADE_UP = 0.8  # the share of training values made up (--made-up)
 _ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "ch", "st", "tr",
            "gr", "pl", "sh", "th", "")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea", "y")
@@ -133,8 +135,8 @@ def made_up_zone(rng) -> str:
     return f"{_pick(rng, ('Europe', 'America', 'Asia', 'Africa', 'Australia', 'Pacific', 'Atlantic', 'Indian'))}/{city}"
 
 
-def _value(rng, split: str, pool: tuple, make) -> str:
-    return make(rng) if split == "train" and rng.random() < MADE_UP else _pick(rng, pool)
+def _value(rng, split: str, pools: dict, pool: tuple, make) -> str:
+    return make(rng) if split == "train" and rng.random() < pools["made_up"] else _pick(rng, pool)
 
 
 def _time_zones() -> dict[str, tuple[str, ...]]:
@@ -210,7 +212,7 @@ def weather(rng, split: str, pools: dict, tool: dict | None = None):
                          {key: ({"type": "string"}, "The city, e.g. Paris" if key == "city" else "The city name"),
                           "unit": ({"type": "string", "enum": ["celsius", "fahrenheit"]}, "Temperature unit")}, [key])
     key = tool["function"]["parameters"]["required"][0]
-    city = _value(rng, split, CITIES[split], made_up_city)
+    city = _value(rng, split, pools, CITIES[split], made_up_city)
     unit = _pick(rng, ("celsius", "fahrenheit")) if rng.random() < 0.3 else None
     if unit:
         question = _pick(rng, ("What's the weather in {c} in {u}?", "Give me the temperature in {c} in {u}.",
@@ -254,7 +256,7 @@ def calculator(rng, split: str, pools: dict, tool: dict | None = None):
 def get_time(rng, split: str, pools: dict, tool: dict | None = None):
     tool = tool or _tool(rng, "get_time", DESCRIPTIONS["get_time"],
                          {"timezone": ({"type": "string"}, "An IANA time zone, e.g. Europe/Paris")}, ["timezone"])
-    zone = _value(rng, split, pools["zones"][split], made_up_zone)
+    zone = _value(rng, split, pools, pools["zones"][split], made_up_zone)
     question = _pick(rng, ("What time is it in {z}?", "What's the current time in {z}?", "time in {z}?",
                            "Tell me the time in the {z} time zone.", "Current time for {z}, please.")).format(z=zone)
     clock = f"{int(rng.integers(24)):02d}:{int(rng.integers(60)):02d}"
@@ -267,7 +269,7 @@ def search_docs(rng, split: str, pools: dict, tool: dict | None = None):
     tool = tool or _tool(rng, "search_docs", DESCRIPTIONS["search_docs"],
                          {"query": ({"type": "string"}, "What to look for"),
                           "limit": ({"type": "integer"}, "How many results to return")}, ["query"])
-    query = _value(rng, split, QUERIES[split], made_up_query)
+    query = _value(rng, split, pools, QUERIES[split], made_up_query)
     limit = int(rng.integers(1, 11)) if rng.random() < 0.35 else None
     if limit:
         question = _pick(rng, ("Find {n} pages in the docs about {q}.", "Search the docs for {q} and show {n} "
@@ -301,7 +303,7 @@ def convert_units(rng, split: str, pools: dict, tool: dict | None = None):
 def stock_price(rng, split: str, pools: dict, tool: dict | None = None):
     tool = tool or _tool(rng, "get_stock_price", DESCRIPTIONS["get_stock_price"],
                          {"symbol": ({"type": "string"}, "The ticker, e.g. AAPL")}, ["symbol"])
-    symbol = _value(rng, split, SYMBOLS[split], made_up_symbol)
+    symbol = _value(rng, split, pools, SYMBOLS[split], made_up_symbol)
     question = _pick(rng, ("What's the stock price of {s}?", "How is {s} trading today?", "Price of {s} shares?",
                            "Get me a quote for {s}.")).format(s=symbol)
     price = float(rng.integers(1000, 90000)) / 100
@@ -314,8 +316,9 @@ TOOLS = {"get_weather": weather, "calculator": calculator, "get_time": get_time,
          "convert_units": convert_units, "get_stock_price": stock_price}
 
 
-def pools() -> dict:
-    return {"zones": _time_zones(), "docs": _docs_questions()}
+def pools(made_up: float = MADE_UP) -> dict:
+    """The time zones and docs questions of each split, and the share of training values made up."""
+    return {"zones": _time_zones(), "docs": _docs_questions(), "made_up": made_up}
 
 
 def conversation(rng, split: str, pools: dict, kind: str | None = None, tool: str | None = None,
@@ -372,19 +375,23 @@ def _docs_turn(rng, docs) -> tuple[str, str]:
         n=name), text
 
 
-def conversations(seed: int, split: str, n: int, exchanges: int | None = None) -> list[dict]:
+def conversations(seed: int, split: str, n: int, exchanges: int | None = None,
+                  made_up: float = MADE_UP) -> list[dict]:
     """`n` conversations of `exchanges` questions (default: 40% of one, the others of 2 to 4)."""
-    rng, p = np.random.default_rng(seed), pools()
+    rng, p = np.random.default_rng(seed), pools(made_up)
     return [conversation(rng, split, p, exchanges=exchanges or (1 if rng.random() < 0.4 else int(rng.integers(2, 5))))
             for _ in range(n)]
 
 
-def heldout_conversations(per_tool: int, seed: int = EVAL_SEED) -> list[dict]:
-    """`per_tool` call and `per_tool // 2` answer conversations per tool, and as many no_fit ones as calls / 2."""
-    rng, p = np.random.default_rng(seed), pools()
-    out = [conversation(rng, "eval", p, "call", name) for name in TOOLS for _ in range(per_tool)]
-    out += [conversation(rng, "eval", p, "answer", name) for name in TOOLS for _ in range(max(1, per_tool // 2))]
-    return out + [conversation(rng, "eval", p, "no_fit") for _ in range(max(1, len(TOOLS) * per_tool // 2))]
+def heldout_conversations(per_tool: int, seed: int = EVAL_SEED, split: str = "eval") -> list[dict]:
+    """`per_tool` call and `per_tool // 2` answer conversations per tool, and as many no_fit ones as calls / 2,
+    drawn with another seed than training's. `split` "eval": cities, symbols, queries, zones and docs questions
+    never trained on; "train": those of the training pools (never a made-up one), in conversations never trained
+    on (numbers are drawn afresh in both)."""
+    rng, p = np.random.default_rng(seed), pools(made_up=0.0)
+    out = [conversation(rng, split, p, "call", name) for name in TOOLS for _ in range(per_tool)]
+    out += [conversation(rng, split, p, "answer", name) for name in TOOLS for _ in range(max(1, per_tool // 2))]
+    return out + [conversation(rng, split, p, "no_fit") for _ in range(max(1, len(TOOLS) * per_tool // 2))]
 
 
 # ---- training rows ------------------------------------------------------------------------------------------------
@@ -607,6 +614,8 @@ def main() -> None:
                    "model continues greedily (--continuation-tokens) for the docs rows mixed into both phases")
     p.add_argument("--doc-pieces", type=int, default=200, help="docs training pieces mixed in as they are")
     p.add_argument("--mtp-weight", type=float, default=0.5, help="the MTP head trained beside the model")
+    p.add_argument("--made-up", type=float, default=MADE_UP, help="the share of training cities, symbols, queries "
+                   "and zones made up per question (the rest from the training pools)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
     p.add_argument("--eval-per-tool", type=int, default=8, help="held-out call conversations per tool (half as "
                    "many answer conversations per tool, and no_fit ones: half the calls)")
@@ -645,9 +654,10 @@ def main() -> None:
     docs = [{"text": t} for t in docs if len(tok.encode(t)) < 512]  # both phases' rows hold them
 
     # without the tools block a question for a tool that is not offered reads as one for a tool that is
-    short = [c for c in conversations(args.seed + 1, "train", args.short_questions, exchanges=1)
+    short = [c for c in conversations(args.seed + 1, "train", args.short_questions, exchanges=1,
+                                          made_up=args.made_up)
              if not (c["kind"] == "no_fit" and c["messages"][-1]["content"].startswith(REFUSAL))]
-    convs = [c for c in conversations(args.seed, "train", args.conversations)
+    convs = [c for c in conversations(args.seed, "train", args.conversations, made_up=args.made_up)
              if len(tok.encode(tok.apply_chat_template(c["messages"], tools=c["tools"], add_generation_prompt=False)))
              < args.pack_len]  # a few of 4 questions are longer
     copies = copy_exercises(args.seed + 2, args.copy_rows)
@@ -667,9 +677,11 @@ def main() -> None:
         export, refreshed = refresh_mtp_head(export, work, train_texts, args)
         mtp = mtp_figures(export, heldout)
 
-    eval_convs = heldout_conversations(args.eval_per_tool)
     t_eval = time.time()
-    accuracy = tool_accuracy(qwenjax.from_pretrained(export, dtype="float32"), Tokenizer(export), eval_convs)
+    trained = qwenjax.from_pretrained(export, dtype="float32")
+    accuracy = tool_accuracy(trained, Tokenizer(export), heldout_conversations(args.eval_per_tool))
+    print("held-out conversations, training-pool values:", flush=True)
+    seen = tool_accuracy(trained, Tokenizer(export), heldout_conversations(args.eval_per_tool, SEEN_SEED, "train"))
     eval_seconds = time.time() - t_eval
     loss = heldout_loss(export, heldout, card["pack_len"])
     print(f"docs held-out loss {loss:.4f} nats/token (before: {card['heldout_loss']})", flush=True)
@@ -704,6 +716,10 @@ def main() -> None:
                             "greedily in fp32 from the chat template's prompt and read by "
                             "qwenjax.serve.reply_parser; arguments must equal the expected ones with their JSON types",
                     "eval_per_tool": args.eval_per_tool, **accuracy, "seconds": round(eval_seconds)},
+        "heldout_training_pool_values": {
+            "what": f"conversations of seed {SEEN_SEED} (never trained on) whose cities, stock symbols, docs queries, "
+                    "time zones and docs questions come from the training pools (numbers drawn afresh), measured "
+                    "as heldout", **seen},
         "wall_seconds": round(time.time() - t0),
     }
     with open(os.path.join(export, "training.json"), "w") as f:

@@ -155,7 +155,7 @@ def test_speculative_server_equals_generate(reference, tmp_path):
     vocab = tmp_path / "draft_vocab.json"
     vocab.write_text(json.dumps(sorted(set(range(m.config.vocab_size)) - set(alone))))
     with _serving("--speculative", "2", "--draft-vocab", str(vocab), "--max-batch", "4", "--max-len", "256",
-                  "--prefill-chunk", "64") as (_, url):
+                  "--prefill-chunk", "64", "--no-warmup") as (_, url):
         spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three at once: batched verify passes
             replies = list(pool.map(lambda stream: spec.completions.create(

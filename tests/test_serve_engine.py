@@ -32,7 +32,7 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
     eng = Engine(model, max_batch=16, max_len=512, prefill_chunk=256, tokenizer=Tokenizer(DEFAULT_MODEL_DIR))
-    eng.start()
+    eng.start(warmup=False)  # each program compiles at first use: fewer than the warm-up compiles
     yield eng
     eng.stop()
 

@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 def server(model_dir):
     # one row: each request alone, and the fewest programs to compile at start
     with _serving("--model", model_dir, "--max-batch", "1", "--max-len", str(MAX_LEN), "--prefill-chunk", "64",
-                  "--prefix-cache-mb", "0", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), dtype=None) as s:
+                  "--prefix-cache-mb", "0", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--no-warmup", dtype=None) as s:
         yield s
 
 

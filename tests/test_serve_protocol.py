@@ -31,7 +31,7 @@ README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 @pytest.fixture(scope="module")
 def server():
     with _serving("--max-batch", "8", "--max-len", str(MAX_LEN), "--max-queue", str(MAX_QUEUE),
-                  "--prefill-chunk", "64") as s:
+                  "--prefill-chunk", "64", "--no-warmup") as s:
         yield s[1]
 
 

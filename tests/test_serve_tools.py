@@ -208,7 +208,7 @@ def client(tool_model):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "qwenjax.cli", "serve", "--model", tool_model, "--port",
                              str(port), "--max-batch", "4", "--max-len", "2048", "--dtype", "float32",
-                             "--served-model-name", "tools", "--log-level", "warning"],
+                             "--served-model-name", "tools", "--log-level", "warning", "--no-warmup"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while True:

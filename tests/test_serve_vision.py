@@ -64,7 +64,7 @@ def client(media):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "qwenjax.cli", "serve", "--model", DEFAULT_VISION_MODEL_DIR,
                              "--port", str(port), "--max-batch", "4", "--max-len", "512", "--dtype", "float32",
-                             "--allowed-local-media-path", media, "--log-level", "warning"],
+                             "--allowed-local-media-path", media, "--log-level", "warning", "--no-warmup"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while True:

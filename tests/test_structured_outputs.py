@@ -117,7 +117,7 @@ def test_engine_refuses_what_a_grammar_cannot_honour(model, tok):  # noqa: F811
 # ---- over HTTP ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client():
-    with _serving("--max-batch", "4", "--max-len", "1024") as (_, url):
+    with _serving("--max-batch", "4", "--max-len", "1024", "--no-warmup") as (_, url):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
