@@ -42,9 +42,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    # one row: each request alone, and the fewest programs to compile at start
+    # one row: each request alone, and programs compiled at first use
     with _serving("--model", model_dir, "--max-batch", "1", "--max-len", str(MAX_LEN), "--prefill-chunk", "64",
-                  "--prefix-cache-mb", "0", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--no-warmup", dtype=None) as s:
+                  "--prefix-cache-mb", "0", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--no-warmup",
+                  dtype=None) as s:
         yield s
 
 
