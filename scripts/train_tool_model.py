@@ -10,14 +10,17 @@ Python-docs English and follows no instructions. This script
    them offered in a random order with varied descriptions, the user's question in varied phrasings. Three kinds:
    `call` (a question an offered tool answers: the reply is the call), `answer` (the call, its `tool` result, and
    an answer in text taken from the result) and `no_fit` (a docs question, chit-chat, or a question for a tool
-   that is not offered: a text answer). Most training values (cities, stock symbols, docs queries, time zones) are
-   made up per question (`MADE_UP`), so that remembering values cannot lower the loss of a call's arguments: only
-   copying them from the question can; `copy_exercises` (--copy-rows) adds rows that only ask to repeat made-up
-   values. (Neither taught this model to copy within the step budget of a 2-core CPU: see the card's held-out
-   argument accuracy.) Assistant turns are written as Qwen3.5's template renders a turn after the last question:
-   an empty `<think>\\n\\n</think>\\n\\n` and then the call or the text. That is the text that
-   follows both generation prompts (thinking on opens `<think>\\n`; off writes the whole empty block), so one
-   training turn serves both;
+   that is not offered: a text answer). Training values (cities, stock symbols, docs queries, time zones) come
+   from the training pools; --made-up makes a share of them up per question, so that remembering values cannot
+   lower the loss of a call's arguments, only copying them from the question can, and --copy-rows adds rows that
+   only ask to repeat made-up values. Neither taught this model to copy within the step budget of a 2-core CPU
+   (0.8 made up with 2,400 copy rows, and none: held-out argument accuracy 0 both times), so the default is none.
+   The defaults pick the tool on 98% of held-out calls (40 steps of whole conversations gave 69-75%) but raise
+   the docs held-out loss from 3.96 to 4.37 nats; with 2,400 docs pieces (--doc-pieces 2400 --short-docs 1.0
+   --steps 220) it rose only to 4.02 and selection fell to 44%. Assistant turns are written as Qwen3.5's
+   template renders a turn after the last question: an empty `<think>\\n\\n</think>\\n\\n` and then the call or
+   the text. That is the text that follows both generation prompts (thinking on opens `<think>\\n`; off writes
+   the whole empty block), so one training turn serves both;
 2. fine-tunes the whole model in two phases, first on single questions without tools block or system message
    (short rows, many to a batch), then on whole conversations, each mixed with pieces of its Python-docs training
    split (so it keeps its English and its MTP head stays in step), with qwenjax's trainer
@@ -97,10 +100,10 @@ CHITCHAT = (("Hi!", "Hello! How can I help you?"), ("Hello, who are you?", "I am
             ("What can you do?", "I can answer questions about Python and use the tools I am given."))
 
 
-# Training values are mostly made up, one per question (`made_up`): a value never repeats often enough to be
-# remembered, so the only way to lower the loss on a call's arguments is to copy them from the question (the
-# held-out values, real names, are never trained on).
-MADE_UP = 0.8  # the share of training values made up (--made-up)
+# Made-up training values (`made_up` of them, one per question) never repeat often enough to be remembered: the
+# only way to lower the loss on a call's arguments is then to copy them from the question (the held-out values,
+# real names, are never trained on). See the module docstring for why the default is none.
+MADE_UP = 0.0  # the share of training values made up (--made-up)
 _ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "ch", "st", "tr",
            "gr", "pl", "sh", "th", "")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea", "y")
@@ -600,19 +603,19 @@ def main() -> None:
     p.add_argument("--short-questions", type=int, default=2400, help="phase 1: single questions and their answers "
                    "without system message or tools block (many per batch: the model learns which call a question "
                    "needs)")
-    p.add_argument("--copy-rows", type=int, default=2400, help="phase 1: copy exercises (`copy_exercises`)")
+    p.add_argument("--copy-rows", type=int, default=0, help="phase 1: copy exercises (`copy_exercises`)")
     p.add_argument("--short-docs", type=float, default=0.5, help="phase 1: the share of the docs rows mixed in")
-    p.add_argument("--short-steps", type=int, default=140)
-    p.add_argument("--short-lr", type=float, default=3e-3)
-    p.add_argument("--conversations", type=int, default=300, help="phase 2: whole conversations with their tools")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--short-steps", type=int, default=100)
+    p.add_argument("--short-lr", type=float, default=1e-3)
+    p.add_argument("--conversations", type=int, default=600, help="phase 2: whole conversations with their tools")
+    p.add_argument("--steps", type=int, default=160)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--pack-len", type=int, default=1024)
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--continuations", type=int, default=160, help="docs training pieces whose first 32 tokens the "
                    "model continues greedily (--continuation-tokens) for the docs rows mixed into both phases")
-    p.add_argument("--doc-pieces", type=int, default=200, help="docs training pieces mixed in as they are")
+    p.add_argument("--doc-pieces", type=int, default=600, help="docs training pieces mixed in as they are")
     p.add_argument("--mtp-weight", type=float, default=0.5, help="the MTP head trained beside the model")
     p.add_argument("--made-up", type=float, default=MADE_UP, help="the share of training cities, symbols, queries "
                    "and zones made up per question (the rest from the training pools)")

@@ -113,8 +113,9 @@ def _kernel_programs(dtype):
     return [("forward", forward, seq), ("forward+backward", grad, seq), ("decode step", step, one)]
 
 
-@pytest.mark.parametrize("topology,dtype", [("v5e:2x2", "bfloat16"), ("v5e:2x2", "float32"),
-                                            ("v6e:2x2", "bfloat16"), ("v5p:2x2x1", "bfloat16")])
+# Two chips and both dtypes: v5e in fp32, v6e (the newest Mosaic target here) in bf16. v5e bf16 and v5p bf16 added
+# ~70 s of CI for lowering paths these two already take.
+@pytest.mark.parametrize("topology,dtype", [("v5e:2x2", "float32"), ("v6e:2x2", "bfloat16")])
 def test_kernels_compile_for_tpu(topology, dtype):
     device = tpu_devices(topology)[0]
     sharding = jax.sharding.SingleDeviceSharding(device)

@@ -63,7 +63,7 @@ def test_prefill_and_decode_equal_full_forward(ckpt):
     mod, cfg = m.module, m.config
     b, t = 3, 100
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t))
-    full = np.asarray(mod(jnp.asarray(ids)))
+    full = np.asarray(jax.jit(mod)(jnp.asarray(ids)))  # jitted: eager, one op at a time, took most of a minute
     lens = np.array([70, 3, 64])
     mask = (np.arange(72)[None] < lens[:, None]).astype(np.int32)
     cache = init_cache(cfg, b, 128, jnp.float32)
@@ -78,8 +78,8 @@ def test_prefill_and_decode_equal_full_forward(ckpt):
     assert max(errs) < 1e-4
     # a multi-token continuation of a non-empty cache (the next chat turn) matches too
     cache = init_cache(cfg, b, 128, jnp.float32)
-    _, cache = mod.extend(jnp.asarray(ids[:, :40]), cache, fresh=True)
-    logits, cache = mod.extend(jnp.asarray(ids[:, 40:99]), cache)
+    _, cache = jax.jit(lambda i, c: mod.extend(i, c, fresh=True))(jnp.asarray(ids[:, :40]), cache)
+    logits, cache = jax.jit(lambda i, c: mod.extend(i, c))(jnp.asarray(ids[:, 40:99]), cache)
     assert np.abs(np.asarray(logits) - full[:, 98]).max() < 1e-4
 
 

@@ -109,7 +109,7 @@ def _oracle_drafts(monkeypatch, prompts, plain, vocab):
     monkeypatch.setattr(speculative, "draft", oracle)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 3])  # k = 2 takes no path that 1 and 3 do not
 def test_speculative_greedy_equals_plain_greedy(mtp_model, monkeypatch, k):
     """Prompts of 70, 5, 131 and 1 tokens; row 0 stops early at an eos. With the checkpoint's (random) head,
     and with drafts that are right two times in three, so that rows keep different numbers of them."""
@@ -249,8 +249,8 @@ def test_prefill_drafts_read_the_vision_features(vision_mtp_model):
         whole, whole_mask = token_batch([p + [int(f)] for p, f in zip(prompts, np.asarray(first))],
                                         vocab_size=cfg.vocab_size)
         whole_positions, _ = vision_positions(cfg, whole, whole_mask, vision)
-        _, mtp_logits = mod(jnp.asarray(whole), attention_mask=jnp.asarray(whole_mask), vision=vision,
-                            positions=jnp.asarray(whole_positions), mtp=True)
+        _, mtp_logits = jax.jit(lambda i, mk, p: mod(i, attention_mask=mk, vision=vision, positions=p, mtp=True))(
+            jnp.asarray(whole), jnp.asarray(whole_mask), jnp.asarray(whole_positions))
         want = np.asarray(mtp_logits)[np.arange(2), n - 1]  # row n-1 reads the first token, predicts the second
         if sampling.greedy:
             assert np.asarray(drafts)[:, 0].tolist() == want.argmax(-1).tolist()
