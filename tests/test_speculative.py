@@ -241,6 +241,7 @@ def test_prefill_drafts_read_the_vision_features(vision_mtp_model):
     vision = vision_inputs(cfg, ids, mask, **pictures)
     positions, deltas = vision_positions(cfg, ids, mask, vision)
     n = mask.sum(-1)
+    forward = jax.jit(lambda i, mk, p: mod(i, attention_mask=mk, vision=vision, positions=p, mtp=True))
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):
         prefill = jax.jit(lambda c, i, mk, p, d: speculative.prefill(
             mod, c, i, mk, jax.random.key(0), 1, sampling, vision=vision, positions=p, rope_deltas=d))
@@ -249,8 +250,7 @@ def test_prefill_drafts_read_the_vision_features(vision_mtp_model):
         whole, whole_mask = token_batch([p + [int(f)] for p, f in zip(prompts, np.asarray(first))],
                                         vocab_size=cfg.vocab_size)
         whole_positions, _ = vision_positions(cfg, whole, whole_mask, vision)
-        _, mtp_logits = jax.jit(lambda i, mk, p: mod(i, attention_mask=mk, vision=vision, positions=p, mtp=True))(
-            jnp.asarray(whole), jnp.asarray(whole_mask), jnp.asarray(whole_positions))
+        _, mtp_logits = forward(jnp.asarray(whole), jnp.asarray(whole_mask), jnp.asarray(whole_positions))
         want = np.asarray(mtp_logits)[np.arange(2), n - 1]  # row n-1 reads the first token, predicts the second
         if sampling.greedy:
             assert np.asarray(drafts)[:, 0].tolist() == want.argmax(-1).tolist()
