@@ -115,10 +115,10 @@ def test_langchain_with_structured_output(server, method):
 # ---- the OpenAI Agents SDK: an agent with a function tool, over Chat Completions ----------------------------------
 @pytest.mark.parametrize("streamed", [False, True])
 def test_openai_agents_runs_a_tool(server, streamed):
-    """An agent whose first turn must call its tool (tool_choice "required", one call a turn: the bundled model
-    was not taught to call tools, scripts/train_tool_model.py), with the SDK's defaults but for the run ending at
-    the tool's result (`stop_on_first_tool`): the bundled model calls get_weather with a city, and the tool's
-    result is the agent's answer, streamed and not."""
+    """An agent with a function tool, the SDK's defaults (tool_choice left to the model) but one call a turn and
+    the run ending at the tool's result (`stop_on_first_tool`): the bundled model, fine-tuned to call tools
+    (scripts/train_tool_model.py), calls get_weather with a city (a made-up one: its card), and the tool's result
+    is the agent's answer, streamed and not."""
     import asyncio
 
     from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
@@ -139,7 +139,7 @@ def test_openai_agents_runs_a_tool(server, streamed):
         base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300))
     agent = Agent(name="weather", instructions="Answer weather questions with the get_weather tool.",
                   tools=[get_weather], model=model, tool_use_behavior="stop_on_first_tool",
-                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0,
+                  model_settings=ModelSettings(parallel_tool_calls=False, temperature=0,
                                                max_tokens=120, extra_body=NO_THINKING))
     question = "What is the weather in Paris?"
 

@@ -27,7 +27,7 @@ from qwenjax.inference.tokenizer import Tokenizer, split_thinking
 
 openai = pytest.importorskip("openai")
 
-MAX_BATCH, MAX_LEN, MAX_QUEUE = 8, 512, 16
+MAX_BATCH, MAX_LEN, MAX_QUEUE = 8, 1024, 16  # a tools block alone is ~480 tokens
 
 
 def _free_port() -> int:
@@ -372,6 +372,36 @@ def test_enable_thinking_false_goes_to_the_template(client, reference):
     assert not r.choices[0].message.reasoning_content
     r = ask(extra_body={"chat_template_kwargs": {"enable_thinking": True}})
     assert r.usage.prompt_tokens == len(tok.encode(on)) == ask().usage.prompt_tokens
+
+
+BUNDLED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city.",
+                                      "parameters": {"type": "object", "required": ["city"], "properties": {
+                                          "city": {"type": "string", "description": "The city name"}}}}},
+    {"type": "function", "function": {"name": "calculator", "description": "Evaluate an arithmetic expression.",
+                                      "parameters": {"type": "object", "required": ["expression"], "properties": {
+                                          "expression": {"type": "string", "description": "The expression"}}}}}]
+
+
+@pytest.mark.parametrize("question, name, argument", [("What's the weather in Lyon?", "get_weather", "city"),
+                                                      ("What is 12 * 34?", "calculator", "expression")])
+def test_the_bundled_model_calls_a_tool(client, question, name, argument):
+    """The bundled model, fine-tuned to call tools (scripts/train_tool_model.py), answers a weather and a
+    calculator question with a parsed call to the right tool, tool_choice left to it, streamed and not. Its
+    arguments are typed but made up: it picks tools, it never learned to copy values (its card)."""
+    ask = dict(model="tiny-pydoc", messages=[{"role": "user", "content": question}], tools=BUNDLED_TOOLS,
+               max_tokens=80, temperature=0)
+    r = client.chat.completions.create(**ask)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    call, = r.choices[0].message.tool_calls
+    assert call.function.name == name and call.id and call.type == "function"
+    args = json.loads(call.function.arguments)
+    assert list(args) == [argument] and isinstance(args[argument], str) and args[argument], args
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    streamed = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+    assert streamed[0].function.name == name and streamed[0].id
+    assert json.loads("".join(t.function.arguments or "" for t in streamed)) == args
 
 
 def test_metrics_count_prefilled_and_cached_tokens_and_the_cache_size(server, client):
