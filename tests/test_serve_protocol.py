@@ -136,7 +136,7 @@ def test_sampling_controls_are_generates(server, reference):
     import qwenjax
 
     m, tok = reference
-    prompt = "The module provides functions for the module and the module"
+    prompt = "The os module"
     ids = tok.encode(prompt)
     plain = qwenjax.generate(m, ids, max_new_tokens=12)[0]
     for http, kwargs in [

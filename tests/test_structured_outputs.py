@@ -85,7 +85,7 @@ def _serve_all(model, tokenizer, requests: list[dict], k: int) -> list[tuple[str
 @pytest.mark.parametrize("k", [0, 2])
 def test_engine_constrained_rows_beside_free_rows(model, tok, decode, k):  # noqa: F811
     """Four rows at once: a json_schema row and a named-tool row (greedy: the oracle's replies), a free greedy row
-    (generate's reply alone), a "required" row sampled with a seed (it validates)."""
+    to its length (generate's reply alone), a "required" row sampled with a seed (it validates)."""
     schema_spec = GrammarSpec.from_response_format(JSON_SCHEMA)
     named = GrammarSpec.from_tools(SHORT_TOOLS, NAMED)
     required = GrammarSpec.from_tools(SHORT_TOOLS, "required", parallel_tool_calls=False)
@@ -93,14 +93,14 @@ def test_engine_constrained_rows_beside_free_rows(model, tok, decode, k):  # noq
     got = _serve_all(model, tok, [
         dict(question=QUESTIONS[0], max_tokens=400, grammar=schema_spec),
         dict(question=QUESTIONS[1], max_tokens=200, grammar=named),
-        dict(question=QUESTIONS[3], max_tokens=40),
+        dict(question=QUESTIONS[3], max_tokens=40, ignore_eos=True),
         dict(question=QUESTIONS[1], max_tokens=200, grammar=required, sampling=sampled, seed=7)], k)
     assert [reason for reason, _ in got] == ["stop", "stop", "length", "stop"]
     assert got[0][1] == decode(schema_spec, QUESTIONS[0], 400)[0]
     jsonschema.validate(json.loads(got[0][1]), SCHEMA)
     assert got[1][1] == decode(named, QUESTIONS[1], 200)[0]
     _check_call(got[1][1], SHORT_TOOLS, "get_weather")
-    alone = qwenjax.generate(model, [_chat_prompt(tok, QUESTIONS[3])], max_new_tokens=40, eos_token_ids=())[0]
+    alone = qwenjax.generate(model, [_chat_prompt(tok, QUESTIONS[3])], max_new_tokens=40, ignore_eos=True)[0]
     assert got[2][1] == tok.decode(alone, skip_special_tokens=False)
     _check_call(got[3][1], SHORT_TOOLS)
 
